@@ -1,0 +1,593 @@
+//! The `RegistryMirror` custom resource (`mirrorfleet.io/v1alpha1`): spec, status and the CRD.
+//!
+//! Everything the API server can check is in the schema (patterns, bounds, enums, CEL rules);
+//! what it cannot (referenced Secrets, names derived from defaults) lives in [`validate`].
+
+// kube's printcolumn(...) entries repeat `type_ = "string"`, which this lint mistakes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+pub mod crd;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// DNS-1123 label: what Kubernetes accepts as a Service/Deployment name segment.
+pub const DNS1123_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// DNS-1123 subdomain: what Kubernetes accepts as a Secret name.
+pub const DNS1123_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// An absolute directory path without a trailing slash or whitespace.
+pub const ABS_DIR: &str = r"^/[^\s:]*[^/\s:]$";
+/// A registry name as clients write it in an image reference: host name with optional port.
+pub const REGISTRY_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$";
+/// A DNS host name (lower case, at least one dot is not required: `localhost`-style names are
+/// rejected by the edge rules separately because Envoy needs a routable virtual host).
+pub const HOST_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$";
+/// Go `time.ParseDuration` syntax, as Distribution reads `proxy.ttl`.
+pub const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+/// Five-field cron or one of the `@` macros the CronJob controller understands.
+pub const CRON_SCHEDULE: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
+
+/// The upstream list bound. The CEL rule that keeps registries unique is quadratic in the list
+/// length and the API server rejects a CRD whose estimated rule cost is too high; 128 upstream
+/// registries is far beyond any real fleet and keeps that rule comfortably inside the budget.
+pub const MAX_UPSTREAMS: usize = 128;
+/// Length budget for names: child objects are named `<mirror>-proxy-<upstream>` and must stay a
+/// valid 63-character DNS label; CronJob names must leave room for the Job suffix (52).
+pub const MAX_MIRROR_NAME: usize = 40;
+pub const MAX_MIRROR_PLUS_UPSTREAM: usize = 56;
+
+/// A fleet of pull-through registry mirrors and the node configuration that points container
+/// runtimes at them.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mirrorfleet.io",
+    version = "v1alpha1",
+    kind = "RegistryMirror",
+    namespaced,
+    status = "RegistryMirrorStatus",
+    shortname = "regmirror",
+    category = "mirrorfleet",
+    doc = "A fleet of pull-through registry mirrors and the node configuration that points container runtimes at them.",
+    printcolumn(name = "Ready", type_ = "string", json_path = r#".status.conditions[?(@.type=="Ready")].status"#),
+    printcolumn(
+        name = "Upstreams",
+        type_ = "string",
+        description = "upstreams with ready proxies / all",
+        json_path = ".status.upstreamsReady"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        description = "nodes configured / desired",
+        json_path = ".status.nodesConfigured"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.nodeConfig) || !has(self.clientAuth) || has(self.clientAuth.nodeUser)",
+     "message": "clientAuth.nodeUser is required when nodeConfig is set: the node agent must authenticate",
+     "fieldPath": ".clientAuth"},
+    {"rule": "!has(self.nodeConfig) || !has(self.nodeConfig.via) || self.nodeConfig.via != 'Edge' || (has(self.edge) && has(self.edge.tlsSecretRef))",
+     "message": "nodeConfig.via Edge needs edge with tlsSecretRef",
+     "fieldPath": ".nodeConfig.via"},
+    {"rule": "!has(self.proxy) || !has(self.proxy.storage) || !has(self.proxy.storage.persistentVolumeClaim) || !has(self.proxy.replicas) || self.proxy.replicas == 1 || 'ReadWriteMany' in self.proxy.storage.persistentVolumeClaim.accessModes",
+     "message": "more than one proxy replica on persistentVolumeClaim storage needs accessModes [ReadWriteMany]",
+     "fieldPath": ".proxy.replicas"}
+]))]
+pub struct RegistryMirrorSpec {
+    /// One pull-through cache per entry. Names and registries are unique in the list.
+    #[schemars(length(min = 1, max = 128))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = [
+            {"rule": "self.all(u, self.exists_one(v, v.registry == u.registry))",
+             "message": "each registry may appear in only one upstream"},
+            {"rule": "self.all(u, !has(u.host) || self.exists_one(v, has(v.host) && v.host == u.host))",
+             "message": "each edge host may be used by only one upstream"}
+        ]
+    ))]
+    pub upstreams: Vec<Upstream>,
+
+    /// The registry-proxy pods (Distribution registry in proxy mode), one Deployment per upstream.
+    #[serde(default)]
+    pub proxy: ProxySpec,
+
+    /// Optional htpasswd authentication in front of every proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+
+    /// Optional Envoy edge proxy: one endpoint, host-based routing to the proxies, TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeSpec>,
+
+    /// Optional scheduled cache cleanup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup: Option<CleanupSpec>,
+
+    /// Optional node agent that points every selected node's container runtime at the mirrors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_config: Option<NodeConfigSpec>,
+}
+
+/// One upstream registry and its pull-through cache.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Short name, a DNS-1123 label; names the proxy's Deployment, Service and ConfigMap.
+    #[schemars(length(min = 1, max = 40), regex(pattern = DNS1123_LABEL))]
+    pub name: String,
+
+    /// The registry name clients use in image references (`docker.io`, `ghcr.io`,
+    /// `registry.example.com:5000`); node config maps this name to the mirror.
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(pattern = REGISTRY_NAME))]
+    pub registry: String,
+
+    /// Where the proxy fetches from (`https://registry-1.docker.io` for docker.io).
+    #[serde(rename = "remoteURL")]
+    #[schemars(length(min = 8, max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''",
+         "message": "remoteURL must be an absolute http:// or https:// URL"},
+        {"rule": "!self.contains('?') && !self.contains('#')",
+         "message": "remoteURL must not carry a query or fragment"}
+    ]))]
+    pub remote_url: String,
+
+    /// Secret in the mirror's namespace with the upstream username and password. It stays in
+    /// that Secret; proxy pods read it through `secretKeyRef` environment variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<CredentialsSecretRef>,
+
+    /// Virtual host on the edge for this upstream; defaults to `<name>.<edge.domain>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 253))]
+    #[schemars(regex(pattern = HOST_NAME))]
+    pub host: Option<String>,
+}
+
+/// A Secret holding a username and a password under the given keys.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Secret name (same namespace as the RegistryMirror).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
+    pub name: String,
+    /// Key of the username.
+    #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub username_key: String,
+    /// Key of the password.
+    #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// A reference to a Secret by name, in the mirror's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretRef {
+    /// Secret name (same namespace as the RegistryMirror).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
+    pub name: String,
+}
+
+/// The registry-proxy pods.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// Distribution registry image. Tested with 2.8 and 3.0 (`proxy.ttl` needs 3.x).
+    #[serde(default = "default_proxy_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Replicas per upstream.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: i32,
+    /// Cache storage: exactly one kind.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// How long cached content is kept before the registry re-validates it upstream (Go
+    /// duration, registry 3.x).
+    #[serde(default = "default_ttl")]
+    #[schemars(regex(pattern = GO_DURATION))]
+    pub ttl: String,
+    /// Container resources of each proxy pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector for the proxy pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for the proxy pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            image: default_proxy_image(),
+            replicas: default_replicas(),
+            storage: StorageSpec::default(),
+            ttl: default_ttl(),
+            resources: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+        }
+    }
+}
+
+pub fn default_proxy_image() -> String {
+    "docker.io/library/registry:3.0.0".into()
+}
+fn default_replicas() -> i32 {
+    2
+}
+fn default_ttl() -> String {
+    "168h".into()
+}
+
+/// Where each proxy keeps its cache. Exactly one of the fields is set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.emptyDir) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.s3) ? 1 : 0) == 1",
+     "message": "exactly one of emptyDir, persistentVolumeClaim or s3 must be set"}
+]))]
+pub struct StorageSpec {
+    /// Pod-local cache, lost when the pod goes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirStorage>,
+    /// One PersistentVolumeClaim per upstream, created and owned by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PvcStorage>,
+    /// An S3 (or S3-compatible) bucket shared by all replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Storage>,
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self { empty_dir: Some(EmptyDirStorage::default()), persistent_volume_claim: None, s3: None }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyDirStorage {
+    /// Upper bound of the cache on each pod's node.
+    #[serde(default = "default_size_limit")]
+    pub size_limit: Quantity,
+}
+
+impl Default for EmptyDirStorage {
+    fn default() -> Self {
+        Self { size_limit: default_size_limit() }
+    }
+}
+
+fn default_size_limit() -> Quantity {
+    Quantity("20Gi".into())
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.accessModes.all(m, m in ['ReadWriteOnce', 'ReadWriteMany', 'ReadWriteOncePod'])",
+     "message": "accessModes may contain ReadWriteOnce, ReadWriteMany or ReadWriteOncePod"}
+]))]
+pub struct PvcStorage {
+    /// Requested size of each claim.
+    pub size: Quantity,
+    /// StorageClass of the claims; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Access modes; more than one proxy replica needs ReadWriteMany.
+    #[serde(default = "default_access_modes")]
+    #[schemars(length(min = 1, max = 3))]
+    pub access_modes: Vec<String>,
+}
+
+fn default_access_modes() -> Vec<String> {
+    vec!["ReadWriteOnce".into()]
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Storage {
+    /// Bucket name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// Region.
+    #[schemars(length(min = 1, max = 64))]
+    pub region: String,
+    /// Endpoint of an S3-compatible service (MinIO, Ceph); AWS when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isURL(self) && url(self).getScheme() in ['http', 'https']",
+         "message": "endpoint must be an http:// or https:// URL"}
+    ]))]
+    pub endpoint: Option<String>,
+    /// Prefix inside the bucket; each upstream gets its own sub-directory below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_directory: Option<String>,
+    /// Secret with the access key and secret key; keys `accessKey` and `secretKey`. When unset the
+    /// pods use their ambient identity (IRSA, instance profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// htpasswd authentication for clients of the mirrors.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuth {
+    /// Secret whose keys are user names and whose values are plain passwords; the operator
+    /// writes the bcrypt htpasswd file into a Secret of its own.
+    pub users_secret_ref: SecretRef,
+    /// The user (a key of that Secret) the node agent authenticates as. Required with nodeConfig.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node_user: Option<String>,
+}
+
+/// The Envoy edge proxy.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.httpsRedirect) || !self.httpsRedirect || has(self.tlsSecretRef)",
+     "message": "httpsRedirect needs tlsSecretRef"}
+]))]
+pub struct EdgeSpec {
+    /// Base domain; an upstream without `host` is served at `<name>.<domain>`.
+    #[schemars(length(min = 3, max = 200))]
+    #[schemars(regex(pattern = HOST_NAME))]
+    pub domain: String,
+    /// kubernetes.io/tls Secret with the certificate for the edge hosts. Without it the edge
+    /// serves plain HTTP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<SecretRef>,
+    /// Redirect plain HTTP to HTTPS; defaults to true when TLS is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect: Option<bool>,
+    /// Envoy image.
+    #[serde(default = "default_envoy_image")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    /// Envoy replicas.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 20))]
+    pub replicas: i32,
+    /// The edge Service.
+    #[serde(default)]
+    pub service: EdgeServiceSpec,
+    /// Container resources of each Envoy pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl EdgeSpec {
+    pub fn tls(&self) -> bool {
+        self.tls_secret_ref.is_some()
+    }
+    pub fn redirects(&self) -> bool {
+        self.tls() && self.https_redirect.unwrap_or(true)
+    }
+}
+
+pub fn default_envoy_image() -> String {
+    "docker.io/envoyproxy/envoy:v1.36.2".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: EdgeServiceType,
+    /// Extra annotations for the Service (load-balancer settings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum EdgeServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl EdgeServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// The cache cleanup CronJob.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupSpec {
+    /// Cron schedule (five fields, or @daily-style macros).
+    #[serde(default = "default_schedule")]
+    #[schemars(length(min = 1, max = 128))]
+    #[schemars(regex(pattern = CRON_SCHEDULE))]
+    pub schedule: String,
+    /// IANA time zone of the schedule; the controller manager's zone when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// What a run does.
+    #[serde(default)]
+    pub policy: CleanupPolicy,
+    /// Pause the schedule.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_schedule() -> String {
+    "0 3 * * 0".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CleanupPolicy {
+    /// Remove what the cache no longer references (expired or untagged content).
+    #[default]
+    GarbageCollect,
+    /// Empty the cache.
+    Purge,
+}
+
+impl CleanupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GarbageCollect => "garbageCollect",
+            Self::Purge => "purge",
+        }
+    }
+}
+
+/// The node agent DaemonSet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfigSpec {
+    /// Nodes to configure; every node when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the agent; defaults to tolerating every taint, so tainted nodes pull
+    /// through the mirrors too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// containerd settings (the default runtime).
+    #[serde(default)]
+    pub containerd: ContainerdSpec,
+    /// Keep the upstream registry as the last resort. False gives mirror-only config
+    /// (air-gapped clusters): a dead mirror then fails pulls instead of bypassing it.
+    #[serde(default = "default_true")]
+    pub fallback_to_upstream: bool,
+    /// How nodes reach the mirrors: the proxy Services' cluster IPs, or the edge hosts.
+    #[serde(default)]
+    pub via: NodeRoute,
+    /// Container resources of the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerdSpec {
+    /// containerd's `config_path` on the host; the agent writes `<certsDir>/<registry>/hosts.toml`.
+    #[serde(default = "default_certs_dir")]
+    #[schemars(length(min = 2, max = 512), regex(pattern = ABS_DIR))]
+    pub certs_dir: String,
+}
+
+impl Default for ContainerdSpec {
+    fn default() -> Self {
+        Self { certs_dir: default_certs_dir() }
+    }
+}
+
+fn default_certs_dir() -> String {
+    "/etc/containerd/certs.d".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum NodeRoute {
+    /// `http://<cluster IP>:5000` of each proxy Service (nodes have no cluster DNS).
+    #[default]
+    Service,
+    /// `https://<edge host>` (needs edge with TLS and node-resolvable DNS for the hosts).
+    Edge,
+}
+
+/// Observed state, computed from the applied children.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, ProxiesAvailable, EdgeAvailable, NodesConfigured, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Per upstream: where the proxy answers and how many replicas are ready.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub upstreams: Vec<UpstreamStatus>,
+    /// "ready/total" upstreams, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams_ready: Option<String>,
+    /// Node agent counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeCounts>,
+    /// "configured/desired" nodes, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_configured: Option<String>,
+    /// The most recent finished cleanup run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cleanup: Option<CleanupResult>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub registry: String,
+    /// In-cluster endpoint of the proxy (`http://<cluster IP>:5000`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    pub desired: i32,
+    pub configured: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupResult {
+    pub time: Time,
+    /// Succeeded or Failed.
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_before: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,222 @@
+//! Pure builders: a validated RegistryMirror (plus the few facts read from the cluster, in
+//! [`Inputs`]) becomes every desired child object and the raw config files. Nothing here talks
+//! to the API server or the file system; the same output serves `render` and the controller.
+
+pub mod auth;
+pub mod cleanup;
+pub mod edge;
+pub mod meta;
+pub mod node;
+pub mod pod;
+pub mod proxy;
+pub mod rbac;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+
+use crate::api::validate::{validate, InvalidSpec, Problem};
+use crate::api::RegistryMirror;
+use meta::{names, Component};
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Image of this operator; the node agent and the cleanup job run it.
+    pub operator_image: String,
+    /// The cluster's DNS domain, for Service names Envoy resolves.
+    pub cluster_domain: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            operator_image: format!("ghcr.io/mirrorfleet/mirrorfleet:{}", env!("CARGO_PKG_VERSION")),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// Facts from the cluster that shape the children. All optional: `render` runs without them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inputs {
+    /// User -> plain password from `clientAuth.usersSecretRef`; required when clientAuth is set.
+    pub client_users: Option<BTreeMap<String, String>>,
+    /// resourceVersion of each referenced Secret, so a rotation rolls the pods that read it.
+    pub secret_versions: BTreeMap<String, String>,
+    /// Upstream name -> `http://<cluster IP>:5000` of its proxy Service.
+    pub proxy_endpoints: BTreeMap<String, String>,
+}
+
+/// Every child object of one RegistryMirror. The apply step destructures this without `..`, so
+/// adding a kind here without applying it does not compile.
+#[derive(Clone, Debug, Default)]
+pub struct DesiredChildren {
+    pub service_accounts: Vec<ServiceAccount>,
+    pub roles: Vec<Role>,
+    pub role_bindings: Vec<RoleBinding>,
+    pub secrets: Vec<Secret>,
+    pub config_maps: Vec<ConfigMap>,
+    pub persistent_volume_claims: Vec<PersistentVolumeClaim>,
+    pub services: Vec<Service>,
+    pub deployments: Vec<Deployment>,
+    pub daemon_sets: Vec<DaemonSet>,
+    pub cron_jobs: Vec<CronJob>,
+}
+
+/// The children plus the raw files they carry, by relative path (for `render -o`).
+#[derive(Clone, Debug, Default)]
+pub struct Fleet {
+    pub children: DesiredChildren,
+    pub files: BTreeMap<String, String>,
+}
+
+/// Validates the mirror and its inputs, then builds the fleet.
+pub fn build(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings) -> Result<Fleet, InvalidSpec> {
+    validate(mirror)?;
+    validate_inputs(mirror, inputs)?;
+    Ok(build_valid(mirror, inputs, settings))
+}
+
+/// What the inputs must provide for this spec.
+pub fn validate_inputs(mirror: &RegistryMirror, inputs: &Inputs) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    if let Some(auth) = &mirror.spec.client_auth {
+        match &inputs.client_users {
+            None => problems.push(Problem {
+                path: "spec.clientAuth.usersSecretRef".into(),
+                message: format!("Secret {:?} is not available", auth.users_secret_ref.name),
+            }),
+            Some(users) if users.is_empty() => problems.push(Problem {
+                path: "spec.clientAuth.usersSecretRef".into(),
+                message: format!("Secret {:?} has no users", auth.users_secret_ref.name),
+            }),
+            Some(users) => {
+                for user in users.keys() {
+                    if user.is_empty() || user.contains(':') || user.chars().any(char::is_whitespace) {
+                        problems.push(Problem {
+                            path: "spec.clientAuth.usersSecretRef".into(),
+                            message: format!("user name {user:?} cannot be written to htpasswd (no ':' or spaces)"),
+                        });
+                    }
+                }
+                if let Some(node_user) = &auth.node_user {
+                    if !users.contains_key(node_user) {
+                        problems.push(Problem {
+                            path: "spec.clientAuth.nodeUser".into(),
+                            message: format!(
+                                "user {node_user:?} is not a key of Secret {:?}",
+                                auth.users_secret_ref.name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(problems))
+    }
+}
+
+/// Builds the fleet of an already validated mirror. Separate so benchmarks can time the
+/// builders alone; callers outside tests use [`build`].
+pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings) -> Fleet {
+    let spec = &mirror.spec;
+    let mut c = DesiredChildren::default();
+    let mut files = BTreeMap::new();
+
+    // Proxies and what they read.
+    let htpasswd =
+        spec.client_auth.as_ref().and(inputs.client_users.as_ref()).map(|users| auth::htpasswd(mirror, users));
+    c.service_accounts.push(rbac::service_account(
+        mirror,
+        names::proxy_service_account(mirror),
+        Component::Proxy,
+        false,
+    ));
+    for upstream in &spec.upstreams {
+        let config = proxy::registry_config(mirror, upstream);
+        c.config_maps.push(proxy::proxy_config_map(mirror, upstream, &config));
+        c.deployments.push(proxy::proxy_deployment(mirror, upstream, &config, htpasswd.as_deref(), inputs));
+        c.services.push(proxy::proxy_service(mirror, upstream));
+        c.persistent_volume_claims.extend(proxy::proxy_pvc(mirror, upstream));
+        files.insert(format!("proxy/{}/{}", upstream.name, proxy::CONFIG_FILE), config);
+    }
+    if let Some(h) = &htpasswd {
+        c.secrets.push(auth::htpasswd_secret(mirror, h));
+    }
+
+    if let Some(edge) = &spec.edge {
+        let envoy = edge::envoy_files(mirror, edge, &settings.cluster_domain);
+        c.service_accounts.push(rbac::service_account(mirror, names::edge(mirror), Component::Edge, false));
+        c.config_maps.push(edge::edge_config_map(mirror, &envoy));
+        c.deployments.push(edge::edge_deployment(mirror, edge, &envoy));
+        c.services.push(edge::edge_service(mirror, edge));
+        files.insert(format!("edge/{}", edge::BOOTSTRAP_FILE), envoy.bootstrap);
+        files.insert(format!("edge/{}", edge::LDS_FILE), envoy.lds);
+        files.insert(format!("edge/{}", edge::CDS_FILE), envoy.cds);
+    }
+
+    if let Some(cleanup) = &spec.cleanup {
+        let name = names::cleanup(mirror);
+        let proxies: Vec<String> = spec.upstreams.iter().map(|u| names::proxy(mirror, &u.name)).collect();
+        c.service_accounts.push(rbac::service_account(mirror, name.clone(), Component::Cleanup, true));
+        c.roles.push(rbac::role(
+            mirror,
+            name.clone(),
+            Component::Cleanup,
+            vec![
+                // Find this mirror's proxy Deployments and roll them one at a time (purge).
+                rbac::rule("apps", &["deployments"], &["get", "patch"], Some(proxies)),
+                // Wait for the rollout: watch the proxies' pods become ready again.
+                rbac::rule("", &["pods"], &["get", "list", "watch"], None),
+                // Report the run's result where the controller reads it.
+                rbac::rule("", &["events"], &["create", "patch"], None),
+            ],
+        ));
+        c.role_bindings.push(rbac::role_binding(mirror, name, Component::Cleanup));
+        c.cron_jobs.push(cleanup::cleanup_cron_job(mirror, cleanup, settings));
+    }
+
+    if let Some(node) = &spec.node_config {
+        let name = names::node_agent(mirror);
+        let config = node::node_config(mirror, node, inputs, settings);
+        let mut readable = vec![names::node_config(mirror)];
+        c.config_maps.push(node::node_config_map(mirror, &config));
+        if let (Some(auth), Some(users)) = (&spec.client_auth, &inputs.client_users) {
+            if let Some(password) = auth.node_user.as_ref().and_then(|u| users.get(u).map(|p| (u, p))) {
+                let header = auth::basic_authorization(password.0, password.1);
+                c.secrets.push(auth::node_auth_secret(mirror, &header));
+            }
+        }
+        let mut rules = vec![
+            // Follow the desired node config (watch, so changes land in seconds).
+            rbac::rule("", &["configmaps"], &["get", "list", "watch"], Some(readable.clone())),
+            // Say why a node is not configured, with the node's name.
+            rbac::rule("", &["events"], &["create", "patch"], None),
+        ];
+        if spec.client_auth.is_some() {
+            readable = vec![names::node_auth(mirror)];
+            // The Authorization header nodes send to the mirrors.
+            rules.push(rbac::rule("", &["secrets"], &["get", "list", "watch"], Some(readable)));
+        }
+        c.service_accounts.push(rbac::service_account(mirror, name.clone(), Component::NodeAgent, true));
+        c.roles.push(rbac::role(mirror, name.clone(), Component::NodeAgent, rules));
+        c.role_bindings.push(rbac::role_binding(mirror, name, Component::NodeAgent));
+        c.daemon_sets.push(node::node_agent_daemon_set(mirror, node, settings));
+        for entry in &config.registries {
+            files.insert(
+                format!("nodes/containerd/certs.d/{}/hosts.toml", entry.registry),
+                node::hosts_toml(&config.mirror, entry, None),
+            );
+        }
+    }
+
+    Fleet { children: c, files }
+}

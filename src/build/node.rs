@@ -1,0 +1,267 @@
+//! Node configuration: the desired runtime files (containerd `hosts.toml` per registry) in the
+//! node-config ConfigMap, and the node-agent DaemonSet that writes them on every selected node.
+//!
+//! The ConfigMap holds structured data, not finished files: the agent renders each file with
+//! [`hosts_toml`] so it can add the Authorization header from its Secret (credentials never sit in
+//! a ConfigMap) and withdraw entries whose mirror is unreachable.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, HostPathVolumeSource,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+
+use super::meta::{self, names, Component};
+use super::proxy::REGISTRY_PORT;
+use super::{pod, Inputs, Settings};
+use crate::api::validate::effective_host;
+use crate::api::{NodeConfigSpec, NodeRoute, RegistryMirror};
+
+/// The key of the node-config ConfigMap that holds [`NodeConfig`] as JSON.
+pub const NODE_CONFIG_KEY: &str = "node-config.json";
+/// First line of every file the agent writes; the agent touches no file without it.
+pub const MANAGED_MARKER: &str = "# managed-by: mirrorfleet";
+pub const STATUS_DIR: &str = "/run/mirrorfleet";
+pub const BINARY: &str = "/usr/local/bin/mirrorfleet";
+
+/// What every node of one mirror should have. Serialized into the node-config ConfigMap.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// `namespace/name` of the RegistryMirror, written into each file's marker.
+    pub mirror: String,
+    pub containerd: ContainerdConfig,
+    /// Whether the agent must add an Authorization header (from the node-auth Secret).
+    pub authenticate: bool,
+    pub registries: Vec<NodeRegistry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerdConfig {
+    pub certs_dir: String,
+}
+
+/// One registry's entry: where its mirror answers and what to fall back to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRegistry {
+    /// The registry name as in image references; also the certs.d directory name.
+    pub registry: String,
+    pub upstream: String,
+    /// The mirror endpoint as nodes reach it (`http://<cluster IP>:5000` or `https://<edge host>`).
+    pub mirror: String,
+    /// The upstream server containerd falls back to; `None` means mirror only (air-gapped).
+    pub fallback: Option<String>,
+}
+
+/// Where nodes should pull a registry from when the mirror is bypassed.
+pub fn upstream_server(registry: &str) -> String {
+    match registry {
+        // docker.io is a name, not a host: its API lives at registry-1.docker.io.
+        "docker.io" | "index.docker.io" | "registry-1.docker.io" => "https://registry-1.docker.io".into(),
+        other => format!("https://{other}"),
+    }
+}
+
+pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inputs, settings: &Settings) -> NodeConfig {
+    let ns = mirror.namespace().unwrap_or_default();
+    let registries = mirror
+        .spec
+        .upstreams
+        .iter()
+        .map(|u| {
+            let endpoint = match (node.via, &mirror.spec.edge) {
+                (NodeRoute::Edge, Some(edge)) => format!("https://{}", effective_host(u, edge)),
+                // Nodes have no cluster DNS: the controller supplies the Service's cluster IP.
+                // Without it (render) the Service DNS name stands in, for review only.
+                _ => inputs.proxy_endpoints.get(&u.name).cloned().unwrap_or_else(|| {
+                    format!(
+                        "http://{}.{ns}.svc.{}:{REGISTRY_PORT}",
+                        names::proxy(mirror, &u.name),
+                        settings.cluster_domain
+                    )
+                }),
+            };
+            NodeRegistry {
+                registry: u.registry.clone(),
+                upstream: u.name.clone(),
+                mirror: endpoint,
+                fallback: node.fallback_to_upstream.then(|| upstream_server(&u.registry)),
+            }
+        })
+        .collect();
+    NodeConfig {
+        mirror: format!("{ns}/{}", mirror.name_any()),
+        containerd: ContainerdConfig { certs_dir: node.containerd.certs_dir.clone() },
+        authenticate: mirror.spec.client_auth.is_some(),
+        registries,
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The containerd `hosts.toml` for one registry. With a fallback, the mirror is a `[host]` tried
+/// first and `server` is the real registry. Mirror-only makes the mirror the `server` as well, so
+/// containerd has nothing else to try. Either way there is a `[host]` table: containerd 1.6
+/// ignores a hosts.toml without one (logging only an error) and silently pulls upstream.
+pub fn hosts_toml(mirror_ref: &str, entry: &NodeRegistry, authorization: Option<&str>) -> String {
+    let server = entry.fallback.as_deref().unwrap_or(&entry.mirror);
+    let host = format!("host.{}", toml_str(&entry.mirror));
+    let mut out = format!(
+        "{MANAGED_MARKER} (RegistryMirror {mirror_ref}); this file is rewritten and removed by mirrorfleet.\n\
+         server = {}\n\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        toml_str(server)
+    );
+    if let Some(a) = authorization {
+        out.push_str(&format!("\n[{host}.header]\n  Authorization = {}\n", toml_str(a)));
+    }
+    out
+}
+
+pub fn node_config_map(mirror: &RegistryMirror, config: &NodeConfig) -> ConfigMap {
+    ConfigMap {
+        metadata: meta::object_meta(mirror, names::node_config(mirror), Component::NodeAgent, None),
+        data: Some(BTreeMap::from([(
+            NODE_CONFIG_KEY.to_string(),
+            serde_json::to_string_pretty(config).expect("node config serializes") + "\n",
+        )])),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), api_version: None }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, settings: &Settings) -> DaemonSet {
+    let name = names::node_agent(mirror);
+    let certs_dir = node.containerd.certs_dir.clone();
+    let mut args = vec![
+        "node-agent".to_string(),
+        "--mirror".into(),
+        mirror.name_any(),
+        "--config-map".into(),
+        names::node_config(mirror),
+        "--status-dir".into(),
+        STATUS_DIR.into(),
+    ];
+    if mirror.spec.client_auth.is_some() {
+        args.extend(["--auth-secret".into(), names::node_auth(mirror)]);
+    }
+    let container = Container {
+        name: "node-agent".into(),
+        image: Some(settings.operator_image.clone()),
+        command: Some(vec![BINARY.into()]),
+        args: Some(args),
+        env: Some(vec![field_env("NODE_NAME", "spec.nodeName"), field_env("POD_NAMESPACE", "metadata.namespace")]),
+        // Ready means: config written and mirror reachable from this node, so the DaemonSet's
+        // ready count is the number of nodes really configured.
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec![BINARY.into(), "node-agent-ready".into(), "--status-dir".into(), STATUS_DIR.into()]),
+            }),
+            period_seconds: Some(5),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(2),
+            ..Default::default()
+        }),
+        resources: Some(node.resources.clone().unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("64Mi".into()))])),
+            ..Default::default()
+        })),
+        security_context: Some(pod::node_agent_container_security()),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "runtime-config".into(), mount_path: certs_dir.clone(), ..Default::default() },
+            VolumeMount { name: "status".into(), mount_path: STATUS_DIR.into(), ..Default::default() },
+        ]),
+        ..Default::default()
+    };
+    let tolerations = node
+        .tolerations
+        .clone()
+        .unwrap_or_else(|| vec![Toleration { operator: Some("Exists".into()), ..Default::default() }]);
+    DaemonSet {
+        metadata: meta::object_meta(mirror, name.clone(), Component::NodeAgent, None),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(meta::selector_labels(mirror, Component::NodeAgent, None)),
+                match_expressions: None,
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::String("20%".into())),
+                    max_surge: None,
+                }),
+            }),
+            revision_history_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(meta::labels(mirror, Component::NodeAgent, None)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name),
+                    // Probing the mirror from the host's network is what containerd will see.
+                    host_network: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    enable_service_links: Some(false),
+                    node_selector: (!node.node_selector.is_empty()).then(|| node.node_selector.clone()),
+                    tolerations: Some(tolerations),
+                    security_context: Some(k8s_openapi::api::core::v1::PodSecurityContext {
+                        seccomp_profile: Some(k8s_openapi::api::core::v1::SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(10),
+                    volumes: Some(vec![
+                        // The only host path: the runtime config directory the agent writes.
+                        Volume {
+                            name: "runtime-config".into(),
+                            host_path: Some(HostPathVolumeSource {
+                                path: certs_dir,
+                                type_: Some("DirectoryOrCreate".into()),
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "status".into(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                medium: Some("Memory".into()),
+                                size_limit: Some(Quantity("1Mi".into())),
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

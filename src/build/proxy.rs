@@ -1,0 +1,336 @@
+//! Per upstream: the Distribution registry config, its ConfigMap, the proxy Deployment, its
+//! Service, and (for PVC storage) its PersistentVolumeClaim.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
+    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::meta::{self, names, Component};
+use super::{pod, Inputs};
+use crate::api::{RegistryMirror, Upstream};
+
+pub const REGISTRY_PORT: i32 = 5000;
+pub const METRICS_PORT: i32 = 5001;
+pub const CONFIG_DIR: &str = "/etc/mirrorfleet/registry";
+pub const CONFIG_FILE: &str = "config.yml";
+pub const STORAGE_DIR: &str = "/var/lib/registry";
+pub const HTPASSWD_DIR: &str = "/auth";
+pub const HTPASSWD_FILE: &str = "htpasswd";
+
+/// The Distribution `config.yml` for one upstream's proxy. Secrets are not in it: upstream and
+/// S3 credentials reach the registry as `REGISTRY_PROXY_*` / `REGISTRY_STORAGE_S3_*` env vars.
+pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
+    let spec = &mirror.spec;
+    let storage = &spec.proxy.storage;
+    let mut storage_cfg = json!({
+        "delete": {"enabled": true},
+        "cache": {"blobdescriptor": "inmemory"},
+    });
+    if let Some(s3) = &storage.s3 {
+        let root = match s3.root_directory.as_deref().map(|r| r.trim_matches('/')) {
+            Some(r) if !r.is_empty() => format!("/{r}/{}", upstream.name),
+            _ => format!("/{}/{}", mirror.name_any(), upstream.name),
+        };
+        let mut s3_cfg = json!({"region": s3.region, "bucket": s3.bucket, "rootdirectory": root});
+        if let Some(endpoint) = &s3.endpoint {
+            s3_cfg["regionendpoint"] = json!(endpoint);
+        }
+        storage_cfg["s3"] = s3_cfg;
+        // Nodes and Envoy may not reach the bucket; serve blobs through the proxy itself.
+        storage_cfg["redirect"] = json!({"disable": true});
+    } else {
+        storage_cfg["filesystem"] = json!({"rootdirectory": STORAGE_DIR});
+    }
+    let mut cfg = json!({
+        "version": "0.1",
+        "log": {
+            "level": "info",
+            "formatter": "text",
+            "fields": {"service": "registry", "mirror": mirror.name_any(), "upstream": upstream.name},
+        },
+        "storage": storage_cfg,
+        "http": {
+            "addr": format!(":{REGISTRY_PORT}"),
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+            "debug": {
+                "addr": format!(":{METRICS_PORT}"),
+                "prometheus": {"enabled": true, "path": "/metrics"},
+            },
+        },
+        "health": {"storagedriver": {"enabled": true, "interval": "10s", "threshold": 3}},
+        "proxy": {"remoteurl": upstream.remote_url, "ttl": spec.proxy.ttl},
+    });
+    if spec.client_auth.is_some() {
+        cfg["auth"] = json!({"htpasswd": {
+            "realm": format!("mirrorfleet {}", mirror.name_any()),
+            "path": format!("{HTPASSWD_DIR}/{HTPASSWD_FILE}"),
+        }});
+    }
+    serde_yaml::to_string(&cfg).expect("registry config serializes")
+}
+
+pub fn proxy_config_map(mirror: &RegistryMirror, upstream: &Upstream, config: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta::object_meta(
+            mirror,
+            names::proxy(mirror, &upstream.name),
+            Component::Proxy,
+            Some(&upstream.name),
+        ),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config.to_string())])),
+        ..Default::default()
+    }
+}
+
+pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream) -> Service {
+    let port = |name: &str, port: i32| ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some("http".into()),
+        ..Default::default()
+    };
+    Service {
+        metadata: meta::object_meta(
+            mirror,
+            names::proxy(mirror, &upstream.name),
+            Component::Proxy,
+            Some(&upstream.name),
+        ),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(meta::selector_labels(mirror, Component::Proxy, Some(&upstream.name))),
+            ports: Some(vec![port("http", REGISTRY_PORT), port("metrics", METRICS_PORT)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn proxy_pvc(mirror: &RegistryMirror, upstream: &Upstream) -> Option<PersistentVolumeClaim> {
+    let pvc = mirror.spec.proxy.storage.persistent_volume_claim.as_ref()?;
+    Some(PersistentVolumeClaim {
+        metadata: meta::object_meta(
+            mirror,
+            names::proxy(mirror, &upstream.name),
+            Component::Proxy,
+            Some(&upstream.name),
+        ),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(pvc.access_modes.clone()),
+            storage_class_name: pvc.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), pvc.size.clone())])),
+                limits: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: Some(false) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn proxy_deployment(
+    mirror: &RegistryMirror,
+    upstream: &Upstream,
+    config: &str,
+    htpasswd: Option<&str>,
+    inputs: &Inputs,
+) -> Deployment {
+    let spec = &mirror.spec;
+    let name = names::proxy(mirror, &upstream.name);
+    let selector = meta::selector_labels(mirror, Component::Proxy, Some(&upstream.name));
+
+    let mut env = Vec::new();
+    let mut secret_versions = Vec::new();
+    if let Some(creds) = &upstream.credentials_secret_ref {
+        env.push(secret_env("REGISTRY_PROXY_USERNAME", &creds.name, &creds.username_key));
+        env.push(secret_env("REGISTRY_PROXY_PASSWORD", &creds.name, &creds.password_key));
+        secret_versions.push(&creds.name);
+    }
+    if let Some(s3) = &spec.proxy.storage.s3 {
+        if let Some(creds) = &s3.credentials_secret_ref {
+            env.push(secret_env("REGISTRY_STORAGE_S3_ACCESSKEY", &creds.name, "accessKey"));
+            env.push(secret_env("REGISTRY_STORAGE_S3_SECRETKEY", &creds.name, "secretKey"));
+            secret_versions.push(&creds.name);
+        }
+    }
+
+    let (mut volumes, mut mounts) = pod::config_and_tmp_volumes(&name, CONFIG_DIR);
+    let storage = &spec.proxy.storage;
+    if let Some(e) = &storage.empty_dir {
+        volumes.push(Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(e.size_limit.clone()), medium: None }),
+            ..Default::default()
+        });
+    } else if storage.persistent_volume_claim.is_some() {
+        volumes.push(Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: name.clone(),
+                read_only: None,
+            }),
+            ..Default::default()
+        });
+    }
+    if storage.s3.is_none() {
+        mounts.push(VolumeMount { name: "cache".into(), mount_path: STORAGE_DIR.into(), ..Default::default() });
+    }
+    if spec.client_auth.is_some() {
+        volumes.push(Volume {
+            name: "htpasswd".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(names::htpasswd(mirror)), ..Default::default() }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "htpasswd".into(),
+            mount_path: HTPASSWD_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+
+    // Pods read their config at start, so any change to what they read must roll them.
+    let mut annotations =
+        BTreeMap::from([("mirrorfleet.io/config-checksum".to_string(), meta::checksum(&[config.as_bytes()]))]);
+    if let Some(h) = htpasswd {
+        annotations.insert("mirrorfleet.io/htpasswd-checksum".into(), meta::checksum(&[h.as_bytes()]));
+    }
+    // Secret env vars are fixed at container start; the Secrets' resourceVersions (not their
+    // contents) make a rotation roll the pods.
+    let versions: Vec<String> = secret_versions
+        .iter()
+        .filter_map(|s| inputs.secret_versions.get(s.as_str()).map(|v| format!("{s}={v}")))
+        .collect();
+    if !versions.is_empty() {
+        annotations.insert("mirrorfleet.io/secret-versions".into(), versions.join(","));
+    }
+
+    let probe = |initial: i32, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/debug/health".into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        initial_delay_seconds: Some(initial),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(3),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "registry".into(),
+        image: Some(spec.proxy.image.clone()),
+        // The image's entrypoint runs `registry serve <file>` for a *.yml argument (2.x and 3.x).
+        args: Some(vec![format!("{CONFIG_DIR}/{CONFIG_FILE}")]),
+        env: (!env.is_empty()).then_some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: REGISTRY_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(probe(2, 5, 3)),
+        liveness_probe: Some(probe(10, 10, 6)),
+        resources: spec.proxy.resources.clone(),
+        security_context: Some(pod::restricted_container_security()),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+
+    // A ReadWriteOnce claim cannot be mounted by the old and the new pod at once.
+    let single_writer =
+        storage.persistent_volume_claim.as_ref().is_some_and(|p| !p.access_modes.iter().any(|m| m == "ReadWriteMany"));
+    let strategy = if single_writer {
+        DeploymentStrategy { type_: Some("Recreate".into()), rolling_update: None }
+    } else {
+        // Never drop below the desired count: a pull in flight must find a ready proxy.
+        DeploymentStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDeployment {
+                max_surge: Some(IntOrString::Int(1)),
+                max_unavailable: Some(IntOrString::Int(0)),
+            }),
+        }
+    };
+
+    Deployment {
+        metadata: meta::object_meta(mirror, name, Component::Proxy, Some(&upstream.name)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.proxy.replicas),
+            selector: LabelSelector { match_labels: Some(selector.clone()), match_expressions: None },
+            strategy: Some(strategy),
+            revision_history_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(meta::labels(mirror, Component::Proxy, Some(&upstream.name))),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names::proxy_service_account(mirror)),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod::restricted_pod_security()),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    node_selector: (!spec.proxy.node_selector.is_empty()).then(|| spec.proxy.node_selector.clone()),
+                    tolerations: (!spec.proxy.tolerations.is_empty()).then(|| spec.proxy.tolerations.clone()),
+                    termination_grace_period_seconds: Some(60),
+                    affinity: Some(spread_over_nodes(selector)),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Prefer replicas of one upstream on different nodes, so a node loss keeps the cache serving.
+pub fn spread_over_nodes(selector: BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector { match_labels: Some(selector), match_expressions: None }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            required_during_scheduling_ignored_during_execution: None,
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,107 @@
+//! The `mirrorfleet` binary: subcommands dispatch into the library.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mirrorfleet::build::Settings;
+use mirrorfleet::render::{self, RenderOptions};
+
+#[derive(Parser)]
+#[command(name = "mirrorfleet", version, about = "Runs fleets of container-registry mirrors in Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render every child manifest and config file of the RegistryMirrors in a file (no cluster).
+    Render(RenderArgs),
+    /// Print the RegistryMirror CustomResourceDefinition.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// File with RegistryMirror documents (and the Secrets they reference); `-` reads stdin.
+    /// Without it, the embedded sample (config/samples/public-mirrors.yaml) is rendered.
+    #[arg(short = 'f', long = "filename", env = "MIRRORFLEET_RENDER_FILE")]
+    file: Option<PathBuf>,
+    /// Write manifests.yaml and the raw config files into this directory instead of stdout.
+    #[arg(short = 'o', long = "output-dir")]
+    output_dir: Option<PathBuf>,
+    /// Namespace for documents that have none.
+    #[arg(short = 'n', long, default_value = "default", env = "MIRRORFLEET_NAMESPACE")]
+    namespace: String,
+    /// Image of the operator (runs the node agent and the cleanup job).
+    #[arg(long, env = "MIRRORFLEET_OPERATOR_IMAGE")]
+    operator_image: Option<String>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local", env = "MIRRORFLEET_CLUSTER_DOMAIN")]
+    cluster_domain: String,
+    /// Mirror endpoint nodes use for an upstream, as NAME=URL (the controller uses the Service's
+    /// cluster IP; render falls back to the Service DNS name).
+    #[arg(long = "endpoint", value_parser = parse_endpoint)]
+    endpoints: Vec<(String, String)>,
+    /// Show Secret data instead of redacting it.
+    #[arg(long)]
+    include_secrets: bool,
+}
+
+fn parse_endpoint(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=URL"))?;
+    Ok((name.to_string(), url.to_string()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", mirrorfleet::api::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Render(args) => match run_render(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_render(args: RenderArgs) -> anyhow::Result<()> {
+    let input = match &args.file {
+        None => render::EMBEDDED_SAMPLE.to_string(),
+        Some(p) if p.as_os_str() == "-" => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        }
+        Some(p) => std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?,
+    };
+    let mut settings = Settings { cluster_domain: args.cluster_domain, ..Settings::default() };
+    if let Some(image) = args.operator_image {
+        settings.operator_image = image;
+    }
+    let opts = RenderOptions {
+        namespace: args.namespace,
+        settings,
+        endpoints: args.endpoints.into_iter().collect::<BTreeMap<_, _>>(),
+        include_secrets: args.include_secrets,
+    };
+    let rendered = render::render_str(&input, &opts)?;
+    match args.output_dir {
+        None => print!("{}", render::to_yaml_stream(&rendered, opts.include_secrets)),
+        Some(dir) => {
+            for path in render::write_dir(&rendered, &dir, opts.include_secrets)? {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}

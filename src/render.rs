@@ -1,0 +1,260 @@
+//! `mirrorfleet render`: a file with RegistryMirrors (and optionally the Secrets they reference)
+//! becomes every child manifest and config file, with no cluster. The GitOps and dry-run path.
+//!
+//! Input problems are collected for every document first; nothing is written unless all pass.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::api::validate::{InvalidSpec, Problem};
+use crate::api::RegistryMirror;
+use crate::build::{self, DesiredChildren, Fleet, Inputs, Settings};
+
+/// The sample rendered when no file is given.
+pub const EMBEDDED_SAMPLE: &str = include_str!("../config/samples/public-mirrors.yaml");
+
+#[derive(Clone, Debug)]
+pub struct RenderOptions {
+    pub namespace: String,
+    pub settings: Settings,
+    /// Upstream name -> mirror endpoint for node config (what the controller learns from Services).
+    pub endpoints: BTreeMap<String, String>,
+    /// Print Secret data instead of redacting it.
+    pub include_secrets: bool,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            settings: Settings::default(),
+            endpoints: BTreeMap::new(),
+            include_secrets: false,
+        }
+    }
+}
+
+/// Why a render failed: input that is not YAML, or specs with problems (all of them listed).
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("document {doc}: {message}")]
+    Parse { doc: usize, message: String },
+    #[error("{}", format_invalid(.0))]
+    Invalid(Vec<(String, InvalidSpec)>),
+    #[error("the input holds no RegistryMirror (apiVersion mirrorfleet.io/v1alpha1, kind RegistryMirror)")]
+    NoMirror,
+}
+
+fn format_invalid(list: &[(String, InvalidSpec)]) -> String {
+    let mut out = String::new();
+    for (who, invalid) in list {
+        let _ = writeln!(out, "RegistryMirror {who} is invalid:");
+        for p in &invalid.0 {
+            let _ = writeln!(out, "  - {p}");
+        }
+    }
+    out.trim_end().to_string()
+}
+
+/// One rendered mirror.
+pub struct Rendered {
+    pub mirror: RegistryMirror,
+    pub fleet: Fleet,
+}
+
+/// Parses every document, validates every mirror, and builds every fleet.
+pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, RenderError> {
+    let mut mirrors = Vec::new();
+    let mut secrets: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut invalid = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        let doc_no = i + 1;
+        let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|e| RenderError::Parse { doc: doc_no, message: e.to_string() })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+        match (api_version, kind) {
+            ("mirrorfleet.io/v1alpha1", "RegistryMirror") => {
+                let mut unknown = Vec::new();
+                // Unknown fields are collected (a typo must not silently fall back to a
+                // default) and type errors keep the path of the field they occur at.
+                let parsed: Result<RegistryMirror, _> = serde_path_to_error::deserialize(
+                    serde_ignored::Deserializer::new(value, &mut |path: serde_ignored::Path| {
+                        unknown.push(path.to_string())
+                    }),
+                );
+                match parsed {
+                    Ok(mut mirror) => {
+                        if mirror.metadata.namespace.is_none() {
+                            mirror.metadata.namespace = Some(opts.namespace.clone());
+                        }
+                        let who = describe(&mirror, doc_no);
+                        let mut problems: Vec<Problem> = unknown
+                            .into_iter()
+                            .filter(|p| !p.starts_with("status") && p != "apiVersion" && p != "kind")
+                            .map(|p| Problem { path: p, message: "unknown field (misspelt?)".into() })
+                            .collect();
+                        if let Err(e) = crate::api::validate::validate(&mirror) {
+                            problems.extend(e.0);
+                        }
+                        if problems.is_empty() {
+                            mirrors.push((doc_no, mirror));
+                        } else {
+                            invalid.push((who, InvalidSpec(problems)));
+                        }
+                    }
+                    Err(e) => invalid.push((
+                        format!("in document {doc_no}"),
+                        InvalidSpec(vec![Problem { path: e.path().to_string(), message: e.inner().to_string() }]),
+                    )),
+                }
+            }
+            ("v1", "Secret") => {
+                let secret: Secret = serde_yaml::from_value(value)
+                    .map_err(|e| RenderError::Parse { doc: doc_no, message: format!("Secret: {e}") })?;
+                let ns = secret.namespace().unwrap_or_else(|| opts.namespace.clone());
+                secrets.insert(format!("{ns}/{}", secret.name_any()), secret);
+            }
+            ("mirrorfleet.io/v1alpha1", other) => {
+                return Err(RenderError::Parse {
+                    doc: doc_no,
+                    message: format!("unknown kind {other:?} in mirrorfleet.io/v1alpha1"),
+                })
+            }
+            _ => {} // Other objects (Namespaces, ...) pass through untouched by render.
+        }
+    }
+
+    let mut out = Vec::new();
+    for (doc_no, mirror) in mirrors {
+        let inputs = inputs_from_secrets(&mirror, &secrets, opts);
+        match build::build(&mirror, &inputs, &opts.settings) {
+            Ok(fleet) => out.push(Rendered { mirror, fleet }),
+            Err(e) => invalid.push((describe(&mirror, doc_no), e)),
+        }
+    }
+    if !invalid.is_empty() {
+        return Err(RenderError::Invalid(invalid));
+    }
+    if out.is_empty() {
+        return Err(RenderError::NoMirror);
+    }
+    Ok(out)
+}
+
+fn describe(mirror: &RegistryMirror, doc: usize) -> String {
+    format!("{}/{} (document {doc})", mirror.namespace().unwrap_or_default(), mirror.name_any())
+}
+
+/// Reads what render can know of the cluster: Secrets given in the same input.
+fn inputs_from_secrets(mirror: &RegistryMirror, secrets: &BTreeMap<String, Secret>, opts: &RenderOptions) -> Inputs {
+    let ns = mirror.namespace().unwrap_or_default();
+    let client_users = mirror.spec.client_auth.as_ref().and_then(|auth| {
+        let secret = secrets.get(&format!("{ns}/{}", auth.users_secret_ref.name))?;
+        Some(secret_strings(secret))
+    });
+    Inputs { client_users, secret_versions: BTreeMap::new(), proxy_endpoints: opts.endpoints.clone() }
+}
+
+/// A Secret's `data` and `stringData` as strings (stringData wins, as in the API server).
+pub fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> =
+        secret.data.iter().flatten().map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned())).collect();
+    out.extend(secret.string_data.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+/// The children as YAML documents, in the order they are applied.
+pub fn children_documents(children: &DesiredChildren, include_secrets: bool) -> Vec<String> {
+    let DesiredChildren {
+        service_accounts,
+        roles,
+        role_bindings,
+        secrets,
+        config_maps,
+        persistent_volume_claims,
+        services,
+        deployments,
+        daemon_sets,
+        cron_jobs,
+    } = children;
+    fn docs<T: Serialize>(out: &mut Vec<String>, items: &[T]) {
+        out.extend(items.iter().map(|i| serde_yaml::to_string(i).expect("k8s object serializes")));
+    }
+    let mut out = Vec::new();
+    docs(&mut out, service_accounts);
+    docs(&mut out, roles);
+    docs(&mut out, role_bindings);
+    if include_secrets {
+        docs(&mut out, secrets);
+    } else {
+        let redacted: Vec<Secret> = secrets.iter().map(redact).collect();
+        docs(&mut out, &redacted);
+    }
+    docs(&mut out, config_maps);
+    docs(&mut out, persistent_volume_claims);
+    docs(&mut out, services);
+    docs(&mut out, deployments);
+    docs(&mut out, daemon_sets);
+    docs(&mut out, cron_jobs);
+    out
+}
+
+/// Replaces Secret values so render output can be pasted into a review or a log safely.
+fn redact(secret: &Secret) -> Secret {
+    let mut s = secret.clone();
+    if let Some(data) = s.data.as_mut() {
+        for v in data.values_mut() {
+            *v = ByteString(b"<redacted: render --include-secrets shows it>".to_vec());
+        }
+    }
+    s
+}
+
+/// All rendered mirrors as one multi-document YAML stream.
+pub fn to_yaml_stream(rendered: &[Rendered], include_secrets: bool) -> String {
+    let mut out = String::new();
+    for r in rendered {
+        for doc in children_documents(&r.fleet.children, include_secrets) {
+            out.push_str("---\n");
+            out.push_str(&doc);
+        }
+    }
+    out
+}
+
+/// Writes `manifests.yaml` and the raw config files under `dir` (one sub-directory per mirror
+/// when the input holds several).
+pub fn write_dir(rendered: &[Rendered], dir: &Path, include_secrets: bool) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut written = Vec::new();
+    let many = rendered.len() > 1;
+    for r in rendered {
+        let base = if many {
+            dir.join(format!("{}-{}", r.mirror.namespace().unwrap_or_default(), r.mirror.name_any()))
+        } else {
+            dir.to_path_buf()
+        };
+        std::fs::create_dir_all(&base)?;
+        let manifests = base.join("manifests.yaml");
+        std::fs::write(&manifests, to_yaml_stream(std::slice::from_ref(r), include_secrets))?;
+        written.push(manifests);
+        for (rel, content) in &r.fleet.files {
+            let path = base.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, content)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}

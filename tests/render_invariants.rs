@@ -1,0 +1,201 @@
+//! Properties every rendered fleet must have: standard labels and a controller owner reference on
+//! every object, no credential outside a Secret, byte-identical re-renders, restricted pods, and
+//! config changes that roll exactly the pods reading that config.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use mirrorfleet::render::{render_str, secret_strings};
+use serde_json::Value;
+
+#[test]
+fn every_object_has_standard_labels_and_a_controller_owner_reference() {
+    for name in common::SAMPLES {
+        for r in common::render_sample(name) {
+            let mirror = r.mirror.metadata.name.clone().unwrap();
+            let objects = common::objects(&r);
+            assert!(!objects.is_empty());
+            for (id, obj) in objects {
+                let labels = &obj["metadata"]["labels"];
+                assert_eq!(labels["app.kubernetes.io/name"], "mirrorfleet", "{name}: {id}");
+                assert_eq!(labels["app.kubernetes.io/instance"], mirror.as_str(), "{name}: {id}");
+                assert_eq!(labels["app.kubernetes.io/managed-by"], "mirrorfleet-operator", "{name}: {id}");
+                let component = labels["app.kubernetes.io/component"].as_str().unwrap_or("");
+                assert!(
+                    ["proxy", "edge", "auth", "cleanup", "node-agent"].contains(&component),
+                    "{name}: {id}: component {component:?}"
+                );
+                assert_eq!(obj["metadata"]["namespace"], "mirrors", "{name}: {id}");
+                let owners = obj["metadata"]["ownerReferences"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{id} has no ownerReferences"));
+                assert_eq!(owners.len(), 1, "{id}");
+                assert_eq!(owners[0]["kind"], "RegistryMirror");
+                assert_eq!(owners[0]["apiVersion"], "mirrorfleet.io/v1alpha1");
+                assert_eq!(owners[0]["name"], mirror.as_str());
+                assert_eq!(owners[0]["controller"], true, "{id}");
+                assert_eq!(owners[0]["blockOwnerDeletion"], true, "{id}");
+            }
+        }
+    }
+}
+
+/// All the forms a credential could leak in.
+fn leak_forms(secret_value: &str) -> Vec<String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    vec![secret_value.to_string(), b64.encode(secret_value)]
+}
+
+#[test]
+fn credentials_appear_in_no_object_but_secrets() {
+    for name in common::SAMPLES {
+        let text = common::sample_text(name);
+        // Every value of every Secret in the sample input is a credential.
+        let mut creds: Vec<String> = Vec::new();
+        let mut users = BTreeMap::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"].as_str() == Some("Secret") {
+                let s: k8s_openapi::api::core::v1::Secret = serde_yaml::from_value(v).unwrap();
+                for (k, val) in secret_strings(&s) {
+                    creds.extend(leak_forms(&val));
+                    users.insert(k, val);
+                }
+            }
+        }
+        for (user, password) in &users {
+            creds.extend(leak_forms(&format!("{user}:{password}")));
+        }
+        let rendered = render_str(&text, &common::opts()).unwrap();
+        for r in &rendered {
+            for (id, obj) in common::objects(r) {
+                if obj["kind"] == "Secret" {
+                    continue;
+                }
+                let serialized = serde_json::to_string(&obj).unwrap();
+                for c in &creds {
+                    assert!(!serialized.contains(c.as_str()), "{name}: {id} contains a credential");
+                }
+            }
+            for (path, content) in &r.fleet.files {
+                for c in &creds {
+                    assert!(!content.contains(c.as_str()), "{name}: file {path} contains a credential");
+                }
+            }
+        }
+        // Render output (secrets redacted by default) carries none either.
+        let stdout = mirrorfleet::render::to_yaml_stream(&rendered, false);
+        for c in &creds {
+            assert!(!stdout.contains(c.as_str()), "{name}: render output contains a credential");
+        }
+    }
+}
+
+#[test]
+fn public_sample_really_carries_credentials_to_test_for() {
+    // Guards the test above against passing vacuously.
+    let r = &common::render_sample("public-mirrors")[0];
+    let secrets = &r.fleet.children.secrets;
+    assert_eq!(secrets.len(), 2, "htpasswd and node-auth Secrets");
+    let htpasswd = String::from_utf8(secrets[0].data.as_ref().unwrap()["htpasswd"].0.clone()).unwrap();
+    assert!(htpasswd.starts_with("ci:$2y$05$"), "{htpasswd}");
+    assert_eq!(htpasswd.lines().count(), 2);
+    for line in htpasswd.lines() {
+        let (user, hash) = line.split_once(':').unwrap();
+        let password = if user == "ci" { "change-me-ci-password" } else { "change-me-nodes-password" };
+        assert!(bcrypt::verify(password, hash).unwrap(), "{user}'s hash verifies");
+    }
+}
+
+#[test]
+fn rerendering_is_byte_identical() {
+    for name in common::SAMPLES {
+        let a = mirrorfleet::render::to_yaml_stream(&common::render_sample(name), true);
+        let b = mirrorfleet::render::to_yaml_stream(&common::render_sample(name), true);
+        assert!(a == b, "{name}: two renders differ");
+    }
+}
+
+fn pod_annotations(r: &mirrorfleet::render::Rendered) -> BTreeMap<String, Value> {
+    r.fleet
+        .children
+        .deployments
+        .iter()
+        .map(|d| {
+            let v = serde_json::to_value(d).unwrap();
+            (d.metadata.name.clone().unwrap(), v["spec"]["template"]["metadata"]["annotations"].clone())
+        })
+        .collect()
+}
+
+fn changed(a: &BTreeMap<String, Value>, b: &BTreeMap<String, Value>) -> Vec<String> {
+    a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, _)| k.clone()).collect()
+}
+
+#[test]
+fn a_config_change_rolls_exactly_the_pods_that_read_it() {
+    let base_text = common::sample_text("public-mirrors");
+    let base = pod_annotations(&render_str(&base_text, &common::opts()).unwrap()[0]);
+
+    // One upstream's remote: only that proxy rolls.
+    let t = base_text.replace("remoteURL: https://quay.io", "remoteURL: https://quay.example.com");
+    let roll = changed(&base, &pod_annotations(&render_str(&t, &common::opts()).unwrap()[0]));
+    assert_eq!(roll, vec!["public-proxy-quay".to_string()]);
+
+    // A password: every proxy reads the htpasswd file, the edge does not.
+    let t = base_text.replace("ci: change-me-ci-password", "ci: rotated-password");
+    let mut roll = changed(&base, &pod_annotations(&render_str(&t, &common::opts()).unwrap()[0]));
+    roll.sort();
+    let mut proxies: Vec<String> =
+        ["dockerhub", "gcr", "ghcr", "k8s", "quay"].iter().map(|u| format!("public-proxy-{u}")).collect();
+    proxies.sort();
+    assert_eq!(roll, proxies);
+
+    // An edge host: Envoy reloads listeners from its watched directory, nothing rolls.
+    let t = base_text.replace("host: docker.mirror.example.com", "host: hub.mirror.example.com");
+    let rendered = render_str(&t, &common::opts()).unwrap();
+    assert!(changed(&base, &pod_annotations(&rendered[0])).is_empty());
+    let lds = &rendered[0].fleet.files["edge/lds.yaml"];
+    assert!(lds.contains("hub.mirror.example.com"));
+}
+
+#[test]
+fn pods_run_restricted_and_the_node_agent_exception_is_narrow() {
+    for name in common::SAMPLES {
+        for r in common::render_sample(name) {
+            for (id, obj) in common::objects(&r) {
+                let template = match obj["kind"].as_str().unwrap() {
+                    "Deployment" | "DaemonSet" => &obj["spec"]["template"]["spec"],
+                    "CronJob" => &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                    _ => continue,
+                };
+                let node_agent = obj["kind"] == "DaemonSet";
+                for c in template["containers"].as_array().unwrap() {
+                    let sc = &c["securityContext"];
+                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{id}");
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{id}");
+                    assert_eq!(sc["privileged"], false, "{id}");
+                    assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{id}");
+                    assert!(sc["capabilities"]["add"].is_null(), "{id}");
+                    if node_agent {
+                        assert_eq!(sc["runAsUser"], 0, "{id}: writes root-owned runtime config");
+                    } else {
+                        assert_eq!(sc["runAsNonRoot"], true, "{id}");
+                        assert_eq!(template["securityContext"]["runAsNonRoot"], true, "{id}");
+                    }
+                }
+                let host_paths: Vec<&Value> =
+                    template["volumes"].as_array().into_iter().flatten().filter(|v| !v["hostPath"].is_null()).collect();
+                if node_agent {
+                    assert_eq!(host_paths.len(), 1, "{id}: only the runtime config dir");
+                    assert_eq!(host_paths[0]["hostPath"]["path"], "/etc/containerd/certs.d");
+                } else {
+                    assert!(host_paths.is_empty(), "{id}: no host paths");
+                    assert!(template["hostNetwork"].is_null(), "{id}");
+                }
+            }
+        }
+    }
+}
