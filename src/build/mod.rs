@@ -187,7 +187,6 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
     if let Some(node) = &spec.node_config {
         let name = names::node_agent(mirror);
         let config = node::node_config(mirror, node, inputs, settings);
-        let mut readable = vec![names::node_config(mirror)];
         c.config_maps.push(node::node_config_map(mirror, &config));
         if let (Some(auth), Some(users)) = (&spec.client_auth, &inputs.client_users) {
             if let Some(password) = auth.node_user.as_ref().and_then(|u| users.get(u).map(|p| (u, p))) {
@@ -197,14 +196,15 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         }
         let mut rules = vec![
             // Follow the desired node config (watch, so changes land in seconds).
-            rbac::rule("", &["configmaps"], &["get", "list", "watch"], Some(readable.clone())),
+            rbac::rule("", &["configmaps"], &["get", "list", "watch"], Some(vec![names::node_config(mirror)])),
+            // Report the applied config on the agent's own Pod (APPLIED_CONFIG_ANNOTATION).
+            rbac::rule("", &["pods"], &["get", "patch"], None),
             // Say why a node is not configured, with the node's name.
             rbac::rule("", &["events"], &["create", "patch"], None),
         ];
         if spec.client_auth.is_some() {
-            readable = vec![names::node_auth(mirror)];
             // The Authorization header nodes send to the mirrors.
-            rules.push(rbac::rule("", &["secrets"], &["get", "list", "watch"], Some(readable)));
+            rules.push(rbac::rule("", &["secrets"], &["get", "list", "watch"], Some(vec![names::node_auth(mirror)])));
         }
         c.service_accounts.push(rbac::service_account(mirror, name.clone(), Component::NodeAgent, true));
         c.roles.push(rbac::role(mirror, name.clone(), Component::NodeAgent, rules));

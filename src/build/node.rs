@@ -30,6 +30,15 @@ pub const NODE_CONFIG_KEY: &str = "node-config.json";
 pub const MANAGED_MARKER: &str = "# managed-by: mirrorfleet";
 pub const STATUS_DIR: &str = "/run/mirrorfleet";
 pub const BINARY: &str = "/usr/local/bin/mirrorfleet";
+/// Annotation each agent puts on its own Pod: the [`node_config_checksum`] of the node config it
+/// has written to disk. The controller compares it with the ConfigMap's to know which nodes are
+/// done (needed before the finalizer is released).
+pub const APPLIED_CONFIG_ANNOTATION: &str = "mirrorfleet.io/applied-config";
+
+/// Checksum of the node-config ConfigMap's JSON, as agents report it.
+pub fn node_config_checksum(node_config_json: &str) -> String {
+    meta::checksum(&[node_config_json.as_bytes()])
+}
 
 /// What every node of one mirror should have. Serialized into the node-config ConfigMap.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -41,6 +50,11 @@ pub struct NodeConfig {
     /// Whether the agent must add an Authorization header (from the node-auth Secret).
     pub authenticate: bool,
     pub registries: Vec<NodeRegistry>,
+    /// Set by the controller while the mirror (or its nodeConfig) goes away: agents remove every
+    /// file they wrote for this mirror and report that config as applied, then the controller
+    /// releases its finalizer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -103,6 +117,7 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
         containerd: ContainerdConfig { certs_dir: node.containerd.certs_dir.clone() },
         authenticate: mirror.spec.client_auth.is_some(),
         registries,
+        removing: false,
     }
 }
 
