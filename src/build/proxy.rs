@@ -228,10 +228,12 @@ pub fn proxy_deployment(
         annotations.insert("mirrorfleet.io/secret-versions".into(), versions.join(","));
     }
 
+    // Distribution serves its storage health check on the debug listener only (the main port
+    // answers /debug/health with 404), and without authentication, which kubelet lacks.
     let probe = |initial: i32, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some("/debug/health".into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String("metrics".into()),
             ..Default::default()
         }),
         initial_delay_seconds: Some(initial),
