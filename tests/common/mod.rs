@@ -1,6 +1,8 @@
 //! Shared by the fast test crates: sample loading and object walking.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use std::path::{Path, PathBuf};
 
 use mirrorfleet::render::{render_str, RenderOptions, Rendered};
