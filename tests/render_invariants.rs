@@ -199,3 +199,33 @@ fn pods_run_restricted_and_the_node_agent_exception_is_narrow() {
         }
     }
 }
+
+#[test]
+fn a_rotated_secret_rolls_exactly_the_pods_that_read_it() {
+    use mirrorfleet::build::{build, Inputs, Settings};
+    let r = &common::render_sample("private-upstream")[0];
+    let mut public = common::render_sample("public-mirrors")[0].mirror.clone();
+    public.metadata.uid = Some("uid".into());
+    let users = BTreeMap::from([("ci".to_string(), "a".to_string()), ("nodes".to_string(), "b".to_string())]);
+    let annotations = |mirror: &mirrorfleet::api::RegistryMirror, versions: &[(&str, &str)]| {
+        let inputs = Inputs {
+            client_users: Some(users.clone()),
+            secret_versions: versions.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Inputs::default()
+        };
+        let fleet = build(mirror, &inputs, &Settings::default()).unwrap();
+        pod_annotations(&mirrorfleet::render::Rendered { mirror: mirror.clone(), fleet })
+    };
+
+    // The upstream credentials Secret: only the proxy that reads it.
+    let before = annotations(&r.mirror, &[("corp-registry-creds", "10"), ("dockerhub-creds", "7")]);
+    let after = annotations(&r.mirror, &[("corp-registry-creds", "11"), ("dockerhub-creds", "7")]);
+    assert_eq!(changed(&before, &after), vec!["corp-proxy-corp".to_string()]);
+
+    // The edge certificate: only Envoy.
+    let before = annotations(&public, &[("mirror-tls", "1")]);
+    let after = annotations(&public, &[("mirror-tls", "2")]);
+    assert_eq!(changed(&before, &after), vec!["public-edge".to_string()]);
+    let text = serde_json::to_string(&after).unwrap();
+    assert!(text.contains("mirror-tls=2"), "a version, not the content: {text}");
+}

@@ -19,8 +19,8 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use super::meta::{self, names, Component};
-use super::pod;
 use super::proxy::{spread_over_nodes, REGISTRY_PORT};
+use super::{pod, Inputs};
 use crate::api::validate::effective_host;
 use crate::api::{EdgeSpec, RegistryMirror};
 
@@ -256,7 +256,7 @@ pub fn edge_config_map(mirror: &RegistryMirror, files: &EnvoyFiles) -> ConfigMap
     }
 }
 
-pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFiles) -> Deployment {
+pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFiles, inputs: &Inputs) -> Deployment {
     let name = names::edge(mirror);
     let selector = meta::selector_labels(mirror, Component::Edge, None);
     let (mut volumes, mut mounts) = pod::config_and_tmp_volumes(&name, CONFIG_DIR);
@@ -325,10 +325,16 @@ pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFi
         ..Default::default()
     };
     // Listeners and clusters reload from the watched directory; only a bootstrap change restarts.
-    let annotations = BTreeMap::from([(
+    let mut annotations = BTreeMap::from([(
         "mirrorfleet.io/bootstrap-checksum".to_string(),
         meta::checksum(&[files.bootstrap.as_bytes()]),
     )]);
+    // Envoy reads the certificate files at start; a renewed certificate (the Secret's
+    // resourceVersion, never its content) rolls the edge, one pod at a time.
+    if let Some(version) = edge.tls_secret_ref.as_ref().and_then(|t| inputs.secret_versions.get(&t.name)) {
+        let name = &edge.tls_secret_ref.as_ref().unwrap().name;
+        annotations.insert("mirrorfleet.io/secret-versions".into(), format!("{name}={version}"));
+    }
     Deployment {
         metadata: meta::object_meta(mirror, name, Component::Edge, None),
         spec: Some(DeploymentSpec {

@@ -156,7 +156,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         let envoy = edge::envoy_files(mirror, edge, &settings.cluster_domain);
         c.service_accounts.push(rbac::service_account(mirror, names::edge(mirror), Component::Edge, false));
         c.config_maps.push(edge::edge_config_map(mirror, &envoy));
-        c.deployments.push(edge::edge_deployment(mirror, edge, &envoy));
+        c.deployments.push(edge::edge_deployment(mirror, edge, &envoy, inputs));
         c.services.push(edge::edge_service(mirror, edge));
         files.insert(format!("edge/{}", edge::BOOTSTRAP_FILE), envoy.bootstrap);
         files.insert(format!("edge/{}", edge::LDS_FILE), envoy.lds);
