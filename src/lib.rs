@@ -4,8 +4,10 @@
 //! - [`api`]: the `RegistryMirror` resource, its CRD and its validation.
 //! - [`build`]: pure builders from a mirror to every child object and config file.
 //! - [`render`]: the no-cluster path (`mirrorfleet render`).
+//! - [`agent`]: the node agent (`mirrorfleet node-agent`), which writes each node's runtime config.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod build;
 pub mod render;

@@ -23,6 +23,10 @@ enum Command {
     Render(RenderArgs),
     /// Print the RegistryMirror CustomResourceDefinition.
     Crd,
+    /// Run on a node (DaemonSet): write the runtime mirror config of one RegistryMirror.
+    NodeAgent(mirrorfleet::agent::AgentArgs),
+    /// Readiness probe of the node agent: exit 0 only when the node is configured.
+    NodeAgentReady(mirrorfleet::agent::ReadyArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +68,8 @@ fn main() -> ExitCode {
             print!("{}", mirrorfleet::api::crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::NodeAgent(args) => mirrorfleet::agent::main(args),
+        Command::NodeAgentReady(args) => mirrorfleet::agent::ready_main(args),
         Command::Render(args) => match run_render(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

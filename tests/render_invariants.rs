@@ -189,8 +189,16 @@ fn pods_run_restricted_and_the_node_agent_exception_is_narrow() {
                 let host_paths: Vec<&Value> =
                     template["volumes"].as_array().into_iter().flatten().filter(|v| !v["hostPath"].is_null()).collect();
                 if node_agent {
-                    assert_eq!(host_paths.len(), 1, "{id}: only the runtime config dir");
-                    assert_eq!(host_paths[0]["hostPath"]["path"], "/etc/containerd/certs.d");
+                    // Writable: only the runtime config dir. Read-only: containerd's config dir,
+                    // where the agent checks that containerd reads certs.d at all.
+                    let mounts = template["containers"][0]["volumeMounts"].as_array().unwrap();
+                    let read_only =
+                        |v: &&&Value| mounts.iter().any(|m| m["name"] == v["name"] && m["readOnly"] == true);
+                    let (ro, rw): (Vec<&Value>, Vec<&Value>) = host_paths.iter().partition(read_only);
+                    assert_eq!(rw.len(), 1, "{id}: only the runtime config dir is writable");
+                    assert_eq!(rw[0]["hostPath"]["path"], "/etc/containerd/certs.d");
+                    let ro: Vec<&str> = ro.iter().map(|v| v["hostPath"]["path"].as_str().unwrap()).collect();
+                    assert_eq!(ro, ["/etc/containerd"], "{id}: read-only host paths");
                 } else {
                     assert!(host_paths.is_empty(), "{id}: no host paths");
                     assert!(template["hostNetwork"].is_null(), "{id}");

@@ -496,6 +496,39 @@ pub struct NodeConfigSpec {
     /// Container resources of the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// CRI-O, Podman, Buildah and Skopeo: a `registries.conf.d` drop-in per mirror. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crio: Option<CrioSpec>,
+    /// Docker: the docker.io mirror in `daemon.json` `registry-mirrors`, merged with the file's
+    /// other settings. Off unless set. dockerd reads it on start or SIGHUP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CrioSpec {
+    /// The drop-in directory on the host; the agent writes `mirrorfleet-<namespace>-<name>.conf`.
+    #[serde(default = "default_crio_drop_in_dir")]
+    #[schemars(length(min = 2, max = 512), regex(pattern = ABS_DIR))]
+    pub drop_in_dir: String,
+}
+
+fn default_crio_drop_in_dir() -> String {
+    "/etc/containers/registries.conf.d".into()
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerSpec {
+    /// dockerd's config file on the host. The agent mounts its directory.
+    #[serde(default = "default_daemon_json")]
+    #[schemars(length(min = 2, max = 512), regex(pattern = ABS_DIR))]
+    pub daemon_json: String,
+}
+
+fn default_daemon_json() -> String {
+    "/etc/docker/daemon.json".into()
 }
 
 fn default_true() -> bool {
@@ -509,12 +542,22 @@ pub struct ContainerdSpec {
     #[serde(default = "default_certs_dir")]
     #[schemars(length(min = 2, max = 512), regex(pattern = ABS_DIR))]
     pub certs_dir: String,
+    /// containerd's config file on the host, read (through a read-only mount of its directory) so
+    /// the agent can report a containerd whose CRI `config_path` is not `certsDir`, which would
+    /// ignore every file the agent writes.
+    #[serde(default = "default_containerd_config_file")]
+    #[schemars(length(min = 2, max = 512), regex(pattern = ABS_DIR))]
+    pub config_file: String,
 }
 
 impl Default for ContainerdSpec {
     fn default() -> Self {
-        Self { certs_dir: default_certs_dir() }
+        Self { certs_dir: default_certs_dir(), config_file: default_containerd_config_file() }
     }
+}
+
+fn default_containerd_config_file() -> String {
+    "/etc/containerd/config.toml".into()
 }
 
 fn default_certs_dir() -> String {

@@ -6,6 +6,7 @@
 //! a ConfigMap) and withdraw entries whose mirror is unreachable.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
@@ -30,6 +31,8 @@ pub const NODE_CONFIG_KEY: &str = "node-config.json";
 pub const MANAGED_MARKER: &str = "# managed-by: mirrorfleet";
 pub const STATUS_DIR: &str = "/run/mirrorfleet";
 pub const BINARY: &str = "/usr/local/bin/mirrorfleet";
+/// Where the agent sees the directory of containerd's config file (read-only).
+pub const CONTAINERD_CONFIG_MOUNT: &str = "/host/containerd";
 /// Annotation each agent puts on its own Pod: the [`node_config_checksum`] of the node config it
 /// has written to disk. The controller compares it with the ConfigMap's to know which nodes are
 /// done (needed before the finalizer is released).
@@ -55,6 +58,24 @@ pub struct NodeConfig {
     /// releases its finalizer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// CRI-O/Podman drop-in, when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crio: Option<CrioConfig>,
+    /// Docker daemon.json, when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerConfig>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CrioConfig {
+    pub drop_in_dir: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerConfig {
+    pub daemon_json: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -118,6 +139,8 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
         authenticate: mirror.spec.client_auth.is_some(),
         registries,
         removing: false,
+        crio: node.crio.as_ref().map(|c| CrioConfig { drop_in_dir: c.drop_in_dir.clone() }),
+        docker: node.docker.as_ref().map(|d| DockerConfig { daemon_json: d.daemon_json.clone() }),
     }
 }
 
@@ -180,12 +203,32 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
     if mirror.spec.client_auth.is_some() {
         args.extend(["--auth-secret".into(), names::node_auth(mirror)]);
     }
+    // Host directories the agent needs besides the certs dir: containerd's config dir read-only
+    // (to report a missing `config_path`), and the opt-in runtimes' directories read-write.
+    let mut extra_mounts: Vec<(&str, String, String, bool)> = Vec::new();
+    let containerd_config = Path::new(&node.containerd.config_file);
+    if let (Some(dir), Some(file)) = (containerd_config.parent(), containerd_config.file_name()) {
+        let in_pod = Path::new(CONTAINERD_CONFIG_MOUNT).join(file);
+        args.extend(["--containerd-config".into(), in_pod.display().to_string()]);
+        extra_mounts.push(("containerd-config", dir.display().to_string(), CONTAINERD_CONFIG_MOUNT.into(), true));
+    }
+    if let Some(crio) = &node.crio {
+        extra_mounts.push(("crio-drop-in", crio.drop_in_dir.clone(), crio.drop_in_dir.clone(), false));
+    }
+    if let Some(dir) = node.docker.as_ref().and_then(|d| Path::new(&d.daemon_json).parent().map(Path::to_path_buf)) {
+        // The directory, not the file: replacing daemon.json atomically is a rename within it.
+        extra_mounts.push(("docker-config", dir.display().to_string(), dir.display().to_string(), false));
+    }
     let container = Container {
         name: "node-agent".into(),
         image: Some(settings.operator_image.clone()),
         command: Some(vec![BINARY.into()]),
         args: Some(args),
-        env: Some(vec![field_env("NODE_NAME", "spec.nodeName"), field_env("POD_NAMESPACE", "metadata.namespace")]),
+        env: Some(vec![
+            field_env("NODE_NAME", "spec.nodeName"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_NAME", "metadata.name"),
+        ]),
         // Ready means: config written and mirror reachable from this node, so the DaemonSet's
         // ready count is the number of nodes really configured.
         readiness_probe: Some(Probe {
@@ -206,10 +249,20 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
             ..Default::default()
         })),
         security_context: Some(pod::node_agent_container_security()),
-        volume_mounts: Some(vec![
-            VolumeMount { name: "runtime-config".into(), mount_path: certs_dir.clone(), ..Default::default() },
-            VolumeMount { name: "status".into(), mount_path: STATUS_DIR.into(), ..Default::default() },
-        ]),
+        volume_mounts: Some(
+            [
+                VolumeMount { name: "runtime-config".into(), mount_path: certs_dir.clone(), ..Default::default() },
+                VolumeMount { name: "status".into(), mount_path: STATUS_DIR.into(), ..Default::default() },
+            ]
+            .into_iter()
+            .chain(extra_mounts.iter().map(|(name, _, mount_path, read_only)| VolumeMount {
+                name: (*name).into(),
+                mount_path: mount_path.clone(),
+                read_only: read_only.then_some(true),
+                ..Default::default()
+            }))
+            .collect(),
+        ),
         ..Default::default()
     };
     let tolerations = node
@@ -253,25 +306,37 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
                     }),
                     containers: vec![container],
                     termination_grace_period_seconds: Some(10),
-                    volumes: Some(vec![
-                        // The only host path: the runtime config directory the agent writes.
-                        Volume {
-                            name: "runtime-config".into(),
+                    volumes: Some(
+                        vec![
+                            // The runtime config directory the agent writes.
+                            Volume {
+                                name: "runtime-config".into(),
+                                host_path: Some(HostPathVolumeSource {
+                                    path: certs_dir,
+                                    type_: Some("DirectoryOrCreate".into()),
+                                }),
+                                ..Default::default()
+                            },
+                            Volume {
+                                name: "status".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    medium: Some("Memory".into()),
+                                    size_limit: Some(Quantity("1Mi".into())),
+                                }),
+                                ..Default::default()
+                            },
+                        ]
+                        .into_iter()
+                        .chain(extra_mounts.into_iter().map(|(name, host_path, _, _)| Volume {
+                            name: name.into(),
                             host_path: Some(HostPathVolumeSource {
-                                path: certs_dir,
+                                path: host_path,
                                 type_: Some("DirectoryOrCreate".into()),
                             }),
                             ..Default::default()
-                        },
-                        Volume {
-                            name: "status".into(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                medium: Some("Memory".into()),
-                                size_limit: Some(Quantity("1Mi".into())),
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                        }))
+                        .collect(),
+                    ),
                     ..Default::default()
                 }),
             },

@@ -1,0 +1,485 @@
+//! One pass of the agent: from the desired node config, the node-auth header and the mirrors'
+//! health to the files on disk, and a [`Report`] of what this node now has.
+//!
+//! Rules, in the order they are checked for each registry:
+//! 1. a path that is not ours (no marker, another mirror's marker, a symlink) is never touched;
+//!    the registry is reported as a conflict;
+//! 2. `removing` (the mirror is going away): our files are removed, nothing else;
+//! 3. client auth is on but the node-auth Secret is not there yet: nothing is written (a mirror
+//!    that answers 401 only costs every pull a round trip);
+//! 4. with a fallback, a mirror probed Down is withdrawn (our file removed) so pulls go straight
+//!    upstream instead of waiting on a dead dial; an unprobed mirror leaves the file as it is;
+//!    mirror-only (air-gapped) entries are never withdrawn: there is nothing to fall back to;
+//! 5. otherwise the file is written if its bytes or mode differ.
+//!
+//! Afterwards every `certs.d/*/hosts.toml` carrying this mirror's marker that the config no
+//! longer lists is removed (stale after a config change or a restart).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::containerd::{self, ConfigPathCheck};
+use super::files::{self, Owner, Removal};
+use super::probe::Health;
+use super::{crio, docker};
+use crate::build::node::{hosts_toml, NodeConfig, NodeRegistry};
+
+/// What this pass did to one registry's entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "camelCase")]
+pub enum EntryState {
+    Written,
+    Unchanged,
+    /// Not on disk on purpose (mirror down, credentials missing); pulls go upstream.
+    Withdrawn {
+        reason: String,
+    },
+    /// Left as it was until the mirror has been probed once.
+    Pending {
+        reason: String,
+    },
+    /// Someone else's file is in the way; left untouched.
+    Conflict {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
+    /// Removed because the mirror is going away.
+    Removed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryOutcome {
+    pub registry: String,
+    pub mirror: String,
+    pub health: Health,
+    #[serde(flatten)]
+    pub state: EntryState,
+}
+
+/// One opt-in runtime (CRI-O drop-in, Docker daemon.json).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeOutcome {
+    pub runtime: String,
+    pub path: String,
+    #[serde(flatten)]
+    pub state: EntryState,
+    /// Registries the file routes to a mirror right now.
+    pub registries: Vec<String>,
+    /// Caveat to say even when all is well (e.g. "needs SIGHUP").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub mirror: String,
+    pub removing: bool,
+    pub registries: Vec<RegistryOutcome>,
+    pub runtimes: Vec<RuntimeOutcome>,
+    pub containerd: ConfigPathCheck,
+    /// `certs.d` entries of this mirror removed because the config no longer lists them.
+    pub removed_stale: Vec<String>,
+    /// Errors not tied to one registry (unreadable certs dir, ...).
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// The config was processed: every decision was carried out (conflicts and withdrawals are
+    /// decisions; I/O failures are not). What the Pod annotation reports to the controller.
+    pub fn applied(&self) -> bool {
+        self.errors.is_empty()
+            && !self.registries.iter().any(|r| matches!(r.state, EntryState::Failed { .. }))
+            && !self.runtimes.iter().any(|r| matches!(r.state, EntryState::Failed { .. }))
+    }
+
+    /// Why this node is not fully configured; empty means ready.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.removing {
+            out.push(format!("RegistryMirror {} is being removed; its files are gone from this node", self.mirror));
+            return out;
+        }
+        for r in &self.registries {
+            match &r.state {
+                EntryState::Written | EntryState::Unchanged => {
+                    if let Health::Down { reason } = &r.health {
+                        out.push(format!(
+                            "{}: mirror {} unreachable ({reason}); mirror-only, pulls fail",
+                            r.registry, r.mirror
+                        ));
+                    }
+                }
+                EntryState::Withdrawn { reason } => out.push(format!("{}: entry withdrawn: {reason}", r.registry)),
+                EntryState::Pending { reason } => out.push(format!("{}: {reason}", r.registry)),
+                EntryState::Conflict { reason } => out.push(format!("{}: {reason}", r.registry)),
+                EntryState::Failed { error } => out.push(format!("{}: {error}", r.registry)),
+                EntryState::Removed => {}
+            }
+        }
+        for rt in &self.runtimes {
+            match &rt.state {
+                EntryState::Conflict { reason } | EntryState::Pending { reason } => {
+                    out.push(format!("{} {}: {reason}", rt.runtime, rt.path))
+                }
+                EntryState::Failed { error } => out.push(format!("{} {}: {error}", rt.runtime, rt.path)),
+                _ => {}
+            }
+        }
+        if self.containerd.blocks() {
+            out.push(self.containerd.describe());
+        }
+        out.extend(self.errors.iter().cloned());
+        out
+    }
+}
+
+/// Everything one pass needs.
+pub struct Inputs<'a> {
+    pub config: &'a NodeConfig,
+    /// The Authorization header value from the node-auth Secret.
+    pub authorization: Option<&'a str>,
+    pub health: &'a BTreeMap<String, Health>,
+    /// containerd's config.toml as mounted into the agent, when given.
+    pub containerd_config: Option<&'a Path>,
+}
+
+/// What the file for `entry` should be, or why there is none.
+enum Want {
+    File { content: String, mode: u32 },
+    Absent { reason: String },
+    Keep { reason: String },
+}
+
+fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
+    let header = if inputs.config.authenticate {
+        match inputs.authorization {
+            Some(a) => Some(a),
+            None => return Want::Absent { reason: "waiting for the node-auth Secret (client auth is on)".into() },
+        }
+    } else {
+        None
+    };
+    if entry.fallback.is_some() {
+        match health {
+            Health::Down { reason } => {
+                return Want::Absent {
+                    reason: format!("mirror {} unreachable ({reason}); pulls go upstream", entry.mirror),
+                }
+            }
+            Health::Unknown => return Want::Keep { reason: format!("mirror {} not probed yet", entry.mirror) },
+            Health::Up => {}
+        }
+    }
+    let mode = if header.is_some() { files::MODE_SECRET } else { files::MODE_PUBLIC };
+    Want::File { content: hosts_toml(&inputs.config.mirror, entry, header), mode }
+}
+
+/// The healthy-enough entries other runtimes should route to their mirror: with a fallback only
+/// Up mirrors; mirror-only entries always.
+pub fn routable<'a>(config: &'a NodeConfig, health: &BTreeMap<String, Health>) -> Vec<&'a NodeRegistry> {
+    config.registries.iter().filter(|e| e.fallback.is_none() || health.get(&e.mirror) == Some(&Health::Up)).collect()
+}
+
+pub fn apply(inputs: &Inputs) -> Report {
+    let config = inputs.config;
+    let mut report = Report {
+        mirror: config.mirror.clone(),
+        removing: config.removing,
+        registries: Vec::new(),
+        runtimes: Vec::new(),
+        containerd: match inputs.containerd_config {
+            Some(file) if !config.removing => containerd::check_config_file(file, &config.containerd.certs_dir),
+            _ => ConfigPathCheck::NotChecked,
+        },
+        removed_stale: Vec::new(),
+        errors: Vec::new(),
+    };
+    let certs = Path::new(&config.containerd.certs_dir);
+    let mut listed = BTreeSet::new();
+    if !config.removing {
+        if let Err(e) = fs::create_dir_all(certs) {
+            report.errors.push(format!("creating {}: {e}", certs.display()));
+        }
+        for entry in &config.registries {
+            let health = inputs.health.get(&entry.mirror).cloned().unwrap_or(Health::Unknown);
+            let state = apply_entry(inputs, certs, entry, &health);
+            if files::safe_component(&entry.registry) {
+                listed.insert(entry.registry.clone());
+            }
+            report.registries.push(RegistryOutcome {
+                registry: entry.registry.clone(),
+                mirror: entry.mirror.clone(),
+                health,
+                state,
+            });
+        }
+    }
+    remove_unlisted(certs, &config.mirror, &listed, &mut report);
+    if let Some(c) = &config.crio {
+        report.runtimes.push(crio::apply(config, c, inputs.authorization, inputs.health));
+    }
+    if let Some(d) = &config.docker {
+        report.runtimes.push(docker::apply(config, d, inputs.health));
+    }
+    report
+}
+
+fn apply_entry(inputs: &Inputs, certs: &Path, entry: &NodeRegistry, health: &Health) -> EntryState {
+    let mirror_ref = &inputs.config.mirror;
+    if !files::safe_component(&entry.registry) {
+        return EntryState::Failed {
+            error: format!("registry name {:?} is not a safe directory name", entry.registry),
+        };
+    }
+    let dir = certs.join(&entry.registry);
+    if fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+        return EntryState::Conflict {
+            reason: format!("{} exists and is not a directory; left untouched", dir.display()),
+        };
+    }
+    let path = dir.join("hosts.toml");
+    match files::owner_of(&path, mirror_ref) {
+        Err(e) => return EntryState::Failed { error: format!("reading {}: {e}", path.display()) },
+        Ok(Owner::Foreign(why)) => {
+            return EntryState::Conflict {
+                reason: format!("{} was not written by mirrorfleet ({why}); left untouched", path.display()),
+            }
+        }
+        Ok(Owner::OtherMirror(other)) => {
+            return EntryState::Conflict {
+                reason: format!("{} belongs to RegistryMirror {other}; left untouched", path.display()),
+            }
+        }
+        Ok(Owner::Us | Owner::Absent) => {}
+    }
+    if let Err(e) = files::remove_stale_temp_files(&dir, mirror_ref) {
+        return EntryState::Failed { error: format!("cleaning temp files in {}: {e}", dir.display()) };
+    }
+    match want_for(inputs, entry, health) {
+        Want::Keep { reason } => EntryState::Pending { reason },
+        Want::Absent { reason } => match files::remove_if_ours(&path, mirror_ref, true) {
+            Ok(Removal::Removed | Removal::Absent) => EntryState::Withdrawn { reason },
+            // Lost a race with someone writing the file between our checks.
+            Ok(Removal::Kept(_)) => {
+                EntryState::Conflict { reason: format!("{} changed hands; left untouched", path.display()) }
+            }
+            Err(e) => EntryState::Failed { error: format!("removing {}: {e}", path.display()) },
+        },
+        Want::File { content, mode } => {
+            if files::is_current(&path, content.as_bytes(), mode) {
+                return EntryState::Unchanged;
+            }
+            let result = fs::create_dir_all(&dir).and_then(|()| files::write_atomic(&path, content.as_bytes(), mode));
+            match result {
+                Ok(()) => EntryState::Written,
+                Err(e) => EntryState::Failed { error: format!("writing {}: {e}", path.display()) },
+            }
+        }
+    }
+}
+
+/// Removes this mirror's `hosts.toml` from every `certs.d` subdirectory not in `listed`.
+fn remove_unlisted(certs: &Path, mirror_ref: &str, listed: &BTreeSet<String>, report: &mut Report) {
+    let entries = match fs::read_dir(certs) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            report.errors.push(format!("listing {}: {e}", certs.display()));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        if listed.contains(&name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path().join("hosts.toml");
+        if let Err(e) = files::remove_stale_temp_files(&entry.path(), mirror_ref) {
+            report.errors.push(format!("cleaning temp files in {}: {e}", entry.path().display()));
+        }
+        match files::remove_if_ours(&path, mirror_ref, true) {
+            Ok(Removal::Removed) => {
+                if report.removing {
+                    report.registries.push(RegistryOutcome {
+                        registry: name.clone(),
+                        mirror: String::new(),
+                        health: Health::Unknown,
+                        state: EntryState::Removed,
+                    });
+                } else {
+                    report.removed_stale.push(name);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => report.errors.push(format!("removing {}: {e}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::node::ContainerdConfig;
+    use std::os::unix::fs::PermissionsExt;
+
+    const ME: &str = "mirrors/public";
+
+    fn config(certs: &Path, fallback: bool) -> NodeConfig {
+        NodeConfig {
+            mirror: ME.into(),
+            containerd: ContainerdConfig { certs_dir: certs.display().to_string() },
+            authenticate: false,
+            registries: vec![
+                NodeRegistry {
+                    registry: "docker.io".into(),
+                    upstream: "dockerhub".into(),
+                    mirror: "http://10.0.0.1:5000".into(),
+                    fallback: fallback.then(|| "https://registry-1.docker.io".into()),
+                },
+                NodeRegistry {
+                    registry: "ghcr.io".into(),
+                    upstream: "ghcr".into(),
+                    mirror: "http://10.0.0.2:5000".into(),
+                    fallback: fallback.then(|| "https://ghcr.io".into()),
+                },
+            ],
+            removing: false,
+            crio: None,
+            docker: None,
+        }
+    }
+
+    fn all(h: Health) -> BTreeMap<String, Health> {
+        ["http://10.0.0.1:5000", "http://10.0.0.2:5000"].iter().map(|e| (e.to_string(), h.clone())).collect()
+    }
+
+    fn run(cfg: &NodeConfig, auth: Option<&str>, health: &BTreeMap<String, Health>) -> Report {
+        apply(&Inputs { config: cfg, authorization: auth, health, containerd_config: None })
+    }
+
+    fn states(r: &Report) -> Vec<(&str, &EntryState)> {
+        r.registries.iter().map(|o| (o.registry.as_str(), &o.state)).collect()
+    }
+
+    #[test]
+    fn writes_then_is_idempotent_and_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), true);
+        let r = run(&cfg, None, &all(Health::Up));
+        assert_eq!(states(&r), vec![("docker.io", &EntryState::Written), ("ghcr.io", &EntryState::Written)]);
+        assert!(r.applied() && r.problems().is_empty(), "{:?}", r.problems());
+        let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+        assert_eq!(text, hosts_toml(ME, &cfg.registries[0], None));
+        let r = run(&cfg, None, &all(Health::Up));
+        assert_eq!(states(&r), vec![("docker.io", &EntryState::Unchanged), ("ghcr.io", &EntryState::Unchanged)]);
+    }
+
+    #[test]
+    fn auth_header_file_is_0600_and_missing_secret_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        cfg.authenticate = true;
+        let r = run(&cfg, None, &all(Health::Up));
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })));
+        assert!(!d.path().join("docker.io/hosts.toml").exists());
+        assert!(!r.problems().is_empty());
+        run(&cfg, Some("Basic dTpw"), &all(Health::Up));
+        let p = d.path().join("docker.io/hosts.toml");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(fs::read_to_string(&p).unwrap().contains("Authorization = \"Basic dTpw\""));
+    }
+
+    #[test]
+    fn down_mirror_is_withdrawn_with_fallback_but_kept_mirror_only() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), true);
+        run(&cfg, None, &all(Health::Up));
+        let down = all(Health::Down { reason: "refused".into() });
+        let r = run(&cfg, None, &down);
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })));
+        assert!(!d.path().join("docker.io/hosts.toml").exists());
+        assert!(!d.path().join("docker.io").exists(), "the directory we created goes too");
+        run(&cfg, None, &all(Health::Up));
+        assert!(d.path().join("docker.io/hosts.toml").exists(), "restored");
+
+        let only = config(d.path(), false);
+        let r = run(&only, None, &down);
+        assert!(r.registries.iter().all(|o| o.state == EntryState::Written), "{r:?}");
+        assert!(r.problems().iter().any(|p| p.contains("mirror-only")));
+    }
+
+    #[test]
+    fn unprobed_mirror_leaves_existing_file_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), true);
+        run(&cfg, None, &all(Health::Up));
+        let before = fs::read(d.path().join("docker.io/hosts.toml")).unwrap();
+        let r = run(&cfg, None, &BTreeMap::new());
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Pending { .. })));
+        assert_eq!(fs::read(d.path().join("docker.io/hosts.toml")).unwrap(), before);
+    }
+
+    #[test]
+    fn foreign_and_other_mirror_files_are_conflicts_left_byte_identical() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), true);
+        fs::create_dir_all(d.path().join("docker.io")).unwrap();
+        fs::create_dir_all(d.path().join("ghcr.io")).unwrap();
+        let foreign = b"server = \"https://registry-1.docker.io\"\n[host.\"http://mine:5000\"]\n";
+        fs::write(d.path().join("docker.io/hosts.toml"), foreign).unwrap();
+        let other = format!("{}\nserver = \"x\"\n", files::marker_line("team/other"));
+        fs::write(d.path().join("ghcr.io/hosts.toml"), &other).unwrap();
+        for health in [Health::Up, Health::Down { reason: "x".into() }] {
+            let r = run(&cfg, None, &all(health));
+            assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Conflict { .. })), "{r:?}");
+            assert_eq!(fs::read(d.path().join("docker.io/hosts.toml")).unwrap(), foreign);
+            assert_eq!(fs::read_to_string(d.path().join("ghcr.io/hosts.toml")).unwrap(), other);
+        }
+        let mut removing = cfg.clone();
+        removing.removing = true;
+        run(&removing, None, &all(Health::Up));
+        assert_eq!(fs::read(d.path().join("docker.io/hosts.toml")).unwrap(), foreign);
+        assert_eq!(fs::read_to_string(d.path().join("ghcr.io/hosts.toml")).unwrap(), other);
+    }
+
+    #[test]
+    fn stale_entries_of_this_mirror_go_and_removal_takes_only_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        run(&cfg, None, &all(Health::Up));
+        // Someone else's registry dir with their own file, and another mirror's file.
+        fs::create_dir_all(d.path().join("quay.io")).unwrap();
+        fs::write(d.path().join("quay.io/hosts.toml"), "server = \"https://quay.io\"\n").unwrap();
+        fs::create_dir_all(d.path().join("gcr.io")).unwrap();
+        fs::write(d.path().join("gcr.io/hosts.toml"), format!("{}\n", files::marker_line("x/y"))).unwrap();
+        cfg.registries.pop();
+        let r = run(&cfg, None, &all(Health::Up));
+        assert_eq!(r.removed_stale, vec!["ghcr.io".to_string()]);
+        assert!(!d.path().join("ghcr.io").exists());
+        cfg.removing = true;
+        let r = run(&cfg, None, &all(Health::Up));
+        assert!(r.applied());
+        assert_eq!(states(&r), vec![("docker.io", &EntryState::Removed)]);
+        assert!(!d.path().join("docker.io").exists());
+        assert!(d.path().join("quay.io/hosts.toml").exists() && d.path().join("gcr.io/hosts.toml").exists());
+    }
+
+    #[test]
+    fn path_tricks_in_registry_names_fail_without_touching_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        cfg.registries[0].registry = "../escape".into();
+        let r = run(&cfg, None, &all(Health::Up));
+        assert!(matches!(r.registries[0].state, EntryState::Failed { .. }));
+        assert!(!d.path().parent().unwrap().join("escape").exists());
+        assert!(!r.applied());
+    }
+}

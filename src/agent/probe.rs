@@ -1,0 +1,331 @@
+//! Mirror health, as this node sees it: a bounded, jittered `GET <mirror>/v2/` from the host
+//! network (the agent runs with `hostNetwork`, so it dials the way containerd dials).
+//!
+//! A mirror counts as reachable when `/v2/` answers 200 or 401 (client auth on). Each probe dials
+//! a fresh connection (no pooling, which would hide a dead backend) and is cut off after the
+//! timeout. State changes need `fall` consecutive failures or `rise` consecutive successes, so one
+//! lost packet does not withdraw a working mirror and one lucky answer does not restore a flapping
+//! one. The first result decides at once: a restarted agent should not wait to confirm what the
+//! files already say.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "camelCase")]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    Up,
+    Down {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSettings {
+    /// Mean time between probes of one endpoint.
+    pub interval: Duration,
+    /// Each probe (dial + TLS + response head) is cut off after this.
+    pub timeout: Duration,
+    /// Consecutive failures before an Up mirror is Down.
+    pub fall: u32,
+    /// Consecutive successes before a Down mirror is Up.
+    pub rise: u32,
+    /// Fraction of `interval` added or removed at random, so a fleet of agents does not probe in
+    /// lockstep after a mass restart.
+    pub jitter: f64,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        // Worst case from death to withdrawal with a blackholed mirror:
+        // fall * (interval * (1 + jitter) + timeout) = 2 * (2.4 s + 1.5 s) < 8 s.
+        Self { interval: Duration::from_secs(2), timeout: Duration::from_millis(1500), fall: 2, rise: 2, jitter: 0.2 }
+    }
+}
+
+impl ProbeSettings {
+    pub fn next_delay(&self) -> Duration {
+        let j = self.jitter.clamp(0.0, 0.9);
+        let factor = 1.0 + j * (fastrand::f64() * 2.0 - 1.0);
+        self.interval.mul_f64(factor)
+    }
+}
+
+/// The hysteresis of one endpoint.
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    health: Health,
+    streak: u32,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self { health: Health::Unknown, streak: 0 }
+    }
+}
+
+impl Tracker {
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Feeds one probe result; returns true when the health changed.
+    pub fn observe(&mut self, result: Result<(), String>, settings: &ProbeSettings) -> bool {
+        let next = match (&self.health, result) {
+            (Health::Unknown, Ok(())) => Some(Health::Up),
+            (Health::Unknown, Err(reason)) => Some(Health::Down { reason }),
+            (Health::Up, Ok(())) => {
+                self.streak = 0;
+                None
+            }
+            (Health::Up, Err(reason)) => {
+                self.streak += 1;
+                (self.streak >= settings.fall.max(1)).then_some(Health::Down { reason })
+            }
+            (Health::Down { .. }, Ok(())) => {
+                self.streak += 1;
+                (self.streak >= settings.rise.max(1)).then_some(Health::Up)
+            }
+            (Health::Down { .. }, Err(reason)) => {
+                self.streak = 0;
+                // Keep the latest reason without counting it as a change.
+                self.health = Health::Down { reason };
+                None
+            }
+        };
+        match next {
+            Some(h) => {
+                self.health = h;
+                self.streak = 0;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// Dials each mirror endpoint on its own schedule and publishes every endpoint's health.
+pub struct Prober {
+    settings: ProbeSettings,
+    client: HttpsClient,
+    tasks: BTreeMap<String, JoinHandle<()>>,
+    health: watch::Sender<BTreeMap<String, Health>>,
+}
+
+fn client(settings: &ProbeSettings) -> HttpsClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(settings.timeout));
+    http.set_nodelay(true);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let tls = match builder.with_provider_and_native_roots(provider.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            // Without a CA bundle in the image, https mirrors probe as Down (unknown issuer),
+            // which withdraws them: loud in the log rather than silently trusted.
+            tracing::warn!(error = %e, "no CA certificates found; https mirrors will fail their probes");
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        }
+    };
+    let connector = tls.https_or_http().enable_http1().wrap_connector(http);
+    Client::builder(hyper_util::rt::TokioExecutor::new())
+        // A pooled connection would outlive the mirror pod it was dialed to.
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
+/// `GET <endpoint>/v2/`: Ok when it answers 200 or 401 within `timeout`.
+pub async fn probe_once(client: &HttpsClient, endpoint: &str, timeout: Duration) -> Result<(), String> {
+    let url = format!("{}/v2/", endpoint.trim_end_matches('/'));
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url} is not a URL: {e}"))?;
+    let req = http::Request::get(uri)
+        .header(http::header::USER_AGENT, concat!("mirrorfleet-node-agent/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(format!("GET {url}: no answer within {timeout:?}")),
+        Ok(Err(e)) => Err(format!("GET {url}: {}", error_chain(&e))),
+        Ok(Ok(resp)) => match resp.status().as_u16() {
+            200 | 401 => Ok(()),
+            other => Err(format!("GET {url} answered {other}, not a registry answer (200 or 401)")),
+        },
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl Prober {
+    pub fn new(settings: ProbeSettings) -> (Self, watch::Receiver<BTreeMap<String, Health>>) {
+        let (tx, rx) = watch::channel(BTreeMap::new());
+        (Self { client: client(&settings), settings, tasks: BTreeMap::new(), health: tx }, rx)
+    }
+
+    /// Probes exactly `endpoints` from now on: new ones start at once, dropped ones stop.
+    pub fn set_endpoints<'a>(&mut self, endpoints: impl IntoIterator<Item = &'a str>) {
+        let wanted: std::collections::BTreeSet<String> = endpoints.into_iter().map(str::to_string).collect();
+        self.tasks.retain(|endpoint, task| {
+            let keep = wanted.contains(endpoint);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        self.health.send_if_modified(|h| {
+            let before = h.len();
+            h.retain(|e, _| wanted.contains(e));
+            before != h.len()
+        });
+        for endpoint in wanted {
+            if self.tasks.contains_key(&endpoint) {
+                continue;
+            }
+            let (client, settings, tx) = (self.client.clone(), self.settings, self.health.clone());
+            let e = endpoint.clone();
+            let task = tokio::spawn(async move {
+                let mut tracker = Tracker::default();
+                loop {
+                    let result = probe_once(&client, &e, settings.timeout).await;
+                    if let Err(reason) = &result {
+                        tracing::debug!(endpoint = %e, %reason, "probe failed");
+                    }
+                    if tracker.observe(result, &settings) {
+                        let health = tracker.health().clone();
+                        match &health {
+                            Health::Up => tracing::info!(endpoint = %e, "mirror reachable"),
+                            Health::Down { reason } => tracing::warn!(endpoint = %e, %reason, "mirror unreachable"),
+                            Health::Unknown => {}
+                        }
+                        tx.send_modify(|h| {
+                            h.insert(e.clone(), health);
+                        });
+                    }
+                    tokio::time::sleep(settings.next_delay()).await;
+                }
+            });
+            self.tasks.insert(endpoint, task);
+        }
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        for task in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s() -> ProbeSettings {
+        ProbeSettings { fall: 2, rise: 3, ..Default::default() }
+    }
+
+    #[test]
+    fn first_result_decides_then_hysteresis() {
+        let mut t = Tracker::default();
+        assert!(t.observe(Ok(()), &s()));
+        assert_eq!(t.health(), &Health::Up);
+        // one failure is not enough to withdraw
+        assert!(!t.observe(Err("x".into()), &s()));
+        assert!(!t.observe(Ok(()), &s()), "success resets the failure streak");
+        assert!(!t.observe(Err("x".into()), &s()));
+        assert!(t.observe(Err("y".into()), &s()));
+        assert_eq!(t.health(), &Health::Down { reason: "y".into() });
+        // rise = 3, and a failure in between starts over
+        assert!(!t.observe(Ok(()), &s()));
+        assert!(!t.observe(Ok(()), &s()));
+        assert!(!t.observe(Err("z".into()), &s()));
+        assert_eq!(t.health(), &Health::Down { reason: "z".into() });
+        assert!(!t.observe(Ok(()), &s()));
+        assert!(!t.observe(Ok(()), &s()));
+        assert!(t.observe(Ok(()), &s()));
+        assert_eq!(t.health(), &Health::Up);
+    }
+
+    #[test]
+    fn unknown_goes_straight_down_on_first_failure() {
+        let mut t = Tracker::default();
+        assert!(t.observe(Err("refused".into()), &s()));
+        assert!(matches!(t.health(), Health::Down { .. }));
+    }
+
+    #[test]
+    fn jitter_stays_in_bounds() {
+        let settings = ProbeSettings { interval: Duration::from_secs(2), jitter: 0.2, ..Default::default() };
+        for _ in 0..1000 {
+            let d = settings.next_delay();
+            assert!(d >= Duration::from_millis(1600) && d <= Duration::from_millis(2400), "{d:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_counts_401_as_reachable_and_404_or_refused_as_not() {
+        use std::io::{Read, Write};
+        async fn serve(status: &'static str) -> String {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for mut s in l.incoming().flatten() {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(
+                        format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes(),
+                    );
+                }
+            });
+            format!("http://{addr}")
+        }
+        let settings = ProbeSettings::default();
+        let c = client(&settings);
+        assert_eq!(probe_once(&c, &serve("401 Unauthorized").await, settings.timeout).await, Ok(()));
+        assert_eq!(probe_once(&c, &serve("200 OK").await, settings.timeout).await, Ok(()));
+        assert!(probe_once(&c, &serve("404 Not Found").await, settings.timeout).await.is_err());
+        // A port nobody listens on.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        assert!(probe_once(&c, &format!("http://{closed}"), settings.timeout).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_listener_that_never_answers_is_cut_off_by_the_timeout() {
+        // Accepts (via the kernel backlog) but never responds: the probe must not hang.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let settings = ProbeSettings { timeout: Duration::from_millis(300), ..Default::default() };
+        let started = std::time::Instant::now();
+        let r = probe_once(&client(&settings), &format!("http://{addr}"), settings.timeout).await;
+        assert!(r.unwrap_err().contains("no answer"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(l);
+    }
+}
