@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod datapath;
 pub mod envoy;
 pub mod http;
 pub mod image;
