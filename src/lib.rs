@@ -4,10 +4,12 @@
 //! - [`api`]: the `RegistryMirror` resource, its CRD and its validation.
 //! - [`build`]: pure builders from a mirror to every child object and config file.
 //! - [`render`]: the no-cluster path (`mirrorfleet render`).
+//! - [`controller`]: `mirrorfleet run`, the controller that keeps every mirror's fleet converged.
 //! - [`agent`]: the node agent (`mirrorfleet node-agent`), which writes each node's runtime config.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod api;
 pub mod build;
+pub mod controller;
 pub mod render;

@@ -23,6 +23,8 @@ enum Command {
     Render(RenderArgs),
     /// Print the RegistryMirror CustomResourceDefinition.
     Crd,
+    /// Run the controller: keep every RegistryMirror's fleet converged (needs a cluster).
+    Run(mirrorfleet::controller::RunArgs),
     /// Run on a node (DaemonSet): write the runtime mirror config of one RegistryMirror.
     NodeAgent(mirrorfleet::agent::AgentArgs),
     /// Readiness probe of the node agent: exit 0 only when the node is configured.
@@ -64,6 +66,7 @@ fn parse_endpoint(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => mirrorfleet::controller::main(args),
         Command::Crd => {
             print!("{}", mirrorfleet::api::crd::crd_yaml());
             ExitCode::SUCCESS

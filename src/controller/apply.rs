@@ -1,0 +1,323 @@
+//! The apply step: read a mirror's live children by label selection, server-side apply what the
+//! builders want (one field manager, `force`), and delete the children the spec no longer asks
+//! for. Nothing is deleted that lacks this mirror's controller owner reference.
+//!
+//! No-op detection: for every child the controller remembers (in memory) a hash of the desired
+//! object it last applied and a fingerprint of the live object right after that apply: its uid and
+//! its `managedFields` entries, less the status subresource's. A child is applied again only when
+//! the desired hash changes or the fingerprint does (someone else wrote the object, or it is gone),
+//! so a steady-state reconcile sends no write at all. Status updates by other controllers (ready
+//! replicas) do not count as a change. After a restart the memory is empty and every child is
+//! applied once; server-side apply of an unchanged object changes nothing on the server.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use futures::future::try_join_all;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::error::{Error, Result};
+
+/// The one field manager of every write the controller makes.
+pub const FIELD_MANAGER: &str = "mirrorfleet";
+
+/// Server-side apply, taking over fields someone else changed by hand.
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ChildKey {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    desired: u64,
+    live: u64,
+}
+
+/// What the controller last applied, per child (see the module doc).
+#[derive(Default)]
+pub struct ApplyCache(Mutex<HashMap<ChildKey, Record>>);
+
+impl ApplyCache {
+    fn get(&self, key: &ChildKey) -> Option<Record> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+    }
+    fn put(&self, key: ChildKey, record: Record) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, record);
+    }
+    fn forget(&self, key: &ChildKey) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+    /// Forgets every child of one namespace whose name starts with `prefix` (a deleted mirror).
+    pub fn forget_prefix(&self, namespace: &str, prefix: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| !(k.namespace == namespace && k.name.starts_with(prefix)));
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// uid plus every managedFields entry except the status subresource's.
+pub fn fingerprint(meta: &ObjectMeta) -> u64 {
+    let mut h = DefaultHasher::new();
+    meta.uid.hash(&mut h);
+    for entry in meta.managed_fields.iter().flatten() {
+        if entry.subresource.as_deref().is_some_and(|s| !s.is_empty()) {
+            continue;
+        }
+        entry.manager.hash(&mut h);
+        entry.operation.hash(&mut h);
+        entry.api_version.hash(&mut h);
+        entry.time.as_ref().map(|t| t.0.to_string()).hash(&mut h);
+        entry.fields_v1.as_ref().map(|f| f.0.to_string()).hash(&mut h);
+    }
+    h.finish()
+}
+
+fn desired_hash(body: &serde_json::Value) -> u64 {
+    let mut h = DefaultHasher::new();
+    body.to_string().hash(&mut h);
+    h.finish()
+}
+
+/// A child kind the controller manages.
+pub trait Child:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + k8s_openapi::Resource
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+impl<K> Child for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Every child of one mirror as the API server has it now, by kind and name. Metadata only,
+/// except the kinds whose status or spec the controller reads back (Services for their cluster
+/// IP, Deployments and DaemonSets for their ready counts).
+#[derive(Clone, Debug, Default)]
+pub struct LiveChildren {
+    pub metas: BTreeMap<&'static str, BTreeMap<String, ObjectMeta>>,
+    pub services: BTreeMap<String, Service>,
+    pub deployments: BTreeMap<String, Deployment>,
+    pub daemon_sets: BTreeMap<String, DaemonSet>,
+}
+
+impl LiveChildren {
+    /// Lists every child kind of the mirror in `namespace` whose labels match `selector`.
+    pub async fn read(client: &Client, namespace: &str, selector: &str) -> Result<Self> {
+        let lp = ListParams::default().labels(selector);
+        let (sa, roles, rbs, secrets, cms, pvcs, cjs, services, deployments, daemon_sets) = futures::try_join!(
+            list_meta::<ServiceAccount>(client, namespace, &lp),
+            list_meta::<Role>(client, namespace, &lp),
+            list_meta::<RoleBinding>(client, namespace, &lp),
+            list_meta::<Secret>(client, namespace, &lp),
+            list_meta::<ConfigMap>(client, namespace, &lp),
+            list_meta::<PersistentVolumeClaim>(client, namespace, &lp),
+            list_meta::<CronJob>(client, namespace, &lp),
+            list_full::<Service>(client, namespace, &lp),
+            list_full::<Deployment>(client, namespace, &lp),
+            list_full::<DaemonSet>(client, namespace, &lp),
+        )?;
+        let mut live = LiveChildren { services, deployments, daemon_sets, ..Default::default() };
+        live.metas.insert(kind_of::<ServiceAccount>(), sa);
+        live.metas.insert(kind_of::<Role>(), roles);
+        live.metas.insert(kind_of::<RoleBinding>(), rbs);
+        live.metas.insert(kind_of::<Secret>(), secrets);
+        live.metas.insert(kind_of::<ConfigMap>(), cms);
+        live.metas.insert(kind_of::<PersistentVolumeClaim>(), pvcs);
+        live.metas.insert(kind_of::<CronJob>(), cjs);
+        let services_meta = live.services.iter().map(|(n, s)| (n.clone(), s.metadata.clone())).collect();
+        live.metas.insert(kind_of::<Service>(), services_meta);
+        let deployments_meta = live.deployments.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
+        live.metas.insert(kind_of::<Deployment>(), deployments_meta);
+        let ds_meta = live.daemon_sets.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
+        live.metas.insert(kind_of::<DaemonSet>(), ds_meta);
+        Ok(live)
+    }
+
+    pub fn meta<K: Child>(&self, name: &str) -> Option<&ObjectMeta> {
+        self.metas.get(kind_of::<K>()).and_then(|m| m.get(name))
+    }
+
+    fn of_kind<K: Child>(&self) -> impl Iterator<Item = (&String, &ObjectMeta)> {
+        self.metas.get(kind_of::<K>()).into_iter().flatten()
+    }
+}
+
+fn kind_of<K: Child>() -> &'static str {
+    <K as k8s_openapi::Resource>::KIND
+}
+
+async fn list_meta<K: Child>(client: &Client, ns: &str, lp: &ListParams) -> Result<BTreeMap<String, ObjectMeta>> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list = api.list_metadata(lp).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
+    Ok(list.items.into_iter().map(|o| (o.name_any(), o.metadata)).collect())
+}
+
+async fn list_full<K: Child>(client: &Client, ns: &str, lp: &ListParams) -> Result<BTreeMap<String, K>> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list = api.list(lp).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
+    Ok(list.items.into_iter().map(|o| (o.name_any(), o)).collect())
+}
+
+/// Applies and deletes the children of one mirror, remembering what it wrote.
+pub struct Applier<'a> {
+    client: &'a Client,
+    namespace: &'a str,
+    cache: &'a ApplyCache,
+    live: &'a LiveChildren,
+    /// `Kind/name` of every object applied (written) in this reconcile.
+    pub applied: Vec<String>,
+    /// `Kind/name` of every object deleted in this reconcile.
+    pub deleted: Vec<String>,
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(client: &'a Client, namespace: &'a str, cache: &'a ApplyCache, live: &'a LiveChildren) -> Self {
+        Self { client, namespace, cache, live, applied: Vec::new(), deleted: Vec::new() }
+    }
+
+    /// Applies every object of one kind that changed (concurrently); returns the applied
+    /// objects as the API server answered, by name. Unchanged objects are skipped.
+    pub async fn apply<K: Child>(&mut self, objects: &[K]) -> Result<BTreeMap<String, K>> {
+        let kind = K::kind(&());
+        let mut pending = Vec::new();
+        for obj in objects {
+            let name = obj.name_any();
+            let mut body = serde_json::to_value(obj).map_err(|source| Error::Serialize {
+                kind: kind.to_string(),
+                name: name.clone(),
+                source,
+            })?;
+            // Apply bodies carry apiVersion and kind; k8s-openapi's Serialize writes them, but be
+            // explicit so an apply can never go out without.
+            body["apiVersion"] = K::api_version(&()).as_ref().into();
+            body["kind"] = kind.as_ref().into();
+            let key = ChildKey { kind: kind_of::<K>(), namespace: self.namespace.to_string(), name: name.clone() };
+            let desired = desired_hash(&body);
+            let unchanged = match (self.cache.get(&key), self.live.meta::<K>(&name)) {
+                (Some(rec), Some(live)) => rec.desired == desired && rec.live == fingerprint(live),
+                _ => false,
+            };
+            if !unchanged {
+                pending.push((key, name, body, desired));
+            }
+        }
+        let api: Api<K> = Api::namespaced(self.client.clone(), self.namespace);
+        let params = apply_params();
+        let results = try_join_all(pending.into_iter().map(|(key, name, body, desired)| {
+            let api = api.clone();
+            let params = params.clone();
+            async move {
+                let applied = api
+                    .patch(&name, &params, &Patch::Apply(&body))
+                    .await
+                    .map_err(|e| Error::api("apply", K::kind(&()), name.clone(), e))?;
+                Ok::<_, Error>((key, name, desired, applied))
+            }
+        }))
+        .await?;
+        let mut out = BTreeMap::new();
+        for (key, name, desired, applied) in results {
+            self.cache.put(key, Record { desired, live: fingerprint(applied.meta()) });
+            self.applied.push(format!("{kind}/{name}"));
+            out.insert(name, applied);
+        }
+        Ok(out)
+    }
+
+    /// Deletes every live child of kind `K` that is not in `desired`, is controlled by the
+    /// mirror with `owner_uid`, and is not `kept`.
+    pub async fn delete_orphans<K: Child>(
+        &mut self,
+        desired: &[K],
+        owner_uid: &str,
+        kept: impl Fn(&ObjectMeta) -> bool,
+    ) -> Result<()> {
+        let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
+        let orphans: Vec<(String, Option<String>)> = self
+            .live
+            .of_kind::<K>()
+            .filter(|(name, meta)| !wanted.contains(*name) && controlled_by(meta, owner_uid) && !kept(meta))
+            .map(|(name, meta)| (name.clone(), meta.uid.clone()))
+            .collect();
+        let api: Api<K> = Api::namespaced(self.client.clone(), self.namespace);
+        for (name, uid) in orphans {
+            // The uid precondition makes sure the object deleted is the one listed, not a
+            // namesake created since.
+            let dp = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                preconditions: Some(Preconditions { uid, resource_version: None }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&name, &dp).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => return Err(Error::api("delete", K::kind(&()), name, e)),
+            }
+            self.cache.forget(&ChildKey {
+                kind: kind_of::<K>(),
+                namespace: self.namespace.to_string(),
+                name: name.clone(),
+            });
+            self.deleted.push(format!("{}/{name}", K::kind(&())));
+        }
+        Ok(())
+    }
+
+    pub fn wrote(&self) -> bool {
+        !self.applied.is_empty() || !self.deleted.is_empty()
+    }
+}
+
+/// The label selector of one component's objects of a mirror (its Pods, its Jobs).
+pub fn component_selector(mirror: &crate::api::RegistryMirror, component: crate::build::meta::Component) -> String {
+    crate::build::meta::selector_labels(mirror, component, None)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `meta` carries a controller owner reference to the object with `uid`.
+pub fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|r| r.controller == Some(true) && r.uid == uid)
+}

@@ -1,0 +1,221 @@
+//! Prometheus metrics of the controller, served on `/metrics` by the admin server.
+//!
+//! `mirrorfleet_api_writes_total` is counted by a tower layer on the controller's API client
+//! ([`Metrics::count_request`]), so no write can bypass it; the leader-election client is
+//! separate and its Lease renewals are counted in `mirrorfleet_leader_lease_writes_total`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub verb: String,
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub lease_writes: Counter,
+    pub in_flight: Gauge,
+    pub mirrors: Gauge,
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let reconciles = Counter::default();
+        registry.register("mirrorfleet_reconcile", "Reconciles started", reconciles.clone());
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mirrorfleet_reconcile_errors",
+            "Reconciles that failed, by reason",
+            reconcile_errors.clone(),
+        );
+        // 1 ms .. ~16 s
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "mirrorfleet_reconcile_duration_seconds",
+            "Time of one reconcile",
+            reconcile_duration.clone(),
+        );
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "mirrorfleet_api_writes",
+            "Write requests (create, apply, patch, update, delete) the controller sent to the API server, by verb and resource",
+            api_writes.clone(),
+        );
+        let lease_writes = Counter::default();
+        registry.register(
+            "mirrorfleet_leader_lease_writes",
+            "Write requests of leader election (Lease renewals), kept apart from mirrorfleet_api_writes_total",
+            lease_writes.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "mirrorfleet_reconcile_in_flight",
+            "Reconciles running now (kube-runtime does not expose its pending queue; this is the busy part of it)",
+            in_flight.clone(),
+        );
+        let mirrors = Gauge::default();
+        registry.register("mirrorfleet_mirrors", "RegistryMirrors the controller knows", mirrors.clone());
+        let leader = Gauge::default();
+        registry.register("mirrorfleet_leader", "1 while this replica holds the leader Lease", leader.clone());
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            api_writes,
+            lease_writes,
+            in_flight,
+            mirrors,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The text exposition format of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn observe_reconcile(&self, took: Duration, error_reason: Option<&str>) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+        if let Some(reason) = error_reason {
+            self.reconcile_errors.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+        }
+    }
+
+    /// Counts a request if it writes. Called by the client's tower layer for every request.
+    pub fn count_request(&self, method: &str, path: &str, content_type: Option<&str>) {
+        if let Some(labels) = write_labels(method, path, content_type) {
+            self.api_writes.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Sum of `mirrorfleet_api_writes_total` over every label (tests and benchmarks).
+    pub fn api_writes_total(&self) -> u64 {
+        // Family has no iterator; the encoded text is the one stable view of every series.
+        sum_series(&self.encode(), "mirrorfleet_api_writes_total")
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Sums every sample of one metric in a text exposition.
+pub fn sum_series(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// `verb` and `kind` (the resource, with `/status` for the subresource) of a write request;
+/// `None` for reads.
+pub fn write_labels(method: &str, path: &str, content_type: Option<&str>) -> Option<WriteLabels> {
+    let verb = match method {
+        "POST" => "create",
+        "PUT" => "update",
+        "DELETE" => "delete",
+        "PATCH" if content_type.is_some_and(|c| c.starts_with("application/apply-patch")) => "apply",
+        "PATCH" => "patch",
+        _ => return None,
+    };
+    Some(WriteLabels { verb: verb.to_string(), kind: resource_of(path) })
+}
+
+/// The resource a request path addresses: `/apis/apps/v1/namespaces/ns/deployments/x/status`
+/// gives `deployments/status`.
+pub fn resource_of(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Skip "api/v1" or "apis/<group>/<version>".
+    let rest = match segs.first() {
+        Some(&"api") => segs.get(2..),
+        Some(&"apis") => segs.get(3..),
+        _ => None,
+    }
+    .unwrap_or(&[]);
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+    match rest {
+        [] => "unknown".into(),
+        [resource] | [resource, _] => resource.to_string(),
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_requests() {
+        let l = write_labels(
+            "PATCH",
+            "/apis/apps/v1/namespaces/m/deployments/a?fieldManager=x",
+            Some("application/apply-patch+yaml"),
+        )
+        .unwrap();
+        assert_eq!((l.verb.as_str(), l.kind.as_str()), ("apply", "deployments"));
+        let l = write_labels(
+            "PATCH",
+            "/apis/mirrorfleet.io/v1alpha1/namespaces/m/registrymirrors/p/status",
+            Some("application/merge-patch+json"),
+        )
+        .unwrap();
+        assert_eq!((l.verb.as_str(), l.kind.as_str()), ("patch", "registrymirrors/status"));
+        let l = write_labels("POST", "/apis/events.k8s.io/v1/namespaces/m/events", None).unwrap();
+        assert_eq!((l.verb.as_str(), l.kind.as_str()), ("create", "events"));
+        let l = write_labels("DELETE", "/api/v1/namespaces/m/configmaps/c", None).unwrap();
+        assert_eq!((l.verb.as_str(), l.kind.as_str()), ("delete", "configmaps"));
+        assert_eq!(resource_of("/api/v1/nodes"), "nodes");
+        assert!(write_labels("GET", "/api/v1/namespaces/m/configmaps", None).is_none());
+    }
+
+    #[test]
+    fn counts_writes_and_sums_them() {
+        let m = Metrics::new();
+        m.count_request("GET", "/api/v1/namespaces/m/secrets/s", None);
+        assert_eq!(m.api_writes_total(), 0);
+        m.count_request("DELETE", "/api/v1/namespaces/m/configmaps/c", None);
+        m.count_request("POST", "/api/v1/namespaces/m/configmaps", None);
+        m.count_request("POST", "/api/v1/namespaces/m/configmaps", None);
+        assert_eq!(m.api_writes_total(), 3);
+        let text = m.encode();
+        assert!(text.contains(r#"mirrorfleet_api_writes_total{verb="create",kind="configmaps"} 2"#), "{text}");
+        assert!(text.contains("mirrorfleet_reconcile_total 0"), "{text}");
+    }
+}

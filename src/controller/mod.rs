@@ -1,0 +1,424 @@
+//! `mirrorfleet run`: the controller that keeps every RegistryMirror's fleet converged.
+//!
+//! - [`reconcile`]: the pipeline validate -> build -> apply -> status, and the error policy.
+//! - [`inputs`]: the referenced Secrets (existence, keys, users, resourceVersions).
+//! - [`apply`]: server-side apply with no-op detection, and orphan deletion by label selection.
+//! - [`status`]: status and conditions as pure functions of the observed children.
+//! - [`nodes`]: the finalizer and the removal of node config before it is released.
+//! - [`metrics`], [`admin`]: Prometheus metrics and the `/metrics` `/livez` `/readyz` server.
+//! - [`leader`]: leader election on a Lease, so replicas can stand by.
+//!
+//! Watches: RegistryMirrors (full objects, the one store kept in memory); every owned kind
+//! metadata-only, filtered by the managed-by label; the Secrets mirrors reference (metadata-only,
+//! mapped back to the mirrors that name them, so a rotated credential rolls the proxies); the
+//! node-agent Pods (their applied-config annotation releases the finalizer); cleanup Jobs (for
+//! `status.lastCleanup`).
+
+pub mod admin;
+pub mod apply;
+pub mod error;
+pub mod inputs;
+pub mod leader;
+pub mod metrics;
+pub mod nodes;
+pub mod reconcile;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::ListParams;
+use kube::client::{Body, ClientBuilder};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::api::RegistryMirror;
+use crate::build::meta::{APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY};
+use crate::build::Settings;
+use metrics::Metrics;
+use reconcile::{error_policy, reconcile, Context, Options};
+
+/// Flags of `mirrorfleet run`; each is also an environment variable.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Watch RegistryMirrors in this namespace only; all namespaces when unset.
+    #[arg(long, env = "MIRRORFLEET_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Image of this operator, which the node agents and cleanup jobs run.
+    #[arg(long, env = "MIRRORFLEET_OPERATOR_IMAGE")]
+    pub operator_image: Option<String>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local", env = "MIRRORFLEET_CLUSTER_DOMAIN")]
+    pub cluster_domain: String,
+    /// Address of the admin server (/metrics, /livez, /readyz).
+    #[arg(long, default_value = "0.0.0.0:8080", env = "MIRRORFLEET_ADMIN_ADDR")]
+    pub admin_addr: SocketAddr,
+    /// Elect a leader on a Lease, so several replicas can run with one active.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "MIRRORFLEET_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "mirrorfleet-controller", env = "MIRRORFLEET_LEASE_NAME")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease; the Pod's namespace (POD_NAMESPACE) or the kubeconfig's.
+    #[arg(long, env = "MIRRORFLEET_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Seconds a leader holds the Lease without renewing it; a standby takes over after that
+    /// at the latest (at once when the leader shuts down cleanly and releases it).
+    #[arg(long, default_value_t = 15, env = "MIRRORFLEET_LEASE_DURATION_SECONDS")]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease; the Pod name (POD_NAME), else host name and pid.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds between reconciles of an unchanged mirror (watches trigger the rest).
+    #[arg(long, default_value_t = 300, env = "MIRRORFLEET_REQUEUE_SECONDS")]
+    pub requeue_seconds: u64,
+    /// Seconds to wait for node agents to remove their files before releasing the finalizer.
+    #[arg(long, default_value_t = 600, env = "MIRRORFLEET_NODE_REMOVAL_TIMEOUT_SECONDS")]
+    pub node_removal_timeout_seconds: u64,
+    /// Mirrors reconciled at the same time.
+    #[arg(long, default_value_t = 8, env = "MIRRORFLEET_CONCURRENCY")]
+    pub concurrency: u16,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "MIRRORFLEET_LOG_FORMAT")]
+    pub log_format: String,
+}
+
+/// Entry point of `mirrorfleet run`.
+pub fn main(args: RunArgs) -> ExitCode {
+    init_tracing(&args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,kube_lease_manager=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+}
+
+type CountFn = Arc<dyn Fn(&str, &str, Option<&str>) + Send + Sync>;
+
+/// A tower layer that shows every request (method, path, content type) to `count` first.
+fn count_layer(
+    count: CountFn,
+) -> tower::util::MapRequestLayer<impl Fn(http::Request<Body>) -> http::Request<Body> + Clone> {
+    tower::util::MapRequestLayer::new(move |req: http::Request<Body>| {
+        let content_type = req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        count(req.method().as_str(), req.uri().path(), content_type);
+        req
+    })
+}
+
+/// A client on `service` (tests pass an in-process API double) whose requests `count` sees.
+pub fn counting_client<S>(service: S, namespace: &str, count: CountFn) -> Client
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+{
+    ClientBuilder::new(service, namespace).with_layer(&count_layer(count)).build()
+}
+
+fn make_client(config: &kube::Config, count: CountFn) -> anyhow::Result<Client> {
+    let builder = ClientBuilder::try_from(config.clone()).context("building the API client")?;
+    Ok(builder.with_layer(&count_layer(count)).build())
+}
+
+/// Fails with a clear message when the RegistryMirror CRD is not installed.
+pub async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let api: Api<RegistryMirror> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => anyhow::bail!(
+            "the RegistryMirror CRD (registrymirrors.mirrorfleet.io) is not installed in this cluster; \
+             install it with `mirrorfleet crd | kubectl apply -f -` or the Helm chart, then start again"
+        ),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context("listing RegistryMirrors (is the API server reachable, and may this account list them?)")),
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    // Resolves once the value is true or the sender is gone.
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = kube::Config::infer().await.context("finding the cluster (in-cluster config or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::new());
+    let m = metrics.clone();
+    let client = make_client(&config, Arc::new(move |method, path, ct| m.count_request(method, path, ct)))?;
+    check_crd(&client, args.watch_namespace.as_deref()).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown signal received; finishing running reconciles");
+        let _ = shutdown_tx.send(true);
+    });
+    let admin = tokio::spawn(admin::serve(args.admin_addr, metrics.clone(), wait_for(shutdown_rx.clone())));
+
+    let mut settings = Settings { cluster_domain: args.cluster_domain.clone(), ..Settings::default() };
+    if let Some(image) = &args.operator_image {
+        settings.operator_image = image.clone();
+    }
+    let options = Options {
+        requeue: Duration::from_secs(args.requeue_seconds),
+        node_removal_timeout: Duration::from_secs(args.node_removal_timeout_seconds),
+        ..Options::default()
+    };
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let lost_leadership = Arc::new(AtomicBool::new(false));
+    let mut lease_task = None;
+    let stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> = if args.leader_elect {
+        let namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let lm = metrics.clone();
+        let lease_client = make_client(
+            &config,
+            Arc::new(move |method, path, ct| {
+                if metrics::write_labels(method, path, ct).is_some() {
+                    lm.lease_writes.inc();
+                }
+            }),
+        )?;
+        let (mut leader_rx, task) =
+            leader::start(lease_client, &args.lease_name, &namespace, &identity, args.lease_duration_seconds).await?;
+        lease_task = Some(task);
+        // A standby is healthy and ready to take over: ready, but not reconciling.
+        metrics.set_ready(true);
+        info!(lease = %args.lease_name, %namespace, %identity, "waiting to become leader");
+        let mut shutdown = shutdown_rx.clone();
+        tokio::select! {
+            r = leader_rx.wait_for(|leader| *leader) => { r.context("leader election stopped")?; }
+            _ = shutdown.wait_for(|v| *v) => { info!("shut down while standing by"); return finish(admin, None).await; }
+        }
+        info!("became leader");
+        metrics.set_ready(false);
+        metrics.leader.set(1);
+        let lost = lost_leadership.clone();
+        let shutdown = wait_for(shutdown_rx.clone());
+        Box::pin(async move {
+            let lost_fut = async move {
+                let _ = leader_rx.wait_for(|leader| !*leader).await;
+                lost.store(true, Ordering::SeqCst);
+                error!("lost the leader Lease; stopping");
+            };
+            tokio::select! { _ = lost_fut => {}, _ = shutdown => {} }
+        })
+    } else {
+        // Alone, so leading.
+        metrics.leader.set(1);
+        Box::pin(wait_for(shutdown_rx.clone()))
+    };
+
+    let ctx = Arc::new(Context::new(client.clone(), settings, options, metrics.clone(), Some(identity)));
+    run_controller(client, args.watch_namespace.as_deref(), args.concurrency, ctx, stop).await;
+    metrics.leader.set(0);
+    metrics.set_ready(false);
+    if lost_leadership.load(Ordering::SeqCst) {
+        finish(admin, lease_task).await?;
+        anyhow::bail!("lost leadership");
+    }
+    finish(admin, lease_task).await
+}
+
+async fn finish(
+    admin: tokio::task::JoinHandle<std::io::Result<()>>,
+    lease_task: Option<
+        tokio::task::JoinHandle<Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>>,
+    >,
+) -> anyhow::Result<()> {
+    // The lease task releases the Lease once its receivers are gone (so a standby takes over at
+    // once); give it a moment.
+    if let Some(task) = lease_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(_))) => info!("leader Lease released"),
+            Ok(Ok(Err(e))) => warn!(error = %e, "releasing the leader Lease"),
+            Ok(Err(e)) => warn!(error = %e, "leader election task failed"),
+            Err(_) => warn!("leader Lease not released within 5s"),
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(5), admin).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("admin server")),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("admin server task")),
+        Err(_) => Ok(()),
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default();
+    let host = if host.is_empty() { "mirrorfleet".to_string() } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the controller");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn owned_cfg() -> watcher::Config {
+    watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
+}
+
+fn owned<K>(
+    client: &Client,
+    ns: Option<&str>,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api::<PartialObjectMeta<K>>(client, ns), owned_cfg()).touched_objects()
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The mirror a labelled object belongs to (node-agent Pods, cleanup Jobs).
+fn mirror_of_labels<K: kube::Resource>(obj: &K) -> Option<ObjectRef<RegistryMirror>> {
+    let instance = obj.meta().labels.as_ref()?.get(LABEL_INSTANCE)?;
+    Some(ObjectRef::new(instance).within(obj.meta().namespace.as_deref()?))
+}
+
+/// Runs the controller until `stop` resolves; running reconciles finish first.
+pub async fn run_controller(
+    client: Client,
+    ns: Option<&str>,
+    concurrency: u16,
+    ctx: Arc<Context>,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let mirrors: Api<RegistryMirror> = api(&client, ns);
+    let controller = Controller::new(mirrors, watcher::Config::default());
+    let store: Store<RegistryMirror> = controller.store();
+
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default()).touched_objects();
+    let secret_store = store.clone();
+    let agents_cfg =
+        watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent"));
+    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg).touched_objects();
+    let jobs_cfg = watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=cleanup"));
+    let jobs = watcher(api::<PartialObjectMeta<Job>>(&client, ns), jobs_cfg).touched_objects();
+
+    let ready_store = store.clone();
+    let ready_metrics = ctx.metrics.clone();
+    let ready_task = tokio::spawn(async move {
+        // Polled with a timeout: the store's readiness signal wakes only its last waiter (the
+        // controller's own), so a second waiter must look again by itself.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    ready_metrics.set_ready(true);
+                    info!("first sync done; ready");
+                    break;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
+        loop {
+            ready_metrics.mirrors.set(ready_store.state().len() as i64);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+
+    controller
+        .owns_stream(owned::<Deployment>(&client, ns))
+        .owns_stream(owned::<Service>(&client, ns))
+        .owns_stream(owned::<ConfigMap>(&client, ns))
+        .owns_stream(owned::<Secret>(&client, ns))
+        .owns_stream(owned::<DaemonSet>(&client, ns))
+        .owns_stream(owned::<CronJob>(&client, ns))
+        .owns_stream(owned::<PersistentVolumeClaim>(&client, ns))
+        .owns_stream(owned::<ServiceAccount>(&client, ns))
+        .owns_stream(owned::<Role>(&client, ns))
+        .owns_stream(owned::<RoleBinding>(&client, ns))
+        .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
+            let ns = secret.namespace();
+            let name = secret.name_any();
+            secret_store
+                .state()
+                .into_iter()
+                .filter(|m| m.namespace() == ns && inputs::references_secret(m, &name))
+                .map(|m| ObjectRef::from_obj(&*m))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(agents, |pod: PartialObjectMeta<Pod>| mirror_of_labels(&pod))
+        .watches_stream(jobs, |job: PartialObjectMeta<Job>| mirror_of_labels(&job))
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok(_) => {}
+                // Reconcile errors are logged (with the mirror) where they happen.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => warn!(error = %e, "controller"),
+            }
+        })
+        .await;
+    ready_task.abort();
+    info!("controller stopped");
+}

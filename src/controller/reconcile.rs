@@ -1,0 +1,417 @@
+//! The reconcile pipeline for one RegistryMirror: validate (spec and referenced Secrets) ->
+//! build (the pure builders) -> apply (server-side apply, orphans deleted by label selection) ->
+//! status (computed from what was applied, written only when it changed). Node config removal
+//! and the finalizer are in [`super::nodes`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::apply::{apply_params, component_selector, Applier, ApplyCache, LiveChildren};
+use super::error::{Error, ErrorClass, Result};
+use super::inputs::read_inputs;
+use super::metrics::Metrics;
+use super::nodes::{self, Removal};
+use super::status::{self, Observed};
+use crate::api::{RegistryMirror, RegistryMirrorStatus};
+use crate::build::meta::{children_selector, names, Component, LABEL_COMPONENT};
+use crate::build::{self, DesiredChildren, Settings};
+
+/// Timings of the reconcile loop.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Requeue after a successful reconcile (drift the watches missed is repaired by then).
+    pub requeue: Duration,
+    /// How often to look again while waiting for node agents to remove their files.
+    pub removal_poll: Duration,
+    /// Release the finalizer after this long even if some agents never reported.
+    pub node_removal_timeout: Duration,
+    /// First retry after a transient error; doubles per failure, up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            requeue: Duration::from_secs(300),
+            removal_poll: Duration::from_secs(5),
+            node_removal_timeout: Duration::from_secs(600),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Everything a reconcile needs, shared by all of them.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub options: Options,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub cache: ApplyCache,
+    failures: Mutex<HashMap<String, u32>>,
+    removal_started: Mutex<HashMap<String, Instant>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        options: Options,
+        metrics: Arc<Metrics>,
+        reporter_instance: Option<String>,
+    ) -> Self {
+        let reporter =
+            kube::runtime::events::Reporter { controller: "mirrorfleet".into(), instance: reporter_instance };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            options,
+            metrics,
+            cache: ApplyCache::default(),
+            failures: Mutex::default(),
+            removal_started: Mutex::default(),
+        }
+    }
+
+    async fn event(&self, mirror: &RegistryMirror, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(note, 1024)),
+            action: action.into(),
+            secondary: None,
+        };
+        // An Event that cannot be written must not fail the reconcile.
+        if let Err(e) = self.recorder.publish(&event, &mirror.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish Event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn key(mirror: &RegistryMirror) -> String {
+    format!("{}/{}", mirror.namespace().unwrap_or_default(), mirror.name_any())
+}
+
+/// The Controller's reconcile function: the pipeline, timed and counted, in a span that names
+/// the mirror.
+pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result<Action> {
+    let span = info_span!("reconcile", namespace = %mirror.namespace().unwrap_or_default(), name = %mirror.name_any());
+    async move {
+        ctx.metrics.reconciles.inc();
+        ctx.metrics.in_flight.inc();
+        let started = Instant::now();
+        let result = reconcile_mirror(&mirror, &ctx).await;
+        ctx.metrics.in_flight.dec();
+        ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err().map(Error::reason));
+        match &result {
+            Ok(action) => {
+                ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(&mirror));
+                debug!(took_ms = started.elapsed().as_millis() as u64, ?action, "reconciled");
+            }
+            Err(e) => warn!(error = %e, reason = e.reason(), "reconcile failed"),
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// The Controller's error policy: an invalid spec waits for a change (the watches on the mirror
+/// and on its Secrets bring it); anything else retries with per-object exponential backoff.
+pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context>) -> Action {
+    match error.class() {
+        ErrorClass::WaitForChange => Action::await_change(),
+        ErrorClass::Transient => {
+            let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let n = failures.entry(key(&mirror)).or_insert(0);
+            *n = n.saturating_add(1);
+            Action::requeue(backoff(&ctx.options, *n))
+        }
+    }
+}
+
+/// `min * 2^(failures-1)`, capped at `max`.
+pub fn backoff(options: &Options, failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(20));
+    options.min_backoff.saturating_mul(factor).min(options.max_backoff)
+}
+
+async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Action> {
+    let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let uid = mirror.uid().ok_or(Error::MissingMetadata("uid"))?;
+
+    if mirror.metadata.deletion_timestamp.is_some() {
+        return finalize(mirror, ctx).await;
+    }
+
+    // Validate: the spec, then the Secrets it names. Nothing is written for a spec the operator
+    // cannot act on, except the status and an Event saying why.
+    let prepared = async {
+        crate::api::validate::validate(mirror)?;
+        read_inputs(&ctx.client, mirror).await
+    }
+    .await;
+    let mut inputs = match prepared {
+        Ok(inputs) => inputs,
+        Err(e) if e.class() == ErrorClass::WaitForChange => return Err(report_problem(mirror, ctx, e).await),
+        Err(e) => return Err(e),
+    };
+
+    let removing_nodes = mirror.spec.node_config.is_none() && nodes::has_finalizer(mirror);
+    if mirror.spec.node_config.is_some() && !nodes::has_finalizer(mirror) {
+        // Before any node agent can write a file.
+        nodes::add_finalizer(&ctx.client, mirror).await?;
+    }
+
+    // Build, with the proxies' cluster IPs as the nodes' endpoints.
+    let live = LiveChildren::read(&ctx.client, &ns, &children_selector(mirror)).await?;
+    inputs.proxy_endpoints = status::proxy_endpoints(mirror, &live.services);
+    let mut fleet = match build::build(mirror, &inputs, &ctx.settings) {
+        Ok(f) => f,
+        Err(e) => return Err(report_problem(mirror, ctx, e.into()).await),
+    };
+
+    // Apply. Services first: a new proxy's cluster IP exists only once its Service does, and
+    // the node config carries it; when it changed, build again.
+    let mut applier = Applier::new(&ctx.client, &ns, &ctx.cache, &live);
+    let mut services = live.services.clone();
+    services.extend(applier.apply(&fleet.children.services).await?);
+    let endpoints = status::proxy_endpoints(mirror, &services);
+    if endpoints != inputs.proxy_endpoints {
+        inputs.proxy_endpoints = endpoints;
+        fleet = build::build(mirror, &inputs, &ctx.settings).map_err(Error::from)?;
+    }
+    // Destructured without `..`: a kind added to DesiredChildren must be handled here.
+    let DesiredChildren {
+        service_accounts,
+        roles,
+        role_bindings,
+        secrets,
+        config_maps,
+        persistent_volume_claims,
+        services: desired_services,
+        deployments,
+        daemon_sets,
+        cron_jobs,
+    } = fleet.children;
+    applier.apply(&service_accounts).await?;
+    applier.apply(&roles).await?;
+    applier.apply(&role_bindings).await?;
+    applier.apply(&secrets).await?;
+    applier.apply(&config_maps).await?;
+    applier.apply(&persistent_volume_claims).await?;
+    let mut observed_deployments = live.deployments.clone();
+    observed_deployments.extend(applier.apply(&deployments).await?);
+    let mut observed_daemon_sets: BTreeMap<String, DaemonSet> = live.daemon_sets.clone();
+    observed_daemon_sets.extend(applier.apply(&daemon_sets).await?);
+    applier.apply(&cron_jobs).await?;
+
+    // Orphans: workloads first, then what they read. While node config is being removed the
+    // node agent and its config stay, so the agents can clean up.
+    let keep = |meta: &ObjectMeta| {
+        removing_nodes
+            && meta.labels.as_ref().and_then(|l| l.get(LABEL_COMPONENT)).map(String::as_str)
+                == Some(Component::NodeAgent.as_str())
+    };
+    applier.delete_orphans(&cron_jobs, &uid, keep).await?;
+    applier.delete_orphans(&daemon_sets, &uid, keep).await?;
+    applier.delete_orphans(&deployments, &uid, keep).await?;
+    applier.delete_orphans(&desired_services, &uid, keep).await?;
+    applier.delete_orphans(&persistent_volume_claims, &uid, keep).await?;
+    applier.delete_orphans(&config_maps, &uid, keep).await?;
+    applier.delete_orphans(&secrets, &uid, keep).await?;
+    applier.delete_orphans(&role_bindings, &uid, keep).await?;
+    applier.delete_orphans(&roles, &uid, keep).await?;
+    applier.delete_orphans(&service_accounts, &uid, keep).await?;
+    let (applied, deleted) = (std::mem::take(&mut applier.applied), std::mem::take(&mut applier.deleted));
+    if !applied.is_empty() {
+        info!(count = applied.len(), objects = ?applied, "applied");
+        ctx.event(
+            mirror,
+            EventType::Normal,
+            "Applied",
+            "Apply",
+            format!("applied {}: {}", applied.len(), applied.join(", ")),
+        )
+        .await;
+    }
+    if !deleted.is_empty() {
+        info!(objects = ?deleted, "deleted children the spec no longer asks for");
+        ctx.event(
+            mirror,
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            format!("deleted {}: {}", deleted.len(), deleted.join(", ")),
+        )
+        .await;
+    }
+
+    // nodeConfig dropped from the spec: the node agents remove their files first.
+    let mut removal_pending = None;
+    let mut requeue = ctx.options.requeue;
+    if removing_nodes {
+        match node_removal(mirror, ctx, None).await? {
+            Removal::Done => {
+                nodes::remove_finalizer(&ctx.client, mirror).await?;
+                ctx.removal_started.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror));
+                ctx.event(
+                    mirror,
+                    EventType::Normal,
+                    "NodeConfigRemoved",
+                    "RemoveNodeConfig",
+                    "node agents removed their files".into(),
+                )
+                .await;
+            }
+            Removal::Waiting(pending) => {
+                removal_pending = Some(pending);
+                requeue = ctx.options.removal_poll;
+            }
+        }
+    }
+
+    // Status, from what was applied.
+    let jobs = if mirror.spec.cleanup.is_some() { cleanup_jobs(&ctx.client, mirror).await? } else { Vec::new() };
+    let observed = Observed {
+        deployments: &observed_deployments,
+        services: &services,
+        daemon_set: observed_daemon_sets.get(&names::node_agent(mirror)),
+        jobs: &jobs,
+        removing_nodes: removal_pending.as_deref(),
+    };
+    let new_status = status::observed_status(mirror, observed, &status::now());
+    write_status(mirror, ctx, new_status).await?;
+    Ok(Action::requeue(requeue))
+}
+
+/// Writes Ready=False with the problem (and an Event when it is news) and hands the error back.
+async fn report_problem(mirror: &RegistryMirror, ctx: &Context, error: Error) -> Error {
+    let new_status = status::problem_status(mirror, error.reason(), &error.to_string(), &status::now());
+    if let Err(e) = write_status(mirror, ctx, new_status).await {
+        warn!(error = %e, "could not write the status of an invalid mirror");
+    }
+    error
+}
+
+/// Writes the status when it differs from the mirror's, and an Event per condition transition.
+async fn write_status(mirror: &RegistryMirror, ctx: &Context, new: RegistryMirrorStatus) -> Result<()> {
+    let old = mirror.status.clone().unwrap_or_default();
+    if mirror.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": RegistryMirror::api_version(&()),
+        "kind": RegistryMirror::kind(&()),
+        "status": new,
+    });
+    api.patch_status(&mirror.name_any(), &apply_params(), &Patch::Apply(&patch))
+        .await
+        .map_err(|e| Error::api("apply", "RegistryMirror/status", mirror.name_any(), e))?;
+    for (condition, bad) in status::transitions(&old.conditions, &new.conditions) {
+        let type_ = if bad { EventType::Warning } else { EventType::Normal };
+        let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
+        ctx.event(mirror, type_, &condition.reason, "UpdateStatus", note).await;
+    }
+    Ok(())
+}
+
+async fn cleanup_jobs(client: &Client, mirror: &RegistryMirror) -> Result<Vec<Job>> {
+    let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let selector = component_selector(mirror, Component::Cleanup);
+    let api: Api<Job> = Api::namespaced(client.clone(), &ns);
+    Ok(api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| Error::api("list", "Job", selector, e))?
+        .items)
+}
+
+/// Node-config removal with the timeout applied: past it, the removal counts as done and a
+/// Warning Event names the nodes that never reported. `since` is when removal began (the
+/// deletion timestamp), else the first time this controller saw it pending.
+async fn node_removal(mirror: &RegistryMirror, ctx: &Context, since: Option<Timestamp>) -> Result<Removal> {
+    let removal = nodes::remove_node_config(&ctx.client, mirror).await?;
+    let Removal::Waiting(pending) = &removal else { return Ok(removal) };
+    let elapsed = match since {
+        Some(t) => Duration::try_from(Timestamp::now().duration_since(t)).unwrap_or_default(),
+        None => ctx
+            .removal_started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key(mirror))
+            .or_insert_with(Instant::now)
+            .elapsed(),
+    };
+    if elapsed < ctx.options.node_removal_timeout {
+        info!(nodes = ?pending, "waiting for node agents to remove their files");
+        return Ok(removal);
+    }
+    ctx.event(
+        mirror,
+        EventType::Warning,
+        "NodeConfigRemovalTimedOut",
+        "RemoveNodeConfig",
+        format!(
+            "released after {}s without confirmation from the node agents on: {}; their mirror files may remain",
+            elapsed.as_secs(),
+            pending.join(", ")
+        ),
+    )
+    .await;
+    Ok(Removal::Done)
+}
+
+/// A mirror being deleted: remove node config everywhere, then release the finalizer. Owner
+/// references and the garbage collector remove every child after that.
+async fn finalize(mirror: &RegistryMirror, ctx: &Context) -> Result<Action> {
+    if !nodes::has_finalizer(mirror) {
+        return Ok(Action::await_change());
+    }
+    let since = mirror.metadata.deletion_timestamp.as_ref().map(|t| t.0);
+    match node_removal(mirror, ctx, since).await? {
+        Removal::Done => {
+            nodes::remove_finalizer(&ctx.client, mirror).await?;
+            let ns = mirror.namespace().unwrap_or_default();
+            ctx.cache.forget_prefix(&ns, &format!("{}-", mirror.name_any()));
+            info!("node config removed; finalizer released");
+            Ok(Action::await_change())
+        }
+        Removal::Waiting(pending) => {
+            let mut status = mirror.status.clone().unwrap_or_default();
+            let message = format!("waiting for the node agents on {} to remove their files", pending.join(", "));
+            let new = status::problem_status(mirror, "RemovingNodeConfig", &message, &status::now());
+            status.conditions = new.conditions;
+            write_status(mirror, ctx, status).await?;
+            Ok(Action::requeue(ctx.options.removal_poll))
+        }
+    }
+}

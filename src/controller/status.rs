@@ -1,0 +1,394 @@
+//! The status step, as pure functions: from the applied (or live) Deployments, DaemonSet,
+//! Services and cleanup Jobs to `RegistryMirrorStatus`, with `metav1.Condition`s keyed by type
+//! whose `lastTransitionTime` moves only when their status does. Nothing here talks to the API.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus};
+use crate::build::meta::names;
+use crate::build::proxy::REGISTRY_PORT;
+
+pub const READY: &str = "Ready";
+pub const PROXIES_AVAILABLE: &str = "ProxiesAvailable";
+pub const EDGE_AVAILABLE: &str = "EdgeAvailable";
+pub const NODES_CONFIGURED: &str = "NodesConfigured";
+pub const DEGRADED: &str = "Degraded";
+/// Every condition type, in the order they are written.
+pub const CONDITION_TYPES: [&str; 5] = [READY, PROXIES_AVAILABLE, EDGE_AVAILABLE, NODES_CONFIGURED, DEGRADED];
+
+/// What the status is computed from.
+#[derive(Clone, Copy)]
+pub struct Observed<'a> {
+    /// The mirror's Deployments by name (as applied in this reconcile, else as listed).
+    pub deployments: &'a BTreeMap<String, Deployment>,
+    /// The mirror's Services by name.
+    pub services: &'a BTreeMap<String, Service>,
+    /// The node-agent DaemonSet, when nodeConfig is set.
+    pub daemon_set: Option<&'a DaemonSet>,
+    /// Jobs of the cleanup CronJob.
+    pub jobs: &'a [Job],
+    /// While node config is being removed (nodeConfig dropped from the spec): nodes not done yet.
+    pub removing_nodes: Option<&'a [String]>,
+}
+
+/// Now, to the second (what the API server stores).
+pub fn now() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// The in-cluster endpoint of a proxy Service: `http://<cluster IP>:5000`.
+pub fn endpoint(service: &Service) -> Option<String> {
+    let ip = service.spec.as_ref()?.cluster_ip.as_deref()?;
+    if ip.is_empty() || ip == "None" {
+        return None;
+    }
+    // IPv6 cluster IPs need brackets in a URL.
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+    Some(format!("http://{host}:{REGISTRY_PORT}"))
+}
+
+/// Upstream name -> endpoint, for every upstream whose Service has a cluster IP.
+pub fn proxy_endpoints(mirror: &RegistryMirror, services: &BTreeMap<String, Service>) -> BTreeMap<String, String> {
+    mirror
+        .spec
+        .upstreams
+        .iter()
+        .filter_map(|u| {
+            let svc = services.get(&names::proxy(mirror, &u.name))?;
+            Some((u.name.clone(), endpoint(svc)?))
+        })
+        .collect()
+}
+
+struct Counts {
+    desired: i32,
+    ready: i32,
+}
+
+fn deployment_counts(d: Option<&Deployment>) -> Counts {
+    let Some(d) = d else { return Counts { desired: 0, ready: 0 } };
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = d.status.as_ref();
+    // Ready replicas of an older template still serve; a rollout in progress is not an outage.
+    let ready = status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    Counts { desired, ready }
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: impl Into<String>, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message: truncate(message.into()),
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    const MAX: usize = 1024;
+    if s.len() > MAX {
+        let mut cut = MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn list(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// The status the mirror's children say it has.
+pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -> RegistryMirrorStatus {
+    let spec = &mirror.spec;
+    let generation = mirror.metadata.generation;
+    let mut degraded = Vec::new();
+
+    // Proxies.
+    let mut upstreams = Vec::new();
+    let mut unavailable = Vec::new();
+    for u in &spec.upstreams {
+        let name = names::proxy(mirror, &u.name);
+        let c = deployment_counts(obs.deployments.get(&name));
+        let desired = if obs.deployments.contains_key(&name) { c.desired } else { spec.proxy.replicas };
+        if c.ready < 1 {
+            unavailable.push(u.name.clone());
+        } else if c.ready < desired {
+            degraded.push(format!("upstream {} has {}/{} ready replicas", u.name, c.ready, desired));
+        }
+        upstreams.push(UpstreamStatus {
+            name: u.name.clone(),
+            registry: u.registry.clone(),
+            endpoint: obs.services.get(&name).and_then(endpoint),
+            replicas: desired,
+            ready_replicas: c.ready,
+        });
+    }
+    let total = spec.upstreams.len();
+    let ready_upstreams = total - unavailable.len();
+    let proxies = if unavailable.is_empty() {
+        condition(
+            PROXIES_AVAILABLE,
+            true,
+            "ProxiesAvailable",
+            format!("{total}/{total} upstreams have a ready proxy"),
+            generation,
+        )
+    } else {
+        condition(
+            PROXIES_AVAILABLE,
+            false,
+            "ProxiesUnavailable",
+            format!("no ready proxy for upstream {}", list(&unavailable)),
+            generation,
+        )
+    };
+
+    // Edge.
+    let edge = match &spec.edge {
+        None => condition(EDGE_AVAILABLE, true, "EdgeNotConfigured", "spec.edge is not set", generation),
+        Some(e) => {
+            let c = deployment_counts(obs.deployments.get(&names::edge(mirror)));
+            if c.ready >= 1 && c.ready < e.replicas {
+                degraded.push(format!("edge has {}/{} ready replicas", c.ready, e.replicas));
+            }
+            if c.ready >= 1 {
+                condition(
+                    EDGE_AVAILABLE,
+                    true,
+                    "EdgeAvailable",
+                    format!("{}/{} edge replicas ready", c.ready, e.replicas),
+                    generation,
+                )
+            } else {
+                condition(EDGE_AVAILABLE, false, "EdgeUnavailable", "no edge replica is ready", generation)
+            }
+        }
+    };
+
+    // Nodes.
+    let mut nodes = None;
+    let nodes_cond = match (obs.removing_nodes, &spec.node_config, obs.daemon_set) {
+        (Some(pending), _, _) => condition(
+            NODES_CONFIGURED,
+            false,
+            "RemovingNodeConfig",
+            if pending.is_empty() {
+                "removing node config".to_string()
+            } else {
+                format!("waiting for the node agents on {} to remove their files", list(pending))
+            },
+            generation,
+        ),
+        (None, None, _) => {
+            condition(NODES_CONFIGURED, true, "NodeConfigNotRequested", "spec.nodeConfig is not set", generation)
+        }
+        (None, Some(_), None) => {
+            nodes = Some(NodeCounts { desired: 0, configured: 0 });
+            condition(
+                NODES_CONFIGURED,
+                false,
+                "NodeAgentMissing",
+                "the node-agent DaemonSet does not exist yet",
+                generation,
+            )
+        }
+        (None, Some(_), Some(ds)) => {
+            let st = ds.status.clone().unwrap_or_default();
+            let desired = st.desired_number_scheduled;
+            let configured = st.number_ready;
+            let updated = st.updated_number_scheduled.unwrap_or(0);
+            let current = st.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0);
+            nodes = Some(NodeCounts { desired, configured });
+            if desired == 0 && current {
+                condition(
+                    NODES_CONFIGURED,
+                    true,
+                    "NoMatchingNodes",
+                    "no node matches nodeConfig.nodeSelector",
+                    generation,
+                )
+            } else if current && configured >= desired && updated >= desired {
+                condition(
+                    NODES_CONFIGURED,
+                    true,
+                    "NodesConfigured",
+                    format!("{configured}/{desired} nodes configured"),
+                    generation,
+                )
+            } else {
+                if configured > 0 && configured < desired {
+                    degraded.push(format!("{configured}/{desired} nodes configured"));
+                }
+                condition(
+                    NODES_CONFIGURED,
+                    false,
+                    if current { "NodesNotReady" } else { "RollingOut" },
+                    format!("{configured}/{desired} nodes configured"),
+                    generation,
+                )
+            }
+        }
+    };
+
+    let blocking: Vec<&Condition> = [&proxies, &edge, &nodes_cond].into_iter().filter(|c| c.status != "True").collect();
+    let ready = match blocking.first() {
+        None => condition(READY, true, "Ready", "every proxy, the edge and the node config are available", generation),
+        Some(first) => condition(
+            READY,
+            false,
+            &first.reason,
+            blocking.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "),
+            generation,
+        ),
+    };
+    let degraded_cond = if degraded.is_empty() {
+        condition(DEGRADED, false, "AsDesired", "every component has its desired replicas", generation)
+    } else {
+        condition(DEGRADED, true, "ReplicasMissing", degraded.join("; "), generation)
+    };
+
+    let previous = mirror.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    RegistryMirrorStatus {
+        observed_generation: generation,
+        conditions: merge_conditions(previous, vec![ready, proxies, edge, nodes_cond, degraded_cond], now),
+        upstreams,
+        upstreams_ready: Some(format!("{ready_upstreams}/{total}")),
+        nodes_configured: nodes.as_ref().map(|n| format!("{}/{}", n.configured, n.desired)),
+        nodes,
+        last_cleanup: last_cleanup(obs.jobs)
+            .or_else(|| spec.cleanup.as_ref().and(mirror.status.as_ref()?.last_cleanup.clone())),
+    }
+}
+
+/// The status of a mirror the operator cannot act on (invalid spec, missing Secret): Ready is
+/// False with the reason; everything else stays as last observed.
+pub fn problem_status(mirror: &RegistryMirror, reason: &str, message: &str, now: &Time) -> RegistryMirrorStatus {
+    let mut status = mirror.status.clone().unwrap_or_default();
+    let generation = mirror.metadata.generation;
+    status.observed_generation = generation;
+    let ready = condition(READY, false, reason, message, generation);
+    let mut new: Vec<Condition> = vec![ready];
+    new.extend(status.conditions.iter().filter(|c| c.type_ != READY).cloned());
+    status.conditions = merge_conditions(&status.conditions, new, now);
+    status
+}
+
+/// Puts the conditions in the standard order, keeping each one's lastTransitionTime from
+/// `previous` when its status did not change.
+pub fn merge_conditions(previous: &[Condition], new: Vec<Condition>, now: &Time) -> Vec<Condition> {
+    let mut out: Vec<Condition> = new
+        .into_iter()
+        .map(|mut c| {
+            c.last_transition_time = match previous.iter().find(|p| p.type_ == c.type_) {
+                Some(p) if p.status == c.status => p.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            c
+        })
+        .collect();
+    out.sort_by_key(|c| CONDITION_TYPES.iter().position(|t| *t == c.type_).unwrap_or(usize::MAX));
+    out
+}
+
+/// Conditions whose status or reason changed, for Events: (new condition, whether it is bad news).
+pub fn transitions<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<(&'a Condition, bool)> {
+    new.iter()
+        .filter(|c| match previous.iter().find(|p| p.type_ == c.type_) {
+            Some(p) => p.status != c.status || p.reason != c.reason,
+            // A condition's first appearance is news only for Ready.
+            None => c.type_ == READY,
+        })
+        .map(|c| {
+            let bad = if c.type_ == DEGRADED { c.status == "True" } else { c.status != "True" };
+            (c, bad)
+        })
+        .collect()
+}
+
+/// The newest finished Job of the cleanup CronJob.
+pub fn last_cleanup(jobs: &[Job]) -> Option<CleanupResult> {
+    jobs.iter()
+        .filter_map(|job| {
+            let status = job.status.as_ref()?;
+            let finished = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))?;
+            let succeeded = finished.type_ == "Complete";
+            let time = if succeeded { status.completion_time.clone() } else { None }
+                .or_else(|| finished.last_transition_time.clone())?;
+            Some(CleanupResult {
+                time,
+                result: if succeeded { "Succeeded" } else { "Failed" }.to_string(),
+                bytes_before: None,
+                bytes_after: None,
+                message: if succeeded { None } else { finished.message.clone().map(truncate) },
+            })
+        })
+        .max_by(|a, b| a.time.cmp(&b.time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(name: &str, condition: &str, at: &str) -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"conditions": [{"type": condition, "status": "True", "lastTransitionTime": at, "message": "exit 1"}],
+                       "completionTime": if condition == "Complete" { json!(at) } else { json!(null) }}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn last_cleanup_is_the_newest_finished_job() {
+        let running: Job = serde_json::from_value(json!({"metadata": {"name": "r"}, "status": {"active": 1}})).unwrap();
+        let jobs = [job("a", "Complete", "2026-01-01T03:00:00Z"), job("b", "Failed", "2026-01-08T03:00:00Z"), running];
+        let last = last_cleanup(&jobs).unwrap();
+        assert_eq!(last.result, "Failed");
+        assert_eq!(last.time.0.to_string(), "2026-01-08T03:00:00Z");
+        assert_eq!(last.message.as_deref(), Some("exit 1"));
+        assert_eq!(last_cleanup(&jobs[..1]).unwrap().result, "Succeeded");
+        assert!(last_cleanup(&jobs[2..]).is_none());
+    }
+
+    #[test]
+    fn endpoints_use_the_cluster_ip() {
+        let svc = |ip: &str| -> Service { serde_json::from_value(json!({"spec": {"clusterIP": ip}})).unwrap() };
+        assert_eq!(endpoint(&svc("10.96.4.2")).as_deref(), Some("http://10.96.4.2:5000"));
+        assert_eq!(endpoint(&svc("fd00::1")).as_deref(), Some("http://[fd00::1]:5000"));
+        assert_eq!(endpoint(&svc("None")), None);
+    }
+
+    #[test]
+    fn transition_time_moves_only_with_status() {
+        let t0 = Time(Timestamp::from_second(1_000).unwrap());
+        let t1 = Time(Timestamp::from_second(2_000).unwrap());
+        let first = merge_conditions(&[], vec![condition(READY, false, "A", "m", Some(1))], &t0);
+        let same = merge_conditions(&first, vec![condition(READY, false, "B", "other", Some(2))], &t1);
+        assert_eq!(same[0].last_transition_time, t0);
+        let flipped = merge_conditions(&same, vec![condition(READY, true, "Ready", "", Some(2))], &t1);
+        assert_eq!(flipped[0].last_transition_time, t1);
+        assert_eq!(transitions(&same, &flipped).len(), 1);
+        assert!(transitions(&flipped, &flipped).is_empty());
+    }
+}

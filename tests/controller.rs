@@ -1,0 +1,674 @@
+//! Request-level tests of the reconcile against an in-process API double (`controller/fake_api.rs`):
+//! what it writes on create, that a steady state writes nothing, that hand edits are restored,
+//! that orphans (and only orphans) are deleted, that an invalid spec or a missing Secret writes
+//! no children, the status conditions, and the node-config finalizer.
+
+#[path = "controller/fake_api.rs"]
+mod fake_api;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_api::{FakeApi, Recorded};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::runtime::controller::Action;
+use kube::ResourceExt;
+use mirrorfleet::api::RegistryMirror;
+use mirrorfleet::build::node::{node_config_checksum, APPLIED_CONFIG_ANNOTATION, NODE_CONFIG_KEY};
+use mirrorfleet::build::{self, DesiredChildren, Settings};
+use mirrorfleet::controller::error::{Error, ErrorClass};
+use mirrorfleet::controller::metrics::Metrics;
+use mirrorfleet::controller::nodes::FINALIZER;
+use mirrorfleet::controller::reconcile::{error_policy, reconcile, Context, Options};
+use mirrorfleet::controller::{counting_client, inputs};
+use serde_json::{json, Value};
+
+const NS: &str = "mirrors";
+const MIRRORS: &str = "mirrorfleet.io/v1alpha1/registrymirrors";
+const DEPLOYMENTS: &str = "apps/v1/deployments";
+const DAEMONSETS: &str = "apps/v1/daemonsets";
+const SERVICES: &str = "/v1/services";
+const CONFIGMAPS: &str = "/v1/configmaps";
+const SECRETS: &str = "/v1/secrets";
+const PODS: &str = "/v1/pods";
+const NODES: &str = "/v1/nodes";
+
+struct Harness {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    metrics: Arc<Metrics>,
+}
+
+fn harness() -> Harness {
+    harness_with(Options::default())
+}
+
+fn harness_with(options: Options) -> Harness {
+    let api = FakeApi::new();
+    let metrics = Arc::new(Metrics::new());
+    let m = metrics.clone();
+    let client =
+        counting_client(api.clone(), "default", Arc::new(move |method, path, ct| m.count_request(method, path, ct)));
+    let ctx = Arc::new(Context::new(client, Settings::default(), options, metrics.clone(), None));
+    Harness { api, ctx, metrics }
+}
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn sample(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/config/samples/{name}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// A Secret with string values stored as `data` (base64), as the API server returns it.
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine;
+    let data: BTreeMap<&str, String> =
+        data.iter().map(|(k, v)| (*k, base64::engine::general_purpose::STANDARD.encode(v))).collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "data": data})
+}
+
+impl Harness {
+    /// Loads a sample (mirror and Secrets) into the fake; returns the mirror's name.
+    fn load(&self, text: &str) -> String {
+        let mut name = String::new();
+        for mut doc in yaml_docs(text) {
+            doc["metadata"]["namespace"] = json!(NS);
+            match doc["kind"].as_str() {
+                Some("Secret") => {
+                    let data: Vec<(String, String)> = doc["stringData"]
+                        .as_object()
+                        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect())
+                        .unwrap_or_default();
+                    let pairs: Vec<(&str, &str)> = data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    self.api.insert(SECRETS, secret(doc["metadata"]["name"].as_str().unwrap(), &pairs));
+                }
+                Some("RegistryMirror") => {
+                    name = doc["metadata"]["name"].as_str().unwrap().to_string();
+                    self.api.insert(MIRRORS, doc);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        name
+    }
+
+    /// The public sample with every Secret it needs.
+    fn public(&self) -> String {
+        self.api.insert(SECRETS, secret("mirror-tls", &[("tls.crt", "CERT"), ("tls.key", "KEY")]));
+        self.load(&sample("public-mirrors"))
+    }
+
+    fn mirror(&self, name: &str) -> RegistryMirror {
+        serde_json::from_value(self.api.get(MIRRORS, NS, name).expect("mirror exists")).unwrap()
+    }
+
+    async fn reconcile(&self, name: &str) -> Result<Action, Error> {
+        reconcile(Arc::new(self.mirror(name)), self.ctx.clone()).await
+    }
+
+    fn condition(&self, name: &str, type_: &str) -> Condition {
+        let m = self.mirror(name);
+        m.status.unwrap().conditions.into_iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_}"))
+    }
+
+    /// Changes the spec as a user would (generation bumps).
+    fn edit_spec(&self, name: &str, f: impl FnOnce(&mut Value)) {
+        self.api.edit(MIRRORS, NS, name, "kubectl-edit", false, |m| {
+            f(&mut m["spec"]);
+            let g = m["metadata"]["generation"].as_i64().unwrap();
+            m["metadata"]["generation"] = json!(g + 1);
+        });
+    }
+
+    /// Marks a Deployment as a deployment controller would.
+    fn set_ready(&self, deployment: &str, ready: i64) {
+        self.api.edit(DEPLOYMENTS, NS, deployment, "kube-controller-manager", true, |d| {
+            let g = d["metadata"]["generation"].clone();
+            d["status"] = json!({"observedGeneration": g, "replicas": ready, "readyReplicas": ready,
+                                 "availableReplicas": ready, "updatedReplicas": ready});
+        });
+    }
+}
+
+fn applies(writes: &[Recorded]) -> Vec<(String, String)> {
+    writes
+        .iter()
+        .filter(|r| {
+            r.method == "PATCH" && r.content_type.as_deref().is_some_and(|c| c.starts_with("application/apply-patch"))
+        })
+        .map(|r| (r.resource(), r.name().unwrap_or_default()))
+        .collect()
+}
+
+fn child_writes(writes: &[Recorded]) -> Vec<&Recorded> {
+    writes.iter().filter(|r| !r.resource().starts_with("registrymirrors") && r.resource() != "events").collect()
+}
+
+fn event_reasons(writes: &[Recorded]) -> Vec<(String, String)> {
+    writes
+        .iter()
+        .filter(|r| r.method == "POST" && r.resource() == "events")
+        .map(|r| {
+            let b = r.body.as_ref().unwrap();
+            (b["type"].as_str().unwrap_or_default().to_string(), b["reason"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// What the builders want for the mirror as stored, with the Secrets and endpoints of the fake.
+async fn desired_names(h: &Harness, name: &str) -> BTreeSet<(String, String)> {
+    let mirror = h.mirror(name);
+    let mut inputs = inputs::read_inputs(&h.ctx.client, &mirror).await.unwrap();
+    inputs.proxy_endpoints = BTreeMap::new();
+    let fleet = build::build(&mirror, &inputs, &Settings::default()).unwrap();
+    let DesiredChildren {
+        service_accounts,
+        roles,
+        role_bindings,
+        secrets,
+        config_maps,
+        persistent_volume_claims,
+        services,
+        deployments,
+        daemon_sets,
+        cron_jobs,
+    } = fleet.children;
+    let mut out = BTreeSet::new();
+    let mut add = |plural: &str, names: Vec<String>| out.extend(names.into_iter().map(|n| (plural.to_string(), n)));
+    add("serviceaccounts", service_accounts.iter().map(|o| o.name_any()).collect());
+    add("roles", roles.iter().map(|o| o.name_any()).collect());
+    add("rolebindings", role_bindings.iter().map(|o| o.name_any()).collect());
+    add("secrets", secrets.iter().map(|o| o.name_any()).collect());
+    add("configmaps", config_maps.iter().map(|o| o.name_any()).collect());
+    add("persistentvolumeclaims", persistent_volume_claims.iter().map(|o| o.name_any()).collect());
+    add("services", services.iter().map(|o| o.name_any()).collect());
+    add("deployments", deployments.iter().map(|o| o.name_any()).collect());
+    add("daemonsets", daemon_sets.iter().map(|o| o.name_any()).collect());
+    add("cronjobs", cron_jobs.iter().map(|o| o.name_any()).collect());
+    out
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_every_child_with_one_field_manager() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    let writes = h.api.writes();
+
+    // Every child the builders want, applied once, and nothing else applied.
+    let applied: Vec<(String, String)> =
+        applies(&writes).into_iter().filter(|(r, _)| r != "registrymirrors/status").collect();
+    let applied_set: BTreeSet<_> = applied.iter().cloned().collect();
+    assert_eq!(applied.len(), applied_set.len(), "a child was applied twice: {applied:?}");
+    assert_eq!(applied_set, desired_names(&h, &name).await);
+    for kind in [
+        "cronjobs",
+        "daemonsets",
+        "deployments",
+        "secrets",
+        "roles",
+        "rolebindings",
+        "serviceaccounts",
+        "services",
+        "configmaps",
+    ] {
+        assert!(applied_set.iter().any(|(r, _)| r == kind), "no {kind} applied");
+    }
+
+    // One field manager, forced, server-side apply, for children and status alike.
+    for w in writes.iter().filter(|w| w.method == "PATCH" && w.resource() != "registrymirrors") {
+        assert_eq!(w.content_type.as_deref(), Some("application/apply-patch+yaml"), "{w:?}");
+        assert!(w.query.split('&').any(|q| q == "fieldManager=mirrorfleet"), "{}", w.query);
+        assert!(w.query.split('&').any(|q| q == "force=true"), "{}", w.query);
+    }
+
+    // The finalizer is there because nodeConfig is set, before the node agent exists.
+    let mirror = h.mirror(&name);
+    assert!(mirror.finalizers().iter().any(|f| f == FINALIZER));
+    let finalizer_write = writes.iter().position(|w| w.resource() == "registrymirrors").unwrap();
+    let ds_write = writes.iter().position(|w| w.resource() == "daemonsets").unwrap();
+    assert!(finalizer_write < ds_write);
+
+    // Nodes get the proxies' cluster IPs, which exist only once the Services do.
+    let cm = h.api.get(CONFIGMAPS, NS, "public-node-config").unwrap();
+    let config: Value = serde_json::from_str(cm["data"][NODE_CONFIG_KEY].as_str().unwrap()).unwrap();
+    for reg in config["registries"].as_array().unwrap() {
+        let svc = h.api.get(SERVICES, NS, &format!("public-proxy-{}", reg["upstream"].as_str().unwrap())).unwrap();
+        assert_eq!(reg["mirror"], json!(format!("http://{}:5000", svc["spec"]["clusterIP"].as_str().unwrap())));
+    }
+
+    // Status: observed, every condition, nothing ready yet (no deployment controller here).
+    let status = mirror.status.unwrap();
+    assert_eq!(status.observed_generation, Some(1));
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["Ready", "ProxiesAvailable", "EdgeAvailable", "NodesConfigured", "Degraded"]);
+    assert_eq!(h.condition(&name, "Ready").status, "False");
+    assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");
+    assert_eq!(status.upstreams_ready.as_deref(), Some("0/5"));
+    assert!(status.upstreams.iter().all(|u| u.endpoint.as_deref().is_some_and(|e| e.starts_with("http://10.96.0."))));
+
+    // Every write was counted.
+    assert_eq!(h.metrics.api_writes_total(), writes.len() as u64);
+}
+
+#[tokio::test]
+async fn steady_state_reconcile_writes_nothing() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    h.reconcile(&name).await.unwrap();
+    let counted = h.metrics.api_writes_total();
+    h.api.clear_requests();
+    for _ in 0..3 {
+        h.reconcile(&name).await.unwrap();
+    }
+    let requests = h.api.requests();
+    assert!(!requests.is_empty(), "the reconciles read nothing?");
+    assert_eq!(h.api.writes().len(), 0, "writes in a steady state: {:#?}", h.api.writes());
+    assert_eq!(h.metrics.api_writes_total(), counted);
+
+    // Another controller writing status (ready counts) is not drift.
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-ghcr", "kube-controller-manager", true, |d| {
+        d["status"]["observedGeneration"] = json!(1);
+    });
+    h.reconcile(&name).await.unwrap();
+    assert_eq!(h.api.writes().len(), 0, "{:#?}", h.api.writes());
+}
+
+#[tokio::test]
+async fn hand_edit_is_restored_with_one_apply() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    h.reconcile(&name).await.unwrap();
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-quay", "kubectl-edit", false, |d| {
+        d["spec"]["replicas"] = json!(7);
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let writes = h.api.writes();
+    assert_eq!(
+        applies(&child_writes(&writes).into_iter().cloned().collect::<Vec<_>>()),
+        [("deployments".to_string(), "public-proxy-quay".to_string())]
+    );
+    assert_eq!(h.api.get(DEPLOYMENTS, NS, "public-proxy-quay").unwrap()["spec"]["replicas"], json!(2));
+
+    // A child deleted by hand comes back.
+    h.api.remove(SERVICES, NS, "public-proxy-k8s");
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    assert!(applies(&h.api.writes()).contains(&("services".to_string(), "public-proxy-k8s".to_string())));
+    assert!(h.api.get(SERVICES, NS, "public-proxy-k8s").is_some());
+}
+
+#[tokio::test]
+async fn removed_upstream_children_are_deleted_and_nothing_else() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    let uid = h.mirror(&name).uid().unwrap();
+    let labels = json!({"app.kubernetes.io/name": "mirrorfleet", "app.kubernetes.io/instance": "public",
+                        "app.kubernetes.io/managed-by": "mirrorfleet-operator", "app.kubernetes.io/component": "proxy"});
+    // Same labels, but not ours: no owner reference, or another owner.
+    h.api.insert(
+        CONFIGMAPS,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "public-proxy-foreign", "namespace": NS, "labels": labels}}),
+    );
+    h.api.insert(
+        CONFIGMAPS,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "public-proxy-other-owner", "namespace": NS, "labels": labels,
+                     "ownerReferences": [{"apiVersion": "mirrorfleet.io/v1alpha1", "kind": "RegistryMirror",
+                                          "name": "public", "uid": "another-uid", "controller": true}]}}),
+    );
+
+    h.edit_spec(&name, |spec| {
+        let ups = spec["upstreams"].as_array_mut().unwrap();
+        ups.retain(|u| u["name"] != "quay");
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let writes = h.api.writes();
+    let mut deleted: Vec<(String, String)> =
+        writes.iter().filter(|w| w.method == "DELETE").map(|w| (w.resource(), w.name().unwrap())).collect();
+    deleted.sort();
+    let quay = "public-proxy-quay".to_string();
+    assert_eq!(
+        deleted,
+        [
+            ("configmaps".to_string(), quay.clone()),
+            ("deployments".to_string(), quay.clone()),
+            ("services".to_string(), quay.clone())
+        ]
+    );
+    // Each delete names the uid it listed, so a namesake created since is safe.
+    for w in writes.iter().filter(|w| w.method == "DELETE") {
+        let pre = &w.body.as_ref().unwrap()["preconditions"]["uid"];
+        assert!(pre.is_string(), "{w:?}");
+        assert_ne!(pre.as_str(), Some(uid.as_str()));
+    }
+    for gone in [DEPLOYMENTS, SERVICES, CONFIGMAPS] {
+        assert!(h.api.get(gone, NS, &quay).is_none());
+    }
+    assert!(h.api.get(CONFIGMAPS, NS, "public-proxy-foreign").is_some());
+    assert!(h.api.get(CONFIGMAPS, NS, "public-proxy-other-owner").is_some());
+    assert!(h.api.get(DEPLOYMENTS, NS, "public-proxy-ghcr").is_some());
+    // The node config and the edge follow: quay.io is no longer routed.
+    let cm = h.api.get(CONFIGMAPS, NS, "public-node-config").unwrap();
+    assert!(!cm["data"][NODE_CONFIG_KEY].as_str().unwrap().contains("quay.io"));
+    assert_eq!(h.mirror(&name).status.unwrap().upstreams.len(), 4);
+
+    // Turning the edge and cleanup off deletes their children too (CronJob included).
+    h.edit_spec(&name, |spec| {
+        spec.as_object_mut().unwrap().remove("edge");
+        spec.as_object_mut().unwrap().remove("cleanup");
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let deleted: BTreeSet<(String, String)> =
+        h.api.writes().iter().filter(|w| w.method == "DELETE").map(|w| (w.resource(), w.name().unwrap())).collect();
+    for expected in [
+        ("cronjobs", "public-cleanup"),
+        ("deployments", "public-edge"),
+        ("services", "public-edge"),
+        ("configmaps", "public-edge"),
+        ("roles", "public-cleanup"),
+        ("rolebindings", "public-cleanup"),
+        ("serviceaccounts", "public-cleanup"),
+        ("serviceaccounts", "public-edge"),
+    ] {
+        assert!(
+            deleted.contains(&(expected.0.to_string(), expected.1.to_string())),
+            "{expected:?} not deleted: {deleted:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalid_spec_writes_no_children() {
+    let h = harness();
+    let name = h.load(&sample("minimal"));
+    h.edit_spec(&name, |spec| {
+        spec["upstreams"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "hub2", "registry": "docker.io", "remoteURL": "https://mirror.gcr.io"}));
+    });
+    h.api.clear_requests();
+    let err = h.reconcile(&name).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidSpec(_)), "{err}");
+    assert_eq!(err.class(), ErrorClass::WaitForChange);
+    assert_eq!(
+        format!("{:?}", error_policy(Arc::new(h.mirror(&name)), &err, h.ctx.clone())),
+        format!("{:?}", Action::await_change())
+    );
+    let writes = h.api.writes();
+    assert!(child_writes(&writes).is_empty(), "{writes:#?}");
+    let ready = h.condition(&name, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
+    assert!(ready.message.contains("spec.upstreams[1].registry"), "{}", ready.message);
+    assert_eq!(h.mirror(&name).status.unwrap().observed_generation, Some(2));
+    assert_eq!(event_reasons(&writes), [("Warning".to_string(), "InvalidSpec".to_string())]);
+
+    // The same problem again: no new status, no new Event.
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap_err();
+    assert!(h.api.writes().is_empty(), "{:#?}", h.api.writes());
+}
+
+#[tokio::test]
+async fn missing_secret_or_key_writes_no_children_until_fixed() {
+    let h = harness();
+    h.api.insert(SECRETS, secret("mirror-tls", &[("tls.crt", "CERT"), ("tls.key", "KEY")]));
+    let text = sample("public-mirrors");
+    // Only the mirror, not the users Secret.
+    let mirror_doc = yaml_docs(&text).into_iter().find(|d| d["kind"] == "RegistryMirror").unwrap();
+    let name = h.load(&serde_yaml::to_string(&mirror_doc).unwrap());
+    let err = h.reconcile(&name).await.unwrap_err();
+    assert!(matches!(&err, Error::SecretMissing { name, .. } if name == "mirror-users"), "{err}");
+    let writes = h.api.writes();
+    assert!(child_writes(&writes).is_empty(), "{writes:#?}");
+    assert_eq!(h.condition(&name, "Ready").reason, "SecretMissing");
+    assert!(h.condition(&name, "Ready").message.contains("spec.clientAuth.usersSecretRef"));
+    assert_eq!(event_reasons(&writes), [("Warning".to_string(), "SecretMissing".to_string())]);
+
+    // A users Secret without the node user's key.
+    h.api.insert(SECRETS, secret("mirror-users", &[("ci", "s3cret-ci-password")]));
+    h.api.clear_requests();
+    let err = h.reconcile(&name).await.unwrap_err();
+    assert!(matches!(&err, Error::SecretKeyMissing { key, .. } if key == "nodes"), "{err}");
+    assert!(child_writes(&h.api.writes()).is_empty());
+    let ready = h.condition(&name, "Ready");
+    assert_eq!(ready.reason, "SecretKeyMissing");
+    assert!(!ready.message.contains("s3cret"), "a Secret value leaked: {}", ready.message);
+
+    // Fixed: children appear, Ready moves on to what the proxies say.
+    h.api.edit(SECRETS, NS, "mirror-users", "kubectl", false, |s| {
+        s["data"]["nodes"] = json!("bm9kZXMtcGFzcw==");
+    });
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(DEPLOYMENTS, NS, "public-proxy-dockerhub").is_some());
+    assert!(h.api.get(SECRETS, NS, "public-htpasswd").is_some());
+    assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");
+}
+
+#[tokio::test]
+async fn status_conditions_follow_the_workloads() {
+    let h = harness();
+    let name = h.load(&sample("minimal"));
+    h.reconcile(&name).await.unwrap();
+    let first_edge = h.condition(&name, "EdgeAvailable");
+    assert_eq!(h.condition(&name, "ProxiesAvailable").status, "False");
+
+    h.set_ready("minimal-proxy-dockerhub", 2);
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let ready = h.condition(&name, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Ready"));
+    assert_eq!(h.condition(&name, "ProxiesAvailable").status, "True");
+    assert_eq!(h.condition(&name, "Degraded").status, "False");
+    // Unchanged conditions keep their transition time.
+    assert_eq!(h.condition(&name, "EdgeAvailable"), first_edge);
+    let status = h.mirror(&name).status.unwrap();
+    assert_eq!(status.upstreams_ready.as_deref(), Some("1/1"));
+    assert_eq!(status.upstreams[0].ready_replicas, 2);
+    assert_eq!(
+        event_reasons(&h.api.writes()),
+        [("Normal".to_string(), "Ready".to_string()), ("Normal".to_string(), "ProxiesAvailable".to_string())]
+    );
+
+    // One replica lost: still Ready, but Degraded.
+    h.set_ready("minimal-proxy-dockerhub", 1);
+    h.reconcile(&name).await.unwrap();
+    assert_eq!(h.condition(&name, "Ready").status, "True");
+    let degraded = h.condition(&name, "Degraded");
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ReplicasMissing"));
+    assert!(degraded.message.contains("1/2"), "{}", degraded.message);
+}
+
+#[tokio::test]
+async fn rotated_credential_rolls_only_the_proxy_that_reads_it() {
+    let h = harness();
+    let text = sample("private-upstream").replace("dockerhub-creds", "corp-registry-creds");
+    let name = h.load(&text);
+    // The sample's dockerhub upstream reads keys user/token; give the shared Secret those too.
+    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", false, |s| {
+        s["data"]["user"] = json!("dQ==");
+        s["data"]["token"] = json!("dA==");
+    });
+    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+        m["spec"]["upstreams"][1]["credentialsSecretRef"]["name"] = json!("hub-creds");
+    });
+    h.api.insert(SECRETS, secret("hub-creds", &[("user", "u"), ("token", "t")]));
+    h.reconcile(&name).await.unwrap();
+    h.reconcile(&name).await.unwrap();
+    let before = h.api.get(DEPLOYMENTS, NS, "corp-proxy-corp").unwrap();
+
+    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", false, |s| {
+        s["data"]["password"] = json!("bmV3LXBhc3N3b3Jk");
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let child_applies =
+        applies(&h.api.writes()).into_iter().filter(|(r, _)| r != "registrymirrors/status").collect::<Vec<_>>();
+    assert_eq!(child_applies, [("deployments".to_string(), "corp-proxy-corp".to_string())]);
+    let after = h.api.get(DEPLOYMENTS, NS, "corp-proxy-corp").unwrap();
+    let key = "mirrorfleet.io/secret-versions";
+    let (b, a) = (
+        &before["spec"]["template"]["metadata"]["annotations"][key],
+        &after["spec"]["template"]["metadata"]["annotations"][key],
+    );
+    assert!(a.is_string() && a != b, "pod template did not change: {b} -> {a}");
+    assert!(!after.to_string().contains("new-password"));
+}
+
+/// An agent Pod of the public mirror on `node`.
+fn agent_pod(name: &str, node: &str, phase: &str, applied: Option<&str>) -> Value {
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {
+            "app.kubernetes.io/name": "mirrorfleet", "app.kubernetes.io/instance": "public",
+            "app.kubernetes.io/component": "node-agent", "app.kubernetes.io/managed-by": "mirrorfleet-operator"}},
+        "spec": {"nodeName": node, "containers": [{"name": "node-agent"}]},
+        "status": {"phase": phase}});
+    if let Some(sum) = applied {
+        pod["metadata"]["annotations"] = json!({APPLIED_CONFIG_ANNOTATION: sum});
+    }
+    pod
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+
+fn removal_checksum(h: &Harness) -> String {
+    let cm = h.api.get(CONFIGMAPS, NS, "public-node-config").unwrap();
+    let json = cm["data"][NODE_CONFIG_KEY].as_str().unwrap();
+    let config: Value = serde_json::from_str(json).unwrap();
+    assert_eq!(config["removing"], json!(true), "{json}");
+    assert_eq!(config["registries"], json!([]), "{json}");
+    node_config_checksum(json)
+}
+
+#[tokio::test]
+async fn deletion_waits_for_live_agents_then_releases_the_finalizer() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    h.api.insert(NODES, node("node-1"));
+    h.api.insert(NODES, node("node-2"));
+    let old = node_config_checksum(
+        h.api.get(CONFIGMAPS, NS, "public-node-config").unwrap()["data"][NODE_CONFIG_KEY].as_str().unwrap(),
+    );
+    h.api.insert(PODS, agent_pod("agent-1", "node-1", "Running", Some(&old)));
+    h.api.insert(PODS, agent_pod("agent-gone", "node-gone", "Running", None)); // its node no longer exists
+    h.api.insert(PODS, agent_pod("agent-2", "node-2", "Pending", None)); // never ran
+                                                                         // Delete: the finalizer holds the object.
+    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+        m["metadata"]["deletionTimestamp"] = json!(k8s_openapi::jiff::Timestamp::now().to_string());
+    });
+
+    h.api.clear_requests();
+    let action = h.reconcile(&name).await.unwrap();
+    assert_eq!(format!("{action:?}"), format!("{:?}", Action::requeue(Options::default().removal_poll)));
+    let sum = removal_checksum(&h);
+    let mirror = h.mirror(&name);
+    assert!(mirror.finalizers().iter().any(|f| f == FINALIZER), "released too early");
+    let ready = h.condition(&name, "Ready");
+    assert_eq!(ready.reason, "RemovingNodeConfig");
+    assert!(ready.message.contains("node-1") && !ready.message.contains("node-gone"), "{}", ready.message);
+    // Nothing but the node config and the status was written.
+    let writes = h.api.writes();
+    assert_eq!(
+        applies(&child_writes(&writes).into_iter().cloned().collect::<Vec<_>>()),
+        [("configmaps".to_string(), "public-node-config".to_string())]
+    );
+
+    // The live agent reports the removal: released, and the object goes.
+    h.api.edit(PODS, NS, "agent-1", "node-agent", false, |p| {
+        p["metadata"]["annotations"][APPLIED_CONFIG_ANNOTATION] = json!(sum);
+    });
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(MIRRORS, NS, &name).is_none(), "finalizer not released");
+}
+
+#[tokio::test]
+async fn node_removal_times_out_with_a_warning_naming_the_nodes() {
+    let h = harness_with(Options { node_removal_timeout: Duration::ZERO, ..Options::default() });
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    h.api.insert(NODES, node("node-1"));
+    h.api.insert(PODS, agent_pod("agent-1", "node-1", "Running", None));
+    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+        m["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(MIRRORS, NS, &name).is_none());
+    let warning = h
+        .api
+        .writes()
+        .into_iter()
+        .find(|w| w.resource() == "events" && w.body.as_ref().unwrap()["reason"] == "NodeConfigRemovalTimedOut")
+        .expect("a Warning Event");
+    let body = warning.body.unwrap();
+    assert_eq!(body["type"], "Warning");
+    assert!(body["note"].as_str().unwrap().contains("node-1"));
+}
+
+#[tokio::test]
+async fn dropping_node_config_keeps_the_agent_until_it_cleaned_up() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    h.api.insert(NODES, node("node-1"));
+    h.api.insert(PODS, agent_pod("agent-1", "node-1", "Running", None));
+    h.edit_spec(&name, |spec| {
+        spec.as_object_mut().unwrap().remove("nodeConfig");
+    });
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(DAEMONSETS, NS, "public-node-agent").is_some(), "agent deleted before it cleaned up");
+    let sum = removal_checksum(&h);
+    assert_eq!(h.condition(&name, "NodesConfigured").reason, "RemovingNodeConfig");
+    assert!(h.mirror(&name).finalizers().iter().any(|f| f == FINALIZER));
+
+    h.api.edit(PODS, NS, "agent-1", "node-agent", false, |p| {
+        p["metadata"]["annotations"] = json!({APPLIED_CONFIG_ANNOTATION: sum});
+    });
+    h.reconcile(&name).await.unwrap();
+    assert!(!h.mirror(&name).finalizers().iter().any(|f| f == FINALIZER));
+    // Next pass: the node agent's children are orphans now.
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(DAEMONSETS, NS, "public-node-agent").is_none());
+    assert!(h.api.get(CONFIGMAPS, NS, "public-node-config").is_none());
+    assert!(h.api.get(SECRETS, NS, "public-node-auth").is_none());
+    assert_eq!(h.condition(&name, "NodesConfigured").reason, "NodeConfigNotRequested");
+}
+
+#[tokio::test]
+async fn transient_errors_back_off_per_object() {
+    let h = harness();
+    let name = h.load(&sample("minimal"));
+    let mirror = Arc::new(h.mirror(&name));
+    let err = Error::api(
+        "apply",
+        "Deployment",
+        "x",
+        kube::Error::Api(kube::core::Status::failure("boom", "InternalError").with_code(500).boxed()),
+    );
+    assert_eq!(err.class(), ErrorClass::Transient);
+    let delays: Vec<String> =
+        (0..4).map(|_| format!("{:?}", error_policy(mirror.clone(), &err, h.ctx.clone()))).collect();
+    let expect: Vec<String> =
+        [1, 2, 4, 8].iter().map(|s| format!("{:?}", Action::requeue(Duration::from_secs(*s)))).collect();
+    assert_eq!(delays, expect);
+    // Success resets it.
+    h.reconcile(&name).await.unwrap();
+    assert_eq!(format!("{:?}", error_policy(mirror, &err, h.ctx.clone())), expect[0]);
+}
