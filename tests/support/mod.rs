@@ -18,6 +18,7 @@
 //! part of it, hence the crate-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod containerd;
 pub mod datapath;
 pub mod envoy;

@@ -1,0 +1,438 @@
+//! The node agent against REAL containerd 1.6, Distribution 2.8 mirrors and upstreams on
+//! 127.0.0.1: the agent's own `hosts.toml` files route `docker.io/library/...` pulls, and every
+//! claim is checked where it is observable: the mirror's access log, the file on disk (bytes,
+//! mode), ctr's wall time.
+//!
+//! `ctr --hosts-dir DIR` runs containerd's `remotes/docker/config` resolver, the same code the CRI
+//! plugin uses for `config_path`, so these pulls behave like a kubelet's.
+//!
+//! Needs root, containerd/ctr, docker-registry, skopeo, umoci (and iptables for the blackhole
+//! test). Missing tools SKIP locally and fail under `CI=true`.
+//! Run: `nice cargo test --test agent_containerd -- --test-threads=2`.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::agent::{node_config_json, run_agent_once, wait_path, Blackhole, NodeAgent};
+use support::*;
+
+const MIRROR: &str = "mirrors/public";
+const HUB: &str = "https://registry-1.docker.io";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn available() -> bool {
+    // No short-circuit: every missing tool gets its SKIP line.
+    let tools = tools_available(&["docker-registry", "skopeo", "umoci"]);
+    Containerd::available() && tools
+}
+
+/// An upstream holding `library/<image>:v1`, and a pull-through mirror in front of it.
+struct Fleet {
+    upstream: Upstream,
+    mirror: Registry,
+    _storage: tempfile::TempDir,
+    _images: tempfile::TempDir,
+}
+
+fn fleet(images: &[&str], extra_mirror_config: &str) -> Fleet {
+    let upstream = Upstream::start();
+    let img_dir = tempdir();
+    for name in images {
+        let layout = build_test_image(img_dir.path(), name, 1, 32 * 1024);
+        upstream.push(&layout, "v1");
+    }
+    let storage = tempdir();
+    let config = format!(
+        "{}proxy:\n  remoteurl: {}\n{extra_mirror_config}",
+        registry_config(&free_addr(), storage.path()),
+        upstream.url()
+    );
+    let mirror = Registry::start(&config);
+    Fleet { upstream, mirror, _storage: storage, _images: img_dir }
+}
+
+fn ready(v: &Value) -> bool {
+    v["ready"] == true
+}
+
+fn manifest_requests(log: &str, image: &str) -> usize {
+    log.lines().filter(|l| l.contains(&format!("/v2/library/{image}/manifests/")) && l.contains("HTTP/1.1\"")).count()
+}
+
+#[test]
+fn containerd_pulls_docker_io_through_the_mirror_with_the_agents_hosts_toml() {
+    if !available() {
+        return;
+    }
+    let f = fleet(&["agentimg"], "");
+    let certs = tempdir();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    let status = agent.wait_status("node configured", WAIT, ready);
+    assert_eq!(status["problems"], json!([]));
+    let readiness = agent.readiness();
+    assert!(readiness.status.success(), "{}", describe_output(&readiness));
+
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let text = fs::read_to_string(&hosts).unwrap();
+    assert!(text.starts_with("# managed-by: mirrorfleet (RegistryMirror mirrors/public)"), "{text}");
+    assert!(text.contains(&format!("[host.\"{}\"]", f.mirror.url())), "{text}");
+    assert_eq!(fs::metadata(&hosts).unwrap().permissions().mode() & 0o777, 0o644);
+
+    let ctrd = Containerd::start();
+    let out = ctrd.pull("docker.io/library/agentimg:v1", certs.path(), &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(
+        f.mirror.wait_log("GET /v2/library/agentimg/manifests/sha256:", Duration::from_secs(10)),
+        "the pull did not go through the mirror:\n{}",
+        f.mirror.log()
+    );
+    assert!(f.mirror.log().contains("ns=docker.io"), "containerd names the registry it mirrors");
+    assert!(f.upstream.wait_log("/v2/library/agentimg/manifests/", Duration::from_secs(10)), "mirror fetched upstream");
+    assert!(ctrd.image_refs().contains(&"docker.io/library/agentimg:v1".to_string()));
+}
+
+#[test]
+fn client_auth_header_is_written_0600_only_once_the_secret_is_there_and_the_mirror_accepts_it() {
+    if !available() || !tools_available(&["htpasswd"]) {
+        return;
+    }
+    let auth_dir = tempdir();
+    let htpasswd = auth_dir.path().join("htpasswd");
+    write_htpasswd(&htpasswd, &[("nodes", "s3cret")]);
+    let f = fleet(&["authimg"], &format!("auth:\n  htpasswd:\n    realm: mirror\n    path: {}\n", htpasswd.display()));
+    let certs = tempdir();
+    let mut config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    config["authenticate"] = json!(true);
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    // Without the Secret nothing is written: a 401-answering mirror only costs every pull a round trip.
+    let status =
+        agent.wait_status("waiting for the Secret", WAIT, |v| v["updatedUnix"].is_u64() && v["report"].is_object());
+    assert_eq!(status["ready"], false);
+    assert!(status["problems"].to_string().contains("node-auth Secret"), "{status}");
+    assert!(!certs.path().join("docker.io/hosts.toml").exists());
+    assert!(!agent.readiness().status.success());
+
+    agent.set_authorization(Some(&basic_auth("nodes", "s3cret")));
+    agent.wait_status("configured with auth", WAIT, ready);
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    assert_eq!(fs::metadata(&hosts).unwrap().permissions().mode() & 0o777, 0o600, "carries a credential");
+    assert!(fs::read_to_string(&hosts).unwrap().contains(&basic_auth("nodes", "s3cret")));
+
+    let ctrd = Containerd::start();
+    let out = ctrd.pull("docker.io/library/authimg:v1", certs.path(), &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(
+        f.mirror.wait_log("GET /v2/library/authimg/manifests/sha256:", Duration::from_secs(10)),
+        "{}",
+        f.mirror.log()
+    );
+    let log = f.mirror.log();
+    let manifest_lines: Vec<&str> =
+        log.lines().filter(|l| l.contains("/v2/library/authimg/manifests/") && l.contains("HTTP/1.1\"")).collect();
+    assert!(!manifest_lines.is_empty());
+    for line in &manifest_lines {
+        assert!(line.contains("\" 200 "), "every manifest request authenticated up front: {line}");
+    }
+}
+
+#[test]
+fn mirror_only_keeps_its_entry_when_the_mirror_dies_and_pulls_fail_instead_of_leaving() {
+    if !available() {
+        return;
+    }
+    let mut f = fleet(&["onlyimg"], "");
+    let certs = tempdir();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), None)]);
+    let mut agent = NodeAgent::start("public", Some(&config), &["--probe-interval-ms", "300"]);
+    agent.wait_status("configured", WAIT, ready);
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let before = fs::read(&hosts).unwrap();
+    assert!(String::from_utf8_lossy(&before).contains(&format!("server = \"{}\"", f.mirror.url())));
+
+    f.mirror.stop();
+    let status = agent.wait_status("mirror reported down", WAIT, |v| v["problems"].to_string().contains("mirror-only"));
+    assert_eq!(status["ready"], false);
+    assert!(!agent.readiness().status.success());
+    assert_eq!(fs::read(&hosts).unwrap(), before, "mirror-only entries are never withdrawn");
+
+    let ctrd = Containerd::start();
+    let out = ctrd.pull("docker.io/library/onlyimg:v1", certs.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nothing to pull from, yet:\n{}", describe_output(&out));
+    assert!(!stderr.contains("registry-1.docker.io"), "mirror-only must not fall back:\n{stderr}");
+    assert!(!ctrd.image_refs().iter().any(|r| r.contains("onlyimg")));
+}
+
+#[test]
+fn dead_mirror_is_withdrawn_within_seconds_pulls_skip_the_dial_wait_and_it_comes_back() {
+    if !available() || !Blackhole::available() {
+        return;
+    }
+    let f = fleet(&["deadimg"], "");
+    let certs = tempdir();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    // Default probe settings: what ships.
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    agent.wait_status("configured", WAIT, ready);
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let ctrd = Containerd::start();
+    let out = ctrd.pull("docker.io/library/deadimg:v1", certs.path(), &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let served_before = manifest_requests(&f.mirror.log(), "deadimg");
+    assert!(served_before > 0);
+
+    // A copy of the agent's file in a directory the agent does not manage: what a node without
+    // health gating would keep using.
+    let ungated = tempdir();
+    write_hosts_toml(ungated.path(), "docker.io", &fs::read_to_string(&hosts).unwrap());
+
+    let port: u16 = f.mirror.addr().rsplit(':').next().unwrap().parse().unwrap();
+    let blackhole = Blackhole::port(port);
+    let withdrawn_after = wait_path(&hosts, false, Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!("entry not withdrawn within 20 s; agent log:\n{}", agent.log());
+    });
+    eprintln!("withdrawn {withdrawn_after:?} after the mirror went dark");
+    assert!(withdrawn_after < Duration::from_secs(10), "withdrawal took {withdrawn_after:?}");
+    let status = agent.wait_status("reports withdrawal", WAIT, |v| v["problems"].to_string().contains("withdrawn"));
+    assert_eq!(status["ready"], false);
+
+    // The ungated node: the dial to the dark mirror waits out containerd's 30 s dial timeout.
+    let ungated_path = ungated.path().to_path_buf();
+    let socket = ctrd.socket().to_path_buf();
+    let baseline = std::thread::spawn(move || {
+        let started = Instant::now();
+        let out = run(
+            std::process::Command::new("ctr")
+                .arg("--address")
+                .arg(&socket)
+                .args(["--namespace", "test", "images", "pull", "--snapshotter", "native", "--hosts-dir"])
+                .arg(&ungated_path)
+                .arg("docker.io/library/ungated:v1"),
+            Duration::from_secs(90),
+        );
+        (started.elapsed(), out)
+    });
+
+    // The gated node: straight to docker.io (which fails at once here: no DNS), no dial wait.
+    let started = Instant::now();
+    let out = ctrd.pull("docker.io/library/other:v1", certs.path(), &[]);
+    let gated = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("gated pull took {gated:?}");
+    assert!(stderr.contains("registry-1.docker.io"), "went to the upstream:\n{stderr}");
+    assert!(gated < Duration::from_secs(5), "gated pull took {gated:?}:\n{stderr}");
+
+    let (ungated_took, ungated_out) = baseline.join().unwrap();
+    eprintln!("ungated pull took {ungated_took:?}");
+    assert!(
+        ungated_took >= Duration::from_secs(20),
+        "the blackhole did not hold the dial ({ungated_took:?}), so this test proves nothing:\n{}",
+        describe_output(&ungated_out)
+    );
+
+    drop(blackhole);
+    let restored_after = wait_path(&hosts, true, Duration::from_secs(20)).unwrap_or_else(|| {
+        panic!("entry not restored within 20 s; agent log:\n{}", agent.log());
+    });
+    eprintln!("restored {restored_after:?} after the mirror came back");
+    agent.wait_status("configured again", WAIT, ready);
+    let rm = ctrd.ctr(&["images", "rm", "docker.io/library/deadimg:v1"]);
+    assert!(rm.status.success(), "{}", describe_output(&rm));
+    let out = ctrd.pull("docker.io/library/deadimg:v1", certs.path(), &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(
+        wait_until(Duration::from_secs(10), || (manifest_requests(&f.mirror.log(), "deadimg") > served_before)
+            .then_some(()))
+        .is_some(),
+        "the pull after restoration did not reach the mirror"
+    );
+}
+
+#[test]
+fn a_foreign_hosts_toml_is_reported_and_left_byte_identical() {
+    if !available() {
+        return;
+    }
+    let f = fleet(&["mineimg"], "");
+    let certs = tempdir();
+    // The admin's own file for docker.io, pointing at the same mirror.
+    let foreign = format!(
+        "# admin's own\nserver = \"{HUB}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        f.mirror.url()
+    );
+    let foreign_path = write_hosts_toml(certs.path(), "docker.io", &foreign);
+    fs::set_permissions(&foreign_path, fs::Permissions::from_mode(0o640)).unwrap();
+    let mtime = fs::metadata(&foreign_path).unwrap().modified().unwrap();
+    let config = node_config_json(
+        MIRROR,
+        certs.path(),
+        &[("docker.io", &f.mirror.url(), Some(HUB)), ("quay.io", &f.mirror.url(), Some("https://quay.io"))],
+    );
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    let status = agent
+        .wait_status("conflict reported", WAIT, |v| v["problems"].to_string().contains("not written by mirrorfleet"));
+    assert_eq!(status["ready"], false);
+    assert!(certs.path().join("quay.io/hosts.toml").exists(), "other registries are still configured");
+    // Let a few resync/probe passes happen, then check nothing moved.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fs::read_to_string(&foreign_path).unwrap(), foreign);
+    let meta = fs::metadata(&foreign_path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(meta.modified().unwrap(), mtime);
+    // The admin's file still routes pulls.
+    let ctrd = Containerd::start();
+    assert!(ctrd.pull("docker.io/library/mineimg:v1", certs.path(), &[]).status.success());
+    assert!(f.mirror.wait_log("/v2/library/mineimg/manifests/", Duration::from_secs(10)));
+}
+
+#[test]
+fn a_crash_between_temp_file_and_rename_leaves_the_old_file_valid() {
+    if !available() {
+        return;
+    }
+    let f = fleet(&["crashimg"], "");
+    let other = fleet(&["otherimg"], "");
+    let certs = tempdir();
+    let dirs = tempdir();
+    let (config_dir, status_dir) = (dirs.path().join("config"), dirs.path().join("status"));
+    fs::create_dir_all(&config_dir).unwrap();
+    let v1 = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    support::agent::write_node_config(&config_dir, &v1);
+    let out = run_agent_once("public", &config_dir, &status_dir, &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let old = fs::read(&hosts).unwrap();
+
+    // v2 points at another mirror; the agent dies after the temp file, before the rename.
+    let v2 = node_config_json(MIRROR, certs.path(), &[("docker.io", &other.mirror.url(), Some(HUB))]);
+    support::agent::write_node_config(&config_dir, &v2);
+    let out = run_agent_once("public", &config_dir, &status_dir, &["--fault-abort-before-rename"]);
+    assert!(!out.status.success(), "the fault hook must kill the agent:\n{}", describe_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aborting before renaming"), "{}", describe_output(&out));
+    assert_eq!(fs::read(&hosts).unwrap(), old, "the old file is untouched");
+    let temps: Vec<_> = fs::read_dir(certs.path().join("docker.io"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert_eq!(temps.len(), 1, "the crash left its temp file");
+
+    // containerd still pulls through the old (v1) mirror.
+    let ctrd = Containerd::start();
+    assert!(ctrd.pull("docker.io/library/crashimg:v1", certs.path(), &[]).status.success());
+    assert!(f.mirror.wait_log("/v2/library/crashimg/manifests/", Duration::from_secs(10)), "{}", f.mirror.log());
+
+    // The next run finishes the job and clears the leftover.
+    let out = run_agent_once("public", &config_dir, &status_dir, &[]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(fs::read_to_string(&hosts).unwrap().contains(&other.mirror.url()));
+    assert!(!temps[0].path().exists(), "leftover temp file removed");
+}
+
+#[test]
+fn removal_deletes_exactly_our_files_and_sigterm_leaves_them() {
+    if !available() {
+        return;
+    }
+    let f = fleet(&[], "");
+    let certs = tempdir();
+    let c = certs.path();
+    let url = f.mirror.url();
+    let config =
+        node_config_json(MIRROR, c, &[("docker.io", &url, Some(HUB)), ("ghcr.io", &url, Some("https://ghcr.io"))]);
+    // Stale: this mirror's file for a registry the config no longer lists.
+    write_hosts_toml(
+        c,
+        "quay.io",
+        "# managed-by: mirrorfleet (RegistryMirror mirrors/public); old\nserver = \"x\"\n[host]\n",
+    );
+    // Not ours: the admin's and another mirror's.
+    let admin = write_hosts_toml(c, "gcr.io", "server = \"https://gcr.io\"\n");
+    let other = write_hosts_toml(
+        c,
+        "registry.k8s.io",
+        "# managed-by: mirrorfleet (RegistryMirror team/other); x\nserver = \"y\"\n[host]\n",
+    );
+    fs::create_dir_all(c.join("docker.io")).unwrap();
+    fs::write(c.join("docker.io/ca.crt"), "admin's CA").unwrap();
+
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    agent.wait_status("configured", WAIT, ready);
+    assert!(!c.join("quay.io").exists(), "stale file of this mirror removed on start");
+    assert!(c.join("docker.io/hosts.toml").exists() && c.join("ghcr.io/hosts.toml").exists());
+
+    // A rollout: SIGTERM must leave working config behind.
+    let status = agent.terminate();
+    assert!(status.success(), "{status}");
+    assert!(c.join("docker.io/hosts.toml").exists() && c.join("ghcr.io/hosts.toml").exists());
+
+    // The mirror is deleted: the controller sets `removing`.
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    agent.wait_status("configured", WAIT, ready);
+    let mut removing = config.clone();
+    removing["removing"] = json!(true);
+    agent.set_config(&removing);
+    agent.wait_status("removed", WAIT, |v| v["report"]["removing"] == true && v["appliedChecksum"].is_string());
+    assert!(!c.join("docker.io/hosts.toml").exists() && !c.join("ghcr.io").exists());
+    assert_eq!(fs::read_to_string(c.join("docker.io/ca.crt")).unwrap(), "admin's CA", "dir kept: not empty");
+    assert_eq!(fs::read_to_string(&admin).unwrap(), "server = \"https://gcr.io\"\n");
+    assert!(fs::read_to_string(&other).unwrap().contains("team/other"));
+    let left: Vec<String> = walk(c);
+    assert_eq!(left, ["docker.io/ca.crt", "gcr.io/hosts.toml", "registry.k8s.io/hosts.toml"]);
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).unwrap().flatten() {
+        for f in fs::read_dir(e.path()).unwrap().flatten() {
+            out.push(format!("{}/{}", e.file_name().to_string_lossy(), f.file_name().to_string_lossy()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_containerd_without_config_path_is_reported_not_ready() {
+    if !available() {
+        return;
+    }
+    let f = fleet(&[], "");
+    let certs = tempdir();
+    let conf = tempdir();
+    let file = conf.path().join("config.toml");
+    // What a stock containerd 1.6 config looks like: no config_path.
+    fs::write(
+        &file,
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.6\"\n",
+    )
+    .unwrap();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    let file_arg = file.display().to_string();
+    let mut agent =
+        NodeAgent::start("public", Some(&config), &["--containerd-config", &file_arg, "--resync-seconds", "1"]);
+    let status = agent.wait_status("config_path reported", WAIT, |v| v["problems"].to_string().contains("config_path"));
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["report"]["containerd"]["state"], "missing");
+    let readiness = agent.readiness();
+    assert!(!readiness.status.success());
+    assert!(String::from_utf8_lossy(&readiness.stderr).contains("config_path"), "{}", describe_output(&readiness));
+
+    // Fixed by the admin: the agent notices on its next pass.
+    fs::write(
+        &file,
+        format!(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            certs.path().display()
+        ),
+    )
+    .unwrap();
+    let status = agent.wait_status("effective", WAIT, ready);
+    assert_eq!(status["report"]["containerd"]["state"], "effective");
+}
