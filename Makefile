@@ -31,8 +31,8 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	if [ -d charts/mirrorfleet/crds ]; then cp $(CRD) charts/mirrorfleet/crds/; fi
 	UPDATE_GOLDEN=1 $(CARGO) test --locked --quiet --test render_golden
 
-e2e: ## Cluster tests against $$KUBECONFIG (arrive with the controller, issue 3)
-	@echo "no cluster tests yet: they come with 'mirrorfleet run' (the controller)"; exit 1
+e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; node agent API watch, RBAC, annotation, Events)
+	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test agent_cluster -- --nocapture
 
 bench: ## Benchmarks (rendering a large fleet); prints medians
 	$(CARGO) bench --locked --bench render

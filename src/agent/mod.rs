@@ -367,7 +367,11 @@ impl Agent {
         if let (Some(reporter), Some(checksum)) = (self.reporter.as_mut(), applied_checksum) {
             reporter.annotate(checksum).await;
         }
-        if self.last.problems.as_ref() == Some(&problems) {
+        // Right after start every mirror is "not probed yet" for a few milliseconds; that is not
+        // news, so it is neither logged as a problem nor published.
+        let transient =
+            report.is_some_and(|r| r.registries.iter().any(|o| matches!(o.state, apply::EntryState::Pending { .. })));
+        if transient || self.last.problems.as_ref() == Some(&problems) {
             return;
         }
         let was_problem = self.last.problems.as_ref().is_some_and(|p| !p.is_empty());

@@ -24,6 +24,7 @@ pub mod datapath;
 pub mod envoy;
 pub mod http;
 pub mod image;
+pub mod kubectl;
 pub mod registry;
 pub mod skopeo;
 

@@ -1,0 +1,240 @@
+//! Cluster tier: the node agent binary, run on this host, against a REAL Kubernetes API server
+//! (`KUBECONFIG`), with the ServiceAccount, Role and RoleBinding that `mirrorfleet render`
+//! produces, so the API-watch path is proven under the agent's real, least-privilege RBAC:
+//! a ConfigMap change reaches the node's file in well under the 2 s target, the applied
+//! checksum lands on the agent's Pod, and an unconfigurable node shows up as an Event naming it.
+//!
+//! Skipped (with a message) unless `KUBECONFIG` is set, including under CI, which has no
+//! cluster; `make e2e` runs it. Needs `kubectl` and `docker-registry` (the mirror the agent probes).
+//! Run: `KUBECONFIG=... nice cargo test --test agent_cluster -- --nocapture`.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mirrorfleet::build::node::{node_config_checksum, APPLIED_CONFIG_ANNOTATION, NODE_CONFIG_KEY};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use support::agent::mirrorfleet_bin;
+use support::kubectl::{kubectl, kubectl_ok};
+use support::*;
+
+const MIRROR: &str = "e2e";
+const NODE: &str = "fake-node-1";
+
+/// A namespace of our own, deleted (without waiting) on drop.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"], None);
+    }
+}
+
+fn render(ns: &str, endpoint: &str) -> Vec<Value> {
+    let spec = format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: {MIRROR}, namespace: {ns}}}\n\
+         spec:\n  upstreams: [{{name: dockerhub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}}]\n\
+         \x20 nodeConfig: {{}}\n"
+    );
+    let dir = tempdir();
+    let file = dir.path().join("mirror.yaml");
+    fs::write(&file, spec).unwrap();
+    let out = run(
+        Command::new(mirrorfleet_bin())
+            .args(["render", "-n", ns, "--endpoint", &format!("dockerhub={endpoint}")])
+            .arg("-f")
+            .arg(&file),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", describe_output(&out));
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A kubeconfig that authenticates as the agent's ServiceAccount (a TokenRequest token).
+fn service_account_kubeconfig(ns: &str, sa: &str, dir: &Path) -> std::path::PathBuf {
+    let token = kubectl_ok(&["create", "token", sa, "-n", ns, "--duration", "1h"], None);
+    let admin: Value =
+        serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"], None)).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "agent", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "agent", "context": {"cluster": "c", "user": "agent", "namespace": ns}}],
+        "current-context": "agent",
+    });
+    let path = dir.join("agent.kubeconfig");
+    fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn config_map_json(ns: &str) -> Value {
+    serde_json::from_str(&kubectl_ok(
+        &["get", "configmap", &format!("{MIRROR}-node-config"), "-n", ns, "-o", "json"],
+        None,
+    ))
+    .unwrap()
+}
+
+fn set_node_config(ns: &str, config: &Value) {
+    let data = serde_json::to_string_pretty(config).unwrap() + "\n";
+    let patch = json!({"data": {NODE_CONFIG_KEY: data}});
+    kubectl_ok(
+        &[
+            "patch",
+            "configmap",
+            &format!("{MIRROR}-node-config"),
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ],
+        None,
+    );
+}
+
+fn events(ns: &str) -> Vec<Value> {
+    let list: Value = serde_json::from_str(&kubectl_ok(&["get", "events", "-n", ns, "-o", "json"], None)).unwrap();
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
+    if !support::kubectl::cluster_available() {
+        return;
+    }
+    if !tools_available(&["kubectl", "docker-registry"]) {
+        return;
+    }
+    let ns = Namespace(format!("agent-e2e-{}", std::process::id()));
+    kubectl_ok(&["create", "namespace", &ns.0], None);
+    let mirror = Upstream::start();
+    let certs = tempdir();
+
+    // The agent's own RBAC and node config, exactly as rendered; the owner references point at
+    // a RegistryMirror that does not exist here (the garbage collector would delete them).
+    let mut docs = render(&ns.0, &mirror.url());
+    docs.retain(|d| {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        matches!(kind, "ServiceAccount" | "Role" | "RoleBinding") && name == "e2e-node-agent"
+            || kind == "ConfigMap" && name == "e2e-node-config"
+    });
+    assert_eq!(docs.len(), 4, "rendered SA, Role, RoleBinding, node-config ConfigMap");
+    for d in &mut docs {
+        d["metadata"].as_object_mut().unwrap().remove("ownerReferences");
+        if d["kind"] == "ConfigMap" {
+            let mut config: Value = serde_json::from_str(d["data"][NODE_CONFIG_KEY].as_str().unwrap()).unwrap();
+            config["containerd"]["certsDir"] = json!(certs.path().display().to_string());
+            d["data"][NODE_CONFIG_KEY] = json!(serde_json::to_string_pretty(&config).unwrap() + "\n");
+        }
+    }
+    let stream: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
+    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(&stream));
+    // The agent's Pod object (the fake kubelet "runs" it); the agent itself runs here.
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-node-agent-x, namespace: {}}}\nspec:\n  nodeName: {NODE}\n  \
+         serviceAccountName: e2e-node-agent\n  containers: [{{name: node-agent, image: mirrorfleet:test}}]\n",
+        ns.0
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod));
+
+    let dir = tempdir();
+    let kubeconfig = service_account_kubeconfig(&ns.0, "e2e-node-agent", dir.path());
+    let mut cmd = Command::new(mirrorfleet_bin());
+    cmd.args(["node-agent", "--mirror", MIRROR, "--config-map", "e2e-node-config", "--resync-seconds", "5"])
+        .arg("--status-dir")
+        .arg(dir.path().join("status"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", &ns.0)
+        .env("POD_NAME", "e2e-node-agent-x")
+        .env("NODE_NAME", NODE)
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("node-agent", cmd, &dir.path().join("agent.log"));
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    agent.wait_ready("docker.io/hosts.toml written", Duration::from_secs(20), || hosts.exists().then_some(()));
+    assert!(fs::read_to_string(&hosts).unwrap().contains(&mirror.url()));
+
+    // The applied checksum on the Pod equals the ConfigMap's.
+    let cm = config_map_json(&ns.0);
+    let want = node_config_checksum(cm["data"][NODE_CONFIG_KEY].as_str().unwrap());
+    let annotation = |ns: &str| -> Option<String> {
+        let pod: Value =
+            serde_json::from_str(&kubectl_ok(&["get", "pod", "e2e-node-agent-x", "-n", ns, "-o", "json"], None))
+                .unwrap();
+        pod["metadata"]["annotations"][APPLIED_CONFIG_ANNOTATION].as_str().map(str::to_string)
+    };
+    agent.wait_ready("Pod annotated", Duration::from_secs(20), || {
+        (annotation(&ns.0).as_deref() == Some(&want)).then_some(())
+    });
+
+    // ConfigMap change -> file on disk, repeatedly: add and drop quay.io.
+    let base: Value = serde_json::from_str(cm["data"][NODE_CONFIG_KEY].as_str().unwrap()).unwrap();
+    let mut with_quay = base.clone();
+    with_quay["registries"].as_array_mut().unwrap().push(json!({
+        "registry": "quay.io", "upstream": "quay", "mirror": mirror.url(), "fallback": "https://quay.io"
+    }));
+    let quay = certs.path().join("quay.io/hosts.toml");
+    let (mut appear, mut vanish) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        // The clock starts before kubectl starts: an upper bound on the API-to-disk latency.
+        let t0 = Instant::now();
+        set_node_config(&ns.0, &with_quay);
+        agent.wait_ready("quay.io written", Duration::from_secs(10), || quay.exists().then_some(()));
+        appear.push(t0.elapsed());
+        let t0 = Instant::now();
+        set_node_config(&ns.0, &base);
+        agent.wait_ready("quay.io removed", Duration::from_secs(10), || (!quay.exists()).then_some(()));
+        vanish.push(t0.elapsed());
+    }
+    eprintln!("ConfigMap change -> file written: median {:?} (all {appear:?})", median(appear.clone()));
+    eprintln!("ConfigMap change -> file removed: median {:?} (all {vanish:?})", median(vanish.clone()));
+    assert!(median(appear) < Duration::from_secs(2) && median(vanish) < Duration::from_secs(2));
+
+    // A registry someone else configured: not overwritten, reported as an Event naming the node.
+    fs::create_dir_all(certs.path().join("ghcr.io")).unwrap();
+    fs::write(certs.path().join("ghcr.io/hosts.toml"), "server = \"https://ghcr.io\"\n").unwrap();
+    let mut with_ghcr = base.clone();
+    with_ghcr["registries"].as_array_mut().unwrap().push(json!({
+        "registry": "ghcr.io", "upstream": "ghcr", "mirror": mirror.url(), "fallback": "https://ghcr.io"
+    }));
+    set_node_config(&ns.0, &with_ghcr);
+    let event = agent.wait_ready("NodeNotConfigured Event", Duration::from_secs(20), || {
+        events(&ns.0)
+            .into_iter()
+            .find(|e| e["reason"] == "NodeNotConfigured" && e["message"].to_string().contains("ghcr.io"))
+    });
+    let message = event["message"].as_str().unwrap();
+    let noise: Vec<Value> =
+        events(&ns.0).into_iter().filter(|e| e["message"].to_string().contains("not probed")).collect();
+    assert!(noise.is_empty(), "start-up is not news: {noise:?}");
+    assert!(message.contains(&format!("node {NODE}")) && message.contains("ghcr.io"), "{message}");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(fs::read_to_string(certs.path().join("ghcr.io/hosts.toml")).unwrap(), "server = \"https://ghcr.io\"\n");
+
+    // Removal: files go, and the removing config's checksum is reported as applied.
+    let mut removing = with_ghcr.clone();
+    removing["removing"] = json!(true);
+    set_node_config(&ns.0, &removing);
+    let removing_sum = node_config_checksum(config_map_json(&ns.0)["data"][NODE_CONFIG_KEY].as_str().unwrap());
+    agent.wait_ready("removal reported", Duration::from_secs(20), || {
+        (annotation(&ns.0).as_deref() == Some(&removing_sum)).then_some(())
+    });
+    assert!(!hosts.exists(), "our file removed");
+    assert!(certs.path().join("ghcr.io/hosts.toml").exists(), "the foreign file stays");
+    assert!(!agent.log().contains("Forbidden"), "RBAC denied something:\n{}", agent.log());
+}
