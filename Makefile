@@ -30,9 +30,15 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	cp $(CRD) config/crd/registrymirrors.mirrorfleet.io.yaml
 	if [ -d charts/mirrorfleet/crds ]; then cp $(CRD) charts/mirrorfleet/crds/; fi
 	UPDATE_GOLDEN=1 $(CARGO) test --locked --quiet --test render_golden
+	UPDATE_CHART_README=1 $(CARGO) test --locked --quiet --test chart readme_values_table
 
 e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; node agent API watch, RBAC, annotation, Events)
 	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test agent_cluster -- --nocapture
+
+.PHONY: image
+IMAGE ?= ghcr.io/mirrorfleet/mirrorfleet:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+image: ## Build the operator image (Dockerfile; also runs the node agent and cleanup jobs); IMAGE=... to rename
+	docker build --pull -t $(IMAGE) .
 
 bench: ## Benchmarks (rendering a large fleet); prints medians
 	$(CARGO) bench --locked --bench render
