@@ -21,6 +21,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod datapath;
+pub mod dockerd;
 pub mod envoy;
 pub mod http;
 pub mod image;
