@@ -4,6 +4,7 @@
 //! - [`api`]: the `RegistryMirror` resource, its CRD and its validation.
 //! - [`build`]: pure builders from a mirror to every child object and config file.
 //! - [`render`]: the no-cluster path (`mirrorfleet render`).
+//! - [`cleanup`]: the cache cleanup Job (`mirrorfleet cleanup`), run by each mirror's CronJob.
 //! - [`controller`]: `mirrorfleet run`, the controller that keeps every mirror's fleet converged.
 //! - [`agent`]: the node agent (`mirrorfleet node-agent`), which writes each node's runtime config.
 #![forbid(unsafe_code)]
@@ -11,5 +12,6 @@
 pub mod agent;
 pub mod api;
 pub mod build;
+pub mod cleanup;
 pub mod controller;
 pub mod render;

@@ -27,6 +27,8 @@ enum Command {
     Run(mirrorfleet::controller::RunArgs),
     /// Run on a node (DaemonSet): write the runtime mirror config of one RegistryMirror.
     NodeAgent(mirrorfleet::agent::AgentArgs),
+    /// Clean the caches of one RegistryMirror's proxies, one Deployment at a time (CronJob).
+    Cleanup(mirrorfleet::cleanup::CleanupArgs),
     /// Readiness probe of the node agent: exit 0 only when the node is configured.
     NodeAgentReady(mirrorfleet::agent::ReadyArgs),
 }
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => mirrorfleet::controller::main(args),
+        Command::Cleanup(args) => mirrorfleet::cleanup::main(args),
         Command::Crd => {
             print!("{}", mirrorfleet::api::crd::crd_yaml());
             ExitCode::SUCCESS

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
-    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Lifecycle, LifecycleHandler, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service,
+    ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::meta::{self, names, Component};
-use super::{pod, Inputs};
+use super::{cleanup, pod, Inputs};
 use crate::api::{RegistryMirror, Upstream};
 
 pub const REGISTRY_PORT: i32 = 5000;
@@ -26,6 +26,11 @@ pub const CONFIG_FILE: &str = "config.yml";
 pub const STORAGE_DIR: &str = "/var/lib/registry";
 pub const HTPASSWD_DIR: &str = "/auth";
 pub const HTPASSWD_FILE: &str = "htpasswd";
+/// How long a stopping registry keeps serving its open connections (`http.draintimeout`).
+pub const DRAIN_SECONDS: i64 = 30;
+/// How long a terminating proxy pod keeps accepting new connections before SIGTERM, while its
+/// removal from the Service's endpoints reaches every node.
+pub const PRE_STOP_SECONDS: i64 = 5;
 
 /// The Distribution `config.yml` for one upstream's proxy. Secrets are not in it: upstream and
 /// S3 credentials reach the registry as `REGISTRY_PROXY_*` / `REGISTRY_STORAGE_S3_*` env vars.
@@ -61,6 +66,9 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
         "storage": storage_cfg,
         "http": {
             "addr": format!(":{REGISTRY_PORT}"),
+            // On SIGTERM, finish the layer downloads in flight instead of cutting them (a
+            // rollout or a cleanup replaces replicas); below terminationGracePeriodSeconds.
+            "draintimeout": format!("{DRAIN_SECONDS}s"),
             "headers": {"X-Content-Type-Options": ["nosniff"]},
             "debug": {
                 "addr": format!(":{METRICS_PORT}"),
@@ -242,6 +250,13 @@ pub fn proxy_deployment(
         timeout_seconds: Some(3),
         ..Default::default()
     };
+    // With a cleanup schedule, each new replica cleans its storage before serving (see
+    // cleanup.rs); it needs the same storage env (s3 credentials) and mounts as the registry.
+    let init_containers = spec.cleanup.as_ref().map(|_| {
+        let storage_env: Vec<EnvVar> =
+            env.iter().filter(|e| e.name.starts_with("REGISTRY_STORAGE_")).cloned().collect();
+        vec![cleanup::cleanup_init_container(mirror, &storage_env, &mounts)]
+    });
     let container = Container {
         name: "registry".into(),
         image: Some(spec.proxy.image.clone()),
@@ -262,6 +277,13 @@ pub fn proxy_deployment(
                 ..Default::default()
             },
         ]),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds: PRE_STOP_SECONDS }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         readiness_probe: Some(probe(2, 5, 3)),
         liveness_probe: Some(probe(10, 10, 6)),
         resources: spec.proxy.resources.clone(),
@@ -304,6 +326,7 @@ pub fn proxy_deployment(
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(pod::restricted_pod_security()),
+                    init_containers,
                     containers: vec![container],
                     volumes: Some(volumes),
                     node_selector: (!spec.proxy.node_selector.is_empty()).then(|| spec.proxy.node_selector.clone()),

@@ -69,6 +69,10 @@ pub struct Fleet {
     pub https_port: u16,
     pub ca_cert: PathBuf,
     hosts_file: PathBuf,
+    htpasswd: PathBuf,
+    /// The Envoy config directory (ConfigMap layout) and the localized files in it.
+    envoy_dir: ConfigMapDir,
+    envoy_files: [String; 3],
     tmp: TempDir,
 }
 
@@ -166,12 +170,84 @@ impl Fleet {
         let files = &rendered.fleet.files;
         let (bootstrap, lds, cds) =
             (localize(&files["edge/envoy.yaml"]), localize(&files["edge/lds.yaml"]), localize(&files["edge/cds.yaml"]));
-        ConfigMapDir::create(&config_dir, &[("envoy.yaml", &bootstrap), ("lds.yaml", &lds), ("cds.yaml", &cds)]);
+        let envoy_dir =
+            ConfigMapDir::create(&config_dir, &[("envoy.yaml", &bootstrap), ("lds.yaml", &lds), ("cds.yaml", &cds)]);
         let envoy = Envoy::start(&config_dir, "envoy.yaml");
 
         let hosts_file = tmp.path().join("etc-hosts");
         fs::write(&hosts_file, format!("127.0.0.1 localhost {}\n", hosts.join(" "))).unwrap();
-        Fleet { envoy, proxies, taps, upstreams, rendered, secrets, https_port, ca_cert, hosts_file, tmp }
+        Fleet {
+            envoy,
+            proxies,
+            taps,
+            upstreams,
+            rendered,
+            secrets,
+            https_port,
+            ca_cert,
+            hosts_file,
+            htpasswd,
+            envoy_dir,
+            envoy_files: [bootstrap, lds, cds],
+            tmp,
+        }
+    }
+
+    /// The rendered registry config of an upstream's proxy, localized to `addr` and `storage`.
+    pub fn proxy_config(&self, upstream: &str, addr: &str, storage: &Path) -> String {
+        let config = &self.rendered.fleet.files[&format!("proxy/{upstream}/config.yml")];
+        patch_registry_config(config, addr, storage, Some(&self.htpasswd))
+    }
+
+    /// Starts another replica of an upstream's proxy on its own address and storage, with the
+    /// Deployment's environment (the Envoy endpoints are unchanged: see [`Fleet::set_backends`]).
+    pub fn start_replica(&self, upstream: &str, storage: &Path) -> Registry {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let env = proxy_env(&self.rendered, upstream, &self.secrets);
+        let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Registry::start_with_env(&self.proxy_config(upstream, &addr, storage), &env_ref)
+    }
+
+    /// Stops the main replica of an upstream's proxy (its storage stays).
+    pub fn stop_proxy(&mut self, upstream: &str) {
+        self.proxies.get_mut(upstream).unwrap().stop();
+    }
+
+    /// Starts the main replica again on the same address and storage (after [`Fleet::stop_proxy`]).
+    pub fn start_proxy(&mut self, upstream: &str) {
+        let old = self.proxies.remove(upstream).unwrap();
+        let config = fs::read_to_string(old.config_path()).unwrap();
+        drop(old);
+        let env = proxy_env(&self.rendered, upstream, &self.secrets);
+        let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.proxies.insert(upstream.to_string(), Registry::start_with_env(&config, &env_ref));
+    }
+
+    /// Points the edge's cluster for `upstream` at `addrs` (the Service's ready endpoints, as
+    /// the replicas come and go) through the watched CDS file, and waits until Envoy applied it.
+    pub fn set_backends(&mut self, upstream: &str, addrs: &[&str]) {
+        use serde_yaml::Value;
+        let mut cds: Value = serde_yaml::from_str(&self.envoy_files[2]).unwrap();
+        let resources = cds["resources"].as_sequence_mut().unwrap();
+        let cluster = resources.iter_mut().find(|c| c["name"].as_str() == Some(upstream)).expect("cluster");
+        let endpoints: Vec<Value> = addrs
+            .iter()
+            .map(|a| {
+                let (h, p) = a.rsplit_once(':').unwrap();
+                serde_yaml::to_value(serde_json::json!({"endpoint": {"address": {"socket_address": {
+                    "address": h, "port_value": p.parse::<u16>().unwrap()}}}}))
+                .unwrap()
+            })
+            .collect();
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = Value::Sequence(endpoints);
+        self.envoy_files[2] = serde_yaml::to_string(&cds).unwrap();
+        let before = self.envoy.stat("cluster_manager.cds.update_success").unwrap_or(0);
+        let [b, l, c] = &self.envoy_files;
+        self.envoy_dir.update(&[("envoy.yaml", b), ("lds.yaml", l), ("cds.yaml", c)]);
+        assert!(
+            self.envoy.wait_stat_at_least("cluster_manager.cds.update_success", before + 1, Duration::from_secs(10)),
+            "Envoy did not apply the new endpoints"
+        );
     }
 
     pub fn dir(&self) -> &Path {
