@@ -31,6 +31,7 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	if [ -d charts/mirrorfleet/crds ]; then cp $(CRD) charts/mirrorfleet/crds/; fi
 	UPDATE_GOLDEN=1 $(CARGO) test --locked --quiet --test render_golden
 	UPDATE_CHART_README=1 $(CARGO) test --locked --quiet --test chart readme_values_table
+	UPDATE_DOCS=1 $(CARGO) test --locked --quiet --test docs_reference
 
 e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; node agent API watch, RBAC, annotation, Events)
 	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test agent_cluster -- --nocapture
