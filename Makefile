@@ -43,3 +43,6 @@ image: ## Build the operator image (Dockerfile; also runs the node agent and cle
 
 bench: ## Benchmarks (rendering a large fleet); prints medians
 	$(CARGO) bench --locked --bench render
+
+bench-agent: ## Node agent: config change -> file, mirror death -> withdrawal (medians; root for the blackhole case)
+	$(CARGO) bench --locked --bench agent
