@@ -453,3 +453,117 @@ fn dockerfile_puts_the_binary_where_pods_run_it() {
     assert!(chart_values.contains("repository: ghcr.io/mirrorfleet/mirrorfleet"));
     assert!(mirrorfleet::build::Settings::default().operator_image.starts_with("ghcr.io/mirrorfleet/mirrorfleet:"));
 }
+
+/// Unit tests of files/alerts.yaml, run by promtool: each alert fires on the series it is about,
+/// after its `for`, with its labels and rendered annotations, and stays quiet on healthy series.
+const ALERT_TESTS: &str = r#"
+evaluation_interval: 1m
+tests:
+- interval: 1m
+  input_series:
+  - series: 'mirrorfleet_registrymirror_status_condition{condition="Ready",namespace="mirrors",registrymirror="public",reason="ProxiesUnavailable"}'
+    values: '0x30'
+  - series: 'mirrorfleet_registrymirror_status_condition{condition="Ready",namespace="mirrors",registrymirror="ok",reason="Ready"}'
+    values: '1x30'
+  - series: 'mirrorfleet_registrymirror_nodes_desired{namespace="mirrors",registrymirror="public"}'
+    values: '12x40'
+  - series: 'mirrorfleet_registrymirror_nodes_configured{namespace="mirrors",registrymirror="public"}'
+    values: '9x40'
+  - series: 'mirrorfleet_registrymirror_nodes_desired{namespace="mirrors",registrymirror="ok"}'
+    values: '12x40'
+  - series: 'mirrorfleet_registrymirror_nodes_configured{namespace="mirrors",registrymirror="ok"}'
+    values: '12x40'
+  - series: 'mirrorfleet_registrymirror_last_cleanup_result{namespace="mirrors",registrymirror="public",result="Failed"}'
+    values: '1x10'
+  - series: 'mirrorfleet_registrymirror_last_cleanup_result{namespace="mirrors",registrymirror="ok",result="Failed"}'
+    values: '0x10'
+  - series: 'registry_http_requests_total{namespace="mirrors",mirror="public",upstream="dockerhub",code="200",handler="blob",method="get"}'
+    values: '0+90x40'
+  - series: 'registry_http_requests_total{namespace="mirrors",mirror="public",upstream="dockerhub",code="503",handler="blob",method="get"}'
+    values: '0+10x40'
+  - series: 'registry_http_requests_total{namespace="mirrors",mirror="public",upstream="ghcr",code="200",handler="blob",method="get"}'
+    values: '0+90x40'
+  - series: 'mirrorfleet_leader{pod="a"}'
+    values: '0x20'
+  - series: 'mirrorfleet_leader{pod="b"}'
+    values: '0x20'
+  alert_rule_test:
+  - eval_time: 10m
+    alertname: RegistryMirrorNotReady
+    exp_alerts: []
+  - eval_time: 20m
+    alertname: RegistryMirrorNotReady
+    exp_alerts:
+    - exp_labels: {severity: warning, condition: Ready, namespace: mirrors, registrymirror: public, reason: ProxiesUnavailable}
+      exp_annotations:
+        summary: RegistryMirror mirrors/public is not Ready
+        description: 'Ready has been False for 15 minutes (reason ProxiesUnavailable). Run `kubectl -n mirrors describe registrymirror public`: the conditions and Events say which part is missing.'
+  - eval_time: 25m
+    alertname: RegistryMirrorNodesUnconfigured
+    exp_alerts: []
+  - eval_time: 35m
+    alertname: RegistryMirrorNodesUnconfigured
+    exp_alerts:
+    - exp_labels: {severity: warning, namespace: mirrors, registrymirror: public}
+      exp_annotations:
+        summary: 3 nodes do not use RegistryMirror mirrors/public
+        description: "Nodes that should pull through the mirror have not applied its runtime config for 30 minutes; they pull from the upstream registries directly (or fail, when fallbackToUpstream is false). The node agents' Events and logs say why (for containerd, often a missing config_path)."
+  - eval_time: 8m
+    alertname: RegistryMirrorCleanupFailed
+    exp_alerts:
+    - exp_labels: {severity: warning, namespace: mirrors, registrymirror: public, result: Failed}
+      exp_annotations:
+        summary: The last cache cleanup of mirrors/public failed
+        description: "The cache keeps growing until a cleanup succeeds. See the cleanup Job's logs (`kubectl -n mirrors logs job/<the newest public-cleanup job>`) and status.lastCleanup.message."
+  - eval_time: 30m
+    alertname: RegistryMirrorUpstreamErrors
+    exp_alerts:
+    - exp_labels: {severity: warning, namespace: mirrors, mirror: public, upstream: dockerhub}
+      exp_annotations:
+        summary: 10% of requests to upstream dockerhub of mirrors/public fail
+        description: "The registry proxy answers with 5xx: the upstream registry errors, rate-limits or cannot be reached (check the proxy's logs and its credentialsSecretRef)."
+  - eval_time: 15m
+    alertname: MirrorfleetOperatorNoLeader
+    exp_alerts:
+    - exp_labels: {severity: critical}
+      exp_annotations:
+        summary: No mirrorfleet operator replica holds the leader Lease
+        description: "Nothing reconciles RegistryMirrors: spec changes, rotated credentials and node changes are not acted on. Check the operator Pods and their logs."
+"#;
+
+#[test]
+fn alerts_fire_as_documented_and_dashboard_queries_parse() {
+    let Some(promtool) = support::tool("promtool") else { return };
+    let alerts = chart().join("files/alerts.yaml");
+    let dir = support::tempdir();
+    let check = support::run(Command::new(&promtool).arg("check").arg("rules").arg(&alerts), Duration::from_secs(60));
+    assert!(check.status.success(), "promtool check rules:\n{}", support::describe_output(&check));
+
+    let tests = dir.path().join("alerts_test.yaml");
+    std::fs::write(&tests, format!("rule_files: [{:?}]\n{ALERT_TESTS}", alerts.display().to_string())).unwrap();
+    let out = support::run(Command::new(&promtool).arg("test").arg("rules").arg(&tests), Duration::from_secs(60));
+    assert!(out.status.success(), "promtool test rules:\n{}", support::describe_output(&out));
+
+    // Every dashboard query, with Grafana's variables filled in, parses as PromQL (as a recording
+    // rule, which promtool checks).
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("files/grafana-dashboard.json")).unwrap()).unwrap();
+    let mut rules = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "5m")
+                .replace("$namespace", ".*")
+                .replace("$mirror", ".*");
+            rules.push(json!({"record": format!("dashboard:panel{}:{}", panel["id"], target["refId"].as_str().unwrap()), "expr": expr}));
+        }
+    }
+    assert!(rules.len() > 20, "{} dashboard queries?", rules.len());
+    let file = dir.path().join("dashboard_rules.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&json!({"groups": [{"name": "dashboard", "rules": rules}]})).unwrap())
+        .unwrap();
+    let out = support::run(Command::new(&promtool).arg("check").arg("rules").arg(&file), Duration::from_secs(60));
+    assert!(out.status.success(), "dashboard queries do not parse:\n{}", support::describe_output(&out));
+}
