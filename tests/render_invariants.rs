@@ -189,14 +189,23 @@ fn pods_run_restricted_and_the_node_agent_exception_is_narrow() {
                 let host_paths: Vec<&Value> =
                     template["volumes"].as_array().into_iter().flatten().filter(|v| !v["hostPath"].is_null()).collect();
                 if node_agent {
-                    // Writable: only the runtime config dir. Read-only: containerd's config dir,
-                    // where the agent checks that containerd reads certs.d at all.
+                    // Writable: only the config dirs of the runtimes the spec enables. Read-only:
+                    // containerd's config dir, where the agent checks that containerd reads certs.d.
                     let mounts = template["containers"][0]["volumeMounts"].as_array().unwrap();
                     let read_only =
                         |v: &&&Value| mounts.iter().any(|m| m["name"] == v["name"] && m["readOnly"] == true);
                     let (ro, rw): (Vec<&Value>, Vec<&Value>) = host_paths.iter().partition(read_only);
-                    assert_eq!(rw.len(), 1, "{id}: only the runtime config dir is writable");
-                    assert_eq!(rw[0]["hostPath"]["path"], "/etc/containerd/certs.d");
+                    let node = r.mirror.spec.node_config.as_ref().unwrap();
+                    let mut want_rw = vec![node.containerd.certs_dir.clone()];
+                    want_rw.extend(node.crio.iter().map(|c| c.drop_in_dir.clone()));
+                    want_rw.extend(
+                        node.docker
+                            .iter()
+                            .map(|d| std::path::Path::new(&d.daemon_json).parent().unwrap().display().to_string()),
+                    );
+                    let rw: Vec<String> =
+                        rw.iter().map(|v| v["hostPath"]["path"].as_str().unwrap().to_string()).collect();
+                    assert_eq!(rw, want_rw, "{id}: writable host paths are the enabled runtimes' config dirs");
                     let ro: Vec<&str> = ro.iter().map(|v| v["hostPath"]["path"].as_str().unwrap()).collect();
                     assert_eq!(ro, ["/etc/containerd"], "{id}: read-only host paths");
                 } else {

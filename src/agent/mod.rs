@@ -118,6 +118,8 @@ pub fn main(args: AgentArgs) -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Pod logs are files, not terminals: no colour escapes in them.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
