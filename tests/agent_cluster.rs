@@ -11,6 +11,7 @@
 mod support;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,18 +35,24 @@ impl Drop for Namespace {
     }
 }
 
-fn render(ns: &str, endpoint: &str) -> Vec<Value> {
-    let spec = format!(
+fn render(ns: &str, endpoint: &str, client_auth: bool) -> Vec<Value> {
+    let mut spec = format!(
         "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: {MIRROR}, namespace: {ns}}}\n\
          spec:\n  upstreams: [{{name: dockerhub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}}]\n\
          \x20 nodeConfig: {{}}\n"
     );
+    if client_auth {
+        spec.push_str("  clientAuth: {usersSecretRef: {name: users}, nodeUser: nodes}\n");
+        spec.push_str(&format!(
+            "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: users, namespace: {ns}}}\nstringData: {{nodes: first-password}}\n"
+        ));
+    }
     let dir = tempdir();
     let file = dir.path().join("mirror.yaml");
     fs::write(&file, spec).unwrap();
     let out = run(
         Command::new(mirrorfleet_bin())
-            .args(["render", "-n", ns, "--endpoint", &format!("dockerhub={endpoint}")])
+            .args(["render", "--include-secrets", "-n", ns, "--endpoint", &format!("dockerhub={endpoint}")])
             .arg("-f")
             .arg(&file),
         Duration::from_secs(30),
@@ -55,6 +62,56 @@ fn render(ns: &str, endpoint: &str) -> Vec<Value> {
         .map(|d| serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// What the operator would create for the agent (its ServiceAccount, Role, RoleBinding, node
+/// config and, with client auth, node-auth Secret), exactly as rendered but with the certs dir
+/// moved to `certs`, plus the agent's Pod object (the fake kubelet "runs" it; the agent itself
+/// runs on this host). Owner references point at a RegistryMirror that does not exist here
+/// (the garbage collector would delete the objects), so they are dropped.
+fn deploy(ns: &str, endpoint: &str, certs: &Path, client_auth: bool) {
+    let mut docs = render(ns, endpoint, client_auth);
+    docs.retain(|d| {
+        let kind = d["kind"].as_str().unwrap_or_default();
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        matches!(kind, "ServiceAccount" | "Role" | "RoleBinding") && name == "e2e-node-agent"
+            || kind == "ConfigMap" && name == "e2e-node-config"
+            || kind == "Secret" && name == "e2e-node-auth"
+    });
+    assert_eq!(docs.len(), 4 + usize::from(client_auth), "rendered agent objects");
+    for d in &mut docs {
+        d["metadata"].as_object_mut().unwrap().remove("ownerReferences");
+        if d["kind"] == "ConfigMap" {
+            let mut config: Value = serde_json::from_str(d["data"][NODE_CONFIG_KEY].as_str().unwrap()).unwrap();
+            config["containerd"]["certsDir"] = json!(certs.display().to_string());
+            d["data"][NODE_CONFIG_KEY] = json!(serde_json::to_string_pretty(&config).unwrap() + "\n");
+        }
+    }
+    let stream: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
+    kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&stream));
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-node-agent-x, namespace: {ns}}}\nspec:\n  nodeName: {NODE}\n  \
+         serviceAccountName: e2e-node-agent\n  containers: [{{name: node-agent, image: mirrorfleet:test}}]\n"
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod));
+}
+
+/// `mirrorfleet node-agent` as the DaemonSet runs it, authenticated as its ServiceAccount.
+fn start_agent(ns: &str, dir: &Path, auth_secret: Option<&str>) -> Proc {
+    let kubeconfig = service_account_kubeconfig(ns, "e2e-node-agent", dir);
+    let mut cmd = Command::new(mirrorfleet_bin());
+    cmd.args(["node-agent", "--mirror", MIRROR, "--config-map", "e2e-node-config", "--resync-seconds", "5"])
+        .arg("--status-dir")
+        .arg(dir.join("status"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAMESPACE", ns)
+        .env("POD_NAME", "e2e-node-agent-x")
+        .env("NODE_NAME", NODE)
+        .env("RUST_LOG", "info");
+    if let Some(secret) = auth_secret {
+        cmd.args(["--auth-secret", secret]);
+    }
+    Proc::spawn("node-agent", cmd, &dir.join("agent.log"))
 }
 
 /// A kubeconfig that authenticates as the agent's ServiceAccount (a TokenRequest token).
@@ -125,46 +182,9 @@ fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
     let mirror = Upstream::start();
     let certs = tempdir();
 
-    // The agent's own RBAC and node config, exactly as rendered; the owner references point at
-    // a RegistryMirror that does not exist here (the garbage collector would delete them).
-    let mut docs = render(&ns.0, &mirror.url());
-    docs.retain(|d| {
-        let kind = d["kind"].as_str().unwrap_or_default();
-        let name = d["metadata"]["name"].as_str().unwrap_or_default();
-        matches!(kind, "ServiceAccount" | "Role" | "RoleBinding") && name == "e2e-node-agent"
-            || kind == "ConfigMap" && name == "e2e-node-config"
-    });
-    assert_eq!(docs.len(), 4, "rendered SA, Role, RoleBinding, node-config ConfigMap");
-    for d in &mut docs {
-        d["metadata"].as_object_mut().unwrap().remove("ownerReferences");
-        if d["kind"] == "ConfigMap" {
-            let mut config: Value = serde_json::from_str(d["data"][NODE_CONFIG_KEY].as_str().unwrap()).unwrap();
-            config["containerd"]["certsDir"] = json!(certs.path().display().to_string());
-            d["data"][NODE_CONFIG_KEY] = json!(serde_json::to_string_pretty(&config).unwrap() + "\n");
-        }
-    }
-    let stream: String = docs.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
-    kubectl_ok(&["apply", "-n", &ns.0, "-f", "-"], Some(&stream));
-    // The agent's Pod object (the fake kubelet "runs" it); the agent itself runs here.
-    let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: e2e-node-agent-x, namespace: {}}}\nspec:\n  nodeName: {NODE}\n  \
-         serviceAccountName: e2e-node-agent\n  containers: [{{name: node-agent, image: mirrorfleet:test}}]\n",
-        ns.0
-    );
-    kubectl_ok(&["apply", "-f", "-"], Some(&pod));
-
+    deploy(&ns.0, &mirror.url(), certs.path(), false);
     let dir = tempdir();
-    let kubeconfig = service_account_kubeconfig(&ns.0, "e2e-node-agent", dir.path());
-    let mut cmd = Command::new(mirrorfleet_bin());
-    cmd.args(["node-agent", "--mirror", MIRROR, "--config-map", "e2e-node-config", "--resync-seconds", "5"])
-        .arg("--status-dir")
-        .arg(dir.path().join("status"))
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAMESPACE", &ns.0)
-        .env("POD_NAME", "e2e-node-agent-x")
-        .env("NODE_NAME", NODE)
-        .env("RUST_LOG", "info");
-    let mut agent = Proc::spawn("node-agent", cmd, &dir.path().join("agent.log"));
+    let mut agent = start_agent(&ns.0, dir.path(), None);
     let hosts = certs.path().join("docker.io/hosts.toml");
     agent.wait_ready("docker.io/hosts.toml written", Duration::from_secs(20), || hosts.exists().then_some(()));
     assert!(fs::read_to_string(&hosts).unwrap().contains(&mirror.url()));
@@ -237,4 +257,42 @@ fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
     assert!(!hosts.exists(), "our file removed");
     assert!(certs.path().join("ghcr.io/hosts.toml").exists(), "the foreign file stays");
     assert!(!agent.log().contains("Forbidden"), "RBAC denied something:\n{}", agent.log());
+}
+
+#[test]
+fn client_auth_header_arrives_from_the_watched_secret_and_a_rotation_rewrites_it() {
+    if !support::kubectl::cluster_available() {
+        return;
+    }
+    if !tools_available(&["kubectl", "docker-registry"]) {
+        return;
+    }
+    let ns = Namespace(format!("agent-e2e-auth-{}", std::process::id()));
+    kubectl_ok(&["create", "namespace", &ns.0], None);
+    let mirror = Upstream::start();
+    let certs = tempdir();
+    deploy(&ns.0, &mirror.url(), certs.path(), true);
+    let dir = tempdir();
+    let mut agent = start_agent(&ns.0, dir.path(), Some("e2e-node-auth"));
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let first = basic_auth("nodes", "first-password");
+    agent.wait_ready("hosts.toml with the header", Duration::from_secs(20), || {
+        fs::read_to_string(&hosts).ok().filter(|t| t.contains(&first)).map(|_| ())
+    });
+    assert_eq!(fs::metadata(&hosts).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // The operator rotates the node password: the Secret changes, the file follows.
+    let second = basic_auth("nodes", "second-password");
+    let patch = json!({"stringData": {"authorization": second}});
+    let t0 = Instant::now();
+    kubectl_ok(&["patch", "secret", "e2e-node-auth", "-n", &ns.0, "--type", "merge", "-p", &patch.to_string()], None);
+    agent.wait_ready("rotated header", Duration::from_secs(10), || {
+        fs::read_to_string(&hosts).ok().filter(|t| t.contains(&second)).map(|_| ())
+    });
+    let took = t0.elapsed();
+    eprintln!("Secret change -> header rewritten in {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(!fs::read_to_string(&hosts).unwrap().contains(&first));
+    assert!(!agent.log().contains("Forbidden"), "RBAC denied something:\n{}", agent.log());
+    assert!(!agent.log().contains(&second), "the credential must not be logged");
 }
