@@ -33,8 +33,12 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	UPDATE_CHART_README=1 $(CARGO) test --locked --quiet --test chart readme_values_table
 	UPDATE_DOCS=1 $(CARGO) test --locked --quiet --test docs_reference
 
-e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; node agent API watch, RBAC, annotation, Events; helm install/uninstall)
-	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test agent_cluster --test chart_cluster -- --nocapture
+e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; the controller end to end; node agent API watch, RBAC, annotation, Events; helm install/uninstall)
+	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test e2e --test agent_cluster --test chart_cluster -- --nocapture --test-threads=1
+
+.PHONY: bench-cluster
+bench-cluster: ## Controller against $$KUBECONFIG: create->ready median of 20, API writes over BENCH_QUIET_SECONDS (600) of quiet, RSS at 100 mirrors
+	$(CARGO) bench --locked --bench cluster
 
 .PHONY: image
 IMAGE ?= ghcr.io/mirrorfleet/mirrorfleet:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

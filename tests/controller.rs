@@ -119,7 +119,7 @@ impl Harness {
 
     /// Changes the spec as a user would (generation bumps).
     fn edit_spec(&self, name: &str, f: impl FnOnce(&mut Value)) {
-        self.api.edit(MIRRORS, NS, name, "kubectl-edit", false, |m| {
+        self.api.edit(MIRRORS, NS, name, "kubectl-edit", None, |m| {
             f(&mut m["spec"]);
             let g = m["metadata"]["generation"].as_i64().unwrap();
             m["metadata"]["generation"] = json!(g + 1);
@@ -128,7 +128,7 @@ impl Harness {
 
     /// Marks a Deployment as a deployment controller would.
     fn set_ready(&self, deployment: &str, ready: i64) {
-        self.api.edit(DEPLOYMENTS, NS, deployment, "kube-controller-manager", true, |d| {
+        self.api.edit(DEPLOYMENTS, NS, deployment, "kube-controller-manager", Some("status"), |d| {
             let g = d["metadata"]["generation"].clone();
             d["status"] = json!({"observedGeneration": g, "replicas": ready, "readyReplicas": ready,
                                  "availableReplicas": ready, "updatedReplicas": ready});
@@ -274,7 +274,7 @@ async fn steady_state_reconcile_writes_nothing() {
     assert_eq!(h.metrics.api_writes_total(), counted);
 
     // Another controller writing status (ready counts) is not drift.
-    h.api.edit(DEPLOYMENTS, NS, "public-proxy-ghcr", "kube-controller-manager", true, |d| {
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-ghcr", "kube-controller-manager", Some("status"), |d| {
         d["status"]["observedGeneration"] = json!(1);
     });
     h.reconcile(&name).await.unwrap();
@@ -287,7 +287,7 @@ async fn hand_edit_is_restored_with_one_apply() {
     let name = h.public();
     h.reconcile(&name).await.unwrap();
     h.reconcile(&name).await.unwrap();
-    h.api.edit(DEPLOYMENTS, NS, "public-proxy-quay", "kubectl-edit", false, |d| {
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-quay", "kubectl-edit", None, |d| {
         d["spec"]["replicas"] = json!(7);
     });
     h.api.clear_requests();
@@ -297,6 +297,15 @@ async fn hand_edit_is_restored_with_one_apply() {
         applies(&child_writes(&writes).into_iter().cloned().collect::<Vec<_>>()),
         [("deployments".to_string(), "public-proxy-quay".to_string())]
     );
+    assert_eq!(h.api.get(DEPLOYMENTS, NS, "public-proxy-quay").unwrap()["spec"]["replicas"], json!(2));
+
+    // `kubectl scale` writes through the scale subresource: drift all the same.
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-quay", "kubectl", Some("scale"), |d| {
+        d["spec"]["replicas"] = json!(0);
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    assert!(applies(&h.api.writes()).contains(&("deployments".to_string(), "public-proxy-quay".to_string())));
     assert_eq!(h.api.get(DEPLOYMENTS, NS, "public-proxy-quay").unwrap()["spec"]["replicas"], json!(2));
 
     // A child deleted by hand comes back.
@@ -450,7 +459,7 @@ async fn missing_secret_or_key_writes_no_children_until_fixed() {
     assert!(!ready.message.contains("s3cret"), "a Secret value leaked: {}", ready.message);
 
     // Fixed: children appear, Ready moves on to what the proxies say.
-    h.api.edit(SECRETS, NS, "mirror-users", "kubectl", false, |s| {
+    h.api.edit(SECRETS, NS, "mirror-users", "kubectl", None, |s| {
         s["data"]["nodes"] = json!("bm9kZXMtcGFzcw==");
     });
     h.reconcile(&name).await.unwrap();
@@ -499,11 +508,11 @@ async fn rotated_credential_rolls_only_the_proxy_that_reads_it() {
     let text = sample("private-upstream").replace("dockerhub-creds", "corp-registry-creds");
     let name = h.load(&text);
     // The sample's dockerhub upstream reads keys user/token; give the shared Secret those too.
-    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", false, |s| {
+    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", None, |s| {
         s["data"]["user"] = json!("dQ==");
         s["data"]["token"] = json!("dA==");
     });
-    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+    h.api.edit(MIRRORS, NS, &name, "kubectl", None, |m| {
         m["spec"]["upstreams"][1]["credentialsSecretRef"]["name"] = json!("hub-creds");
     });
     h.api.insert(SECRETS, secret("hub-creds", &[("user", "u"), ("token", "t")]));
@@ -511,7 +520,7 @@ async fn rotated_credential_rolls_only_the_proxy_that_reads_it() {
     h.reconcile(&name).await.unwrap();
     let before = h.api.get(DEPLOYMENTS, NS, "corp-proxy-corp").unwrap();
 
-    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", false, |s| {
+    h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", None, |s| {
         s["data"]["password"] = json!("bmV3LXBhc3N3b3Jk");
     });
     h.api.clear_requests();
@@ -570,7 +579,7 @@ async fn deletion_waits_for_live_agents_then_releases_the_finalizer() {
     h.api.insert(PODS, agent_pod("agent-gone", "node-gone", "Running", None)); // its node no longer exists
     h.api.insert(PODS, agent_pod("agent-2", "node-2", "Pending", None)); // never ran
                                                                          // Delete: the finalizer holds the object.
-    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+    h.api.edit(MIRRORS, NS, &name, "kubectl", None, |m| {
         m["metadata"]["deletionTimestamp"] = json!(k8s_openapi::jiff::Timestamp::now().to_string());
     });
 
@@ -591,7 +600,7 @@ async fn deletion_waits_for_live_agents_then_releases_the_finalizer() {
     );
 
     // The live agent reports the removal: released, and the object goes.
-    h.api.edit(PODS, NS, "agent-1", "node-agent", false, |p| {
+    h.api.edit(PODS, NS, "agent-1", "node-agent", None, |p| {
         p["metadata"]["annotations"][APPLIED_CONFIG_ANNOTATION] = json!(sum);
     });
     h.reconcile(&name).await.unwrap();
@@ -605,7 +614,7 @@ async fn node_removal_times_out_with_a_warning_naming_the_nodes() {
     h.reconcile(&name).await.unwrap();
     h.api.insert(NODES, node("node-1"));
     h.api.insert(PODS, agent_pod("agent-1", "node-1", "Running", None));
-    h.api.edit(MIRRORS, NS, &name, "kubectl", false, |m| {
+    h.api.edit(MIRRORS, NS, &name, "kubectl", None, |m| {
         m["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     });
     h.api.clear_requests();
@@ -638,7 +647,7 @@ async fn dropping_node_config_keeps_the_agent_until_it_cleaned_up() {
     assert_eq!(h.condition(&name, "NodesConfigured").reason, "RemovingNodeConfig");
     assert!(h.mirror(&name).finalizers().iter().any(|f| f == FINALIZER));
 
-    h.api.edit(PODS, NS, "agent-1", "node-agent", false, |p| {
+    h.api.edit(PODS, NS, "agent-1", "node-agent", None, |p| {
         p["metadata"]["annotations"] = json!({APPLIED_CONFIG_ANNOTATION: sum});
     });
     h.reconcile(&name).await.unwrap();

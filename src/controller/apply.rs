@@ -85,7 +85,8 @@ pub fn fingerprint(meta: &ObjectMeta) -> u64 {
     let mut h = DefaultHasher::new();
     meta.uid.hash(&mut h);
     for entry in meta.managed_fields.iter().flatten() {
-        if entry.subresource.as_deref().is_some_and(|s| !s.is_empty()) {
+        // Status writes by other controllers are not drift; `scale` (kubectl scale) is.
+        if entry.subresource.as_deref() == Some("status") {
             continue;
         }
         entry.manager.hash(&mut h);
@@ -205,19 +206,29 @@ pub struct Applier<'a> {
     cache: &'a ApplyCache,
     live: &'a LiveChildren,
     /// `Kind/name` of every object applied (written) in this reconcile.
-    pub applied: Vec<String>,
+    applied: Mutex<Vec<String>>,
     /// `Kind/name` of every object deleted in this reconcile.
-    pub deleted: Vec<String>,
+    deleted: Mutex<Vec<String>>,
+    /// Desired hash of what this applier applied: `live` predates it.
+    done: Mutex<HashMap<ChildKey, u64>>,
 }
 
 impl<'a> Applier<'a> {
     pub fn new(client: &'a Client, namespace: &'a str, cache: &'a ApplyCache, live: &'a LiveChildren) -> Self {
-        Self { client, namespace, cache, live, applied: Vec::new(), deleted: Vec::new() }
+        Self {
+            client,
+            namespace,
+            cache,
+            live,
+            applied: Mutex::default(),
+            deleted: Mutex::default(),
+            done: Mutex::default(),
+        }
     }
 
     /// Applies every object of one kind that changed (concurrently); returns the applied
     /// objects as the API server answered, by name. Unchanged objects are skipped.
-    pub async fn apply<K: Child>(&mut self, objects: &[K]) -> Result<BTreeMap<String, K>> {
+    pub async fn apply<K: Child>(&self, objects: &[K]) -> Result<BTreeMap<String, K>> {
         let kind = K::kind(&());
         let mut pending = Vec::new();
         for obj in objects {
@@ -233,10 +244,12 @@ impl<'a> Applier<'a> {
             body["kind"] = kind.as_ref().into();
             let key = ChildKey { kind: kind_of::<K>(), namespace: self.namespace.to_string(), name: name.clone() };
             let desired = desired_hash(&body);
-            let unchanged = match (self.cache.get(&key), self.live.meta::<K>(&name)) {
-                (Some(rec), Some(live)) => rec.desired == desired && rec.live == fingerprint(live),
-                _ => false,
-            };
+            let done_now = self.done.lock().unwrap_or_else(|e| e.into_inner()).get(&key) == Some(&desired);
+            let unchanged = done_now
+                || match (self.cache.get(&key), self.live.meta::<K>(&name)) {
+                    (Some(rec), Some(live)) => rec.desired == desired && rec.live == fingerprint(live),
+                    _ => false,
+                };
             if !unchanged {
                 pending.push((key, name, body, desired));
             }
@@ -257,8 +270,9 @@ impl<'a> Applier<'a> {
         .await?;
         let mut out = BTreeMap::new();
         for (key, name, desired, applied) in results {
+            self.done.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), desired);
             self.cache.put(key, Record { desired, live: fingerprint(applied.meta()) });
-            self.applied.push(format!("{kind}/{name}"));
+            self.applied.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{kind}/{name}"));
             out.insert(name, applied);
         }
         Ok(out)
@@ -267,7 +281,7 @@ impl<'a> Applier<'a> {
     /// Deletes every live child of kind `K` that is not in `desired`, is controlled by the
     /// mirror with `owner_uid`, and is not `kept`.
     pub async fn delete_orphans<K: Child>(
-        &mut self,
+        &self,
         desired: &[K],
         owner_uid: &str,
         kept: impl Fn(&ObjectMeta) -> bool,
@@ -298,13 +312,15 @@ impl<'a> Applier<'a> {
                 namespace: self.namespace.to_string(),
                 name: name.clone(),
             });
-            self.deleted.push(format!("{}/{name}", K::kind(&())));
+            self.deleted.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}/{name}", K::kind(&())));
         }
         Ok(())
     }
 
-    pub fn wrote(&self) -> bool {
-        !self.applied.is_empty() || !self.deleted.is_empty()
+    /// `Kind/name` of what this reconcile applied and deleted.
+    pub fn into_writes(self) -> (Vec<String>, Vec<String>) {
+        let take = |m: Mutex<Vec<String>>| m.into_inner().unwrap_or_else(|e| e.into_inner());
+        (take(self.applied), take(self.deleted))
     }
 }
 

@@ -43,7 +43,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::RegistryMirror;
 use crate::build::meta::{APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY};
@@ -415,6 +415,8 @@ pub async fn run_controller(
                 Ok(_) => {}
                 // Reconcile errors are logged (with the mirror) where they happen.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A child of a deleted mirror changed (the garbage collector at work).
+                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => debug!(%obj, "mirror gone"),
                 Err(e) => warn!(error = %e, "controller"),
             }
         })

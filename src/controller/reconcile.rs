@@ -197,11 +197,30 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         Err(e) => return Err(report_problem(mirror, ctx, e.into()).await),
     };
 
-    // Apply. Services first: a new proxy's cluster IP exists only once its Service does, and
-    // the node config carries it; when it changed, build again.
-    let mut applier = Applier::new(&ctx.client, &ns, &ctx.cache, &live);
+    // Apply, in two concurrent waves. Nodes reach a proxy by its Service's cluster IP, which
+    // exists only once the Service does, so the first wave is everything except the node
+    // config and the workloads; when a cluster IP is new, the fleet is built again with it. The
+    // second wave is the node config and the workloads, after what they read.
+    let applier = Applier::new(&ctx.client, &ns, &ctx.cache, &live);
+    let node_config_name = names::node_config(mirror);
+    let (early_config_maps, _): (Vec<_>, Vec<_>) = fleet
+        .children
+        .config_maps
+        .iter()
+        .cloned()
+        .partition(|cm| cm.metadata.name.as_deref() != Some(node_config_name.as_str()));
+    let c = &fleet.children;
+    let (applied_services, ..) = futures::try_join!(
+        applier.apply(&c.services),
+        applier.apply(&c.service_accounts),
+        applier.apply(&c.roles),
+        applier.apply(&c.role_bindings),
+        applier.apply(&c.secrets),
+        applier.apply(&early_config_maps),
+        applier.apply(&c.persistent_volume_claims),
+    )?;
     let mut services = live.services.clone();
-    services.extend(applier.apply(&fleet.children.services).await?);
+    services.extend(applied_services);
     let endpoints = status::proxy_endpoints(mirror, &services);
     if endpoints != inputs.proxy_endpoints {
         inputs.proxy_endpoints = endpoints;
@@ -220,17 +239,23 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         daemon_sets,
         cron_jobs,
     } = fleet.children;
-    applier.apply(&service_accounts).await?;
-    applier.apply(&roles).await?;
-    applier.apply(&role_bindings).await?;
-    applier.apply(&secrets).await?;
-    applier.apply(&config_maps).await?;
-    applier.apply(&persistent_volume_claims).await?;
+    // Objects of the first wave are skipped here unless the second build changed them.
+    let (_, _, _, _, _, _, _, applied_deployments, applied_daemon_sets, _) = futures::try_join!(
+        applier.apply(&service_accounts),
+        applier.apply(&roles),
+        applier.apply(&role_bindings),
+        applier.apply(&secrets),
+        applier.apply(&config_maps),
+        applier.apply(&persistent_volume_claims),
+        applier.apply(&desired_services),
+        applier.apply(&deployments),
+        applier.apply(&daemon_sets),
+        applier.apply(&cron_jobs),
+    )?;
     let mut observed_deployments = live.deployments.clone();
-    observed_deployments.extend(applier.apply(&deployments).await?);
+    observed_deployments.extend(applied_deployments);
     let mut observed_daemon_sets: BTreeMap<String, DaemonSet> = live.daemon_sets.clone();
-    observed_daemon_sets.extend(applier.apply(&daemon_sets).await?);
-    applier.apply(&cron_jobs).await?;
+    observed_daemon_sets.extend(applied_daemon_sets);
 
     // Orphans: workloads first, then what they read. While node config is being removed the
     // node agent and its config stay, so the agents can clean up.
@@ -239,39 +264,21 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
             && meta.labels.as_ref().and_then(|l| l.get(LABEL_COMPONENT)).map(String::as_str)
                 == Some(Component::NodeAgent.as_str())
     };
-    applier.delete_orphans(&cron_jobs, &uid, keep).await?;
-    applier.delete_orphans(&daemon_sets, &uid, keep).await?;
-    applier.delete_orphans(&deployments, &uid, keep).await?;
-    applier.delete_orphans(&desired_services, &uid, keep).await?;
-    applier.delete_orphans(&persistent_volume_claims, &uid, keep).await?;
-    applier.delete_orphans(&config_maps, &uid, keep).await?;
-    applier.delete_orphans(&secrets, &uid, keep).await?;
-    applier.delete_orphans(&role_bindings, &uid, keep).await?;
-    applier.delete_orphans(&roles, &uid, keep).await?;
-    applier.delete_orphans(&service_accounts, &uid, keep).await?;
-    let (applied, deleted) = (std::mem::take(&mut applier.applied), std::mem::take(&mut applier.deleted));
-    if !applied.is_empty() {
-        info!(count = applied.len(), objects = ?applied, "applied");
-        ctx.event(
-            mirror,
-            EventType::Normal,
-            "Applied",
-            "Apply",
-            format!("applied {}: {}", applied.len(), applied.join(", ")),
-        )
-        .await;
-    }
-    if !deleted.is_empty() {
-        info!(objects = ?deleted, "deleted children the spec no longer asks for");
-        ctx.event(
-            mirror,
-            EventType::Normal,
-            "Deleted",
-            "Delete",
-            format!("deleted {}: {}", deleted.len(), deleted.join(", ")),
-        )
-        .await;
-    }
+    futures::try_join!(
+        applier.delete_orphans(&cron_jobs, &uid, keep),
+        applier.delete_orphans(&daemon_sets, &uid, keep),
+        applier.delete_orphans(&deployments, &uid, keep),
+    )?;
+    futures::try_join!(
+        applier.delete_orphans(&desired_services, &uid, keep),
+        applier.delete_orphans(&persistent_volume_claims, &uid, keep),
+        applier.delete_orphans(&config_maps, &uid, keep),
+        applier.delete_orphans(&secrets, &uid, keep),
+        applier.delete_orphans(&role_bindings, &uid, keep),
+        applier.delete_orphans(&roles, &uid, keep),
+        applier.delete_orphans(&service_accounts, &uid, keep),
+    )?;
+    let (applied, deleted) = applier.into_writes();
 
     // nodeConfig dropped from the spec: the node agents remove their files first.
     let mut removal_pending = None;
@@ -308,6 +315,18 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     };
     let new_status = status::observed_status(mirror, observed, &status::now());
     write_status(mirror, ctx, new_status).await?;
+
+    // Events last: they tell, they do not gate.
+    if !applied.is_empty() {
+        info!(count = applied.len(), objects = ?applied, "applied");
+        let note = format!("applied {}: {}", applied.len(), applied.join(", "));
+        ctx.event(mirror, EventType::Normal, "Applied", "Apply", note).await;
+    }
+    if !deleted.is_empty() {
+        info!(objects = ?deleted, "deleted children the spec no longer asks for");
+        let note = format!("deleted {}: {}", deleted.len(), deleted.join(", "));
+        ctx.event(mirror, EventType::Normal, "Deleted", "Delete", note).await;
+    }
     Ok(Action::requeue(requeue))
 }
 

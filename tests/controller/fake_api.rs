@@ -382,14 +382,22 @@ impl FakeApi {
     }
 
     /// Changes an object as another client would (`manager`), bumping resourceVersion and its
-    /// managedFields entry; `status: true` writes through the status subresource.
-    pub fn edit(&self, resource: &str, ns: &str, name: &str, manager: &str, status: bool, f: impl FnOnce(&mut Value)) {
+    /// managedFields entry, through `subresource` (`status`, `scale`) when given.
+    pub fn edit(
+        &self,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        manager: &str,
+        subresource: Option<&str>,
+        f: impl FnOnce(&mut Value),
+    ) {
         let mut st = self.state.lock().unwrap();
         let key = (resource.to_string(), ns.to_string(), name.to_string());
         let mut obj = st.objects.get(&key).cloned().unwrap_or_else(|| panic!("no {resource} {ns}/{name}"));
         f(&mut obj);
         obj["metadata"]["resourceVersion"] = json!(st.next_rv());
-        st.touch_managed(&mut obj, manager, "Update", status.then_some("status"));
+        st.touch_managed(&mut obj, manager, "Update", subresource);
         st.objects.insert(key, obj);
     }
 

@@ -1,0 +1,244 @@
+//! `make bench-cluster`: the controller against a real API server (`KUBECONFIG`).
+//!
+//! 1. Create -> converged for a 5-upstream mirror, median of 20 (`BENCH_LATENCY_RUNS`): the time
+//!    from the create request until the status says every child is applied and observed
+//!    (`observedGeneration` = 1 with all five upstreams listed, written after the last apply),
+//!    and until Ready=True (which also waits for the cluster's own controllers to schedule and
+//!    start the proxy Pods).
+//! 2. A fleet of 100 mirrors (`BENCH_FLEET`) of 5 upstreams each: time until every one has
+//!    converged (and how many are Ready: that needs room for 500 proxy Pods), then the
+//!    operator's API writes over a quiet period of `BENCH_QUIET_SECONDS` (default 600) with
+//!    nothing changing (target 0), and its resident memory (VmRSS, VmHWM).
+//!
+//! Runs the release binary of this crate with leader election on, scoped to a fresh namespace
+//! that is deleted at the end. Without `KUBECONFIG` it says so and exits 0.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client};
+use mirrorfleet::api::RegistryMirror;
+use serde_json::json;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn mirror(name: &str, ns: &str) -> RegistryMirror {
+    let upstreams: Vec<_> = (0..5)
+        .map(|i| json!({"name": format!("u{i}"), "registry": format!("registry{i}.example.com"), "remoteURL": format!("https://registry{i}.example.com")}))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "mirrorfleet.io/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"upstreams": upstreams, "proxy": {"replicas": 1}}
+    }))
+    .unwrap()
+}
+
+fn converged(m: Option<&RegistryMirror>) -> bool {
+    m.and_then(|m| m.status.as_ref()).is_some_and(|s| s.observed_generation == Some(1) && s.upstreams.len() == 5)
+}
+
+fn ready(m: Option<&RegistryMirror>) -> bool {
+    m.and_then(|m| m.status.as_ref())
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let ok = buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200");
+    ok.then_some(buf)
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    mirrorfleet::controller::metrics::sum_series(&http_get(port, "/metrics").unwrap_or_default(), name)
+}
+
+fn metric_f64(port: u16, name: &str) -> f64 {
+    http_get(port, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+struct Operator(Child);
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs benches once without --bench: nothing to do here.
+        println!("cluster bench: run it with `make bench-cluster`");
+        return Ok(());
+    }
+    if std::env::var_os("KUBECONFIG").is_none() {
+        println!("SKIP: no KUBECONFIG; the cluster benchmark needs a cluster");
+        return Ok(());
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let status = Command::new("kubectl")
+        .args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "installing the CRD");
+    Command::new("kubectl")
+        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"])
+        .stdout(Stdio::null())
+        .status()?;
+
+    let client = Client::try_default().await?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let ns = format!("mf-bench-{stamp}");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?).await?;
+    let result = run(&client, &ns).await;
+    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+    result
+}
+
+async fn run(client: &Client, ns: &str) -> anyhow::Result<()> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-operator.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_mirrorfleet"))
+        .args(["run", "--watch-namespace", ns, "--lease-namespace", ns, "--admin-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let pid = child.id();
+    let _operator = Operator(child);
+    let start = Instant::now();
+    while http_get(port, "/readyz").is_none() || metric(port, "mirrorfleet_leader") != 1 {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "operator not leading after 30s; see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("operator pid {pid}, admin :{port}, log {}", log.display());
+    let mirrors: Api<RegistryMirror> = Api::namespaced(client.clone(), ns);
+
+    // 1. create -> converged / Ready, one mirror at a time.
+    let runs = env_num("BENCH_LATENCY_RUNS", 20) as usize;
+    let (mut to_converged, mut to_ready) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let name = format!("lat-{i}");
+        let t0 = Instant::now();
+        mirrors.create(&PostParams::default(), &mirror(&name, ns)).await?;
+        tokio::time::timeout(Duration::from_secs(60), await_condition(mirrors.clone(), &name, converged)).await??;
+        to_converged.push(t0.elapsed());
+        tokio::time::timeout(Duration::from_secs(120), await_condition(mirrors.clone(), &name, ready)).await??;
+        to_ready.push(t0.elapsed());
+        mirrors.delete(&name, &DeleteParams::background()).await?;
+    }
+    println!(
+        "create -> children applied and status observed, 5 upstreams: median {} (min {}, max {}) over {runs}",
+        ms(median(to_converged.clone())),
+        ms(*to_converged.iter().min().unwrap()),
+        ms(*to_converged.iter().max().unwrap())
+    );
+    println!(
+        "create -> Ready=True (includes scheduling and the kubelet), 5 upstreams: median {} (min {}, max {})",
+        ms(median(to_ready.clone())),
+        ms(*to_ready.iter().min().unwrap()),
+        ms(*to_ready.iter().max().unwrap())
+    );
+
+    // 2. A fleet: all Ready, then quiet.
+    let fleet = env_num("BENCH_FLEET", 100) as usize;
+    let t0 = Instant::now();
+    for i in 0..fleet {
+        mirrors.create(&PostParams::default(), &mirror(&format!("fleet-{i}"), ns)).await?;
+    }
+    // Converged (every child applied, status observed), not Ready: Ready needs a running proxy
+    // Pod per upstream, and a small test cluster may not have room for 500 Pods (3 fake nodes
+    // hold 330); the controller's work is the same either way.
+    for i in 0..fleet {
+        let name = format!("fleet-{i}");
+        tokio::time::timeout(Duration::from_secs(900), await_condition(mirrors.clone(), &name, converged)).await??;
+    }
+    println!(
+        "{fleet} mirrors x 5 upstreams converged (children applied, status observed) after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    // Let the cluster's controllers finish scheduling what fits.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let list = mirrors.list(&Default::default()).await?;
+    let ready_count = list
+        .items
+        .iter()
+        .filter(|m| m.metadata.name.as_deref().is_some_and(|n| n.starts_with("fleet-")) && ready(Some(m)))
+        .count();
+    println!("{ready_count}/{fleet} fleet mirrors Ready (the rest wait for Pods the cluster cannot schedule)");
+    let (rss, hwm) = memory_kib(pid);
+    println!(
+        "operator memory with {fleet} mirrors: VmRSS {:.1} MiB, peak VmHWM {:.1} MiB",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+
+    let quiet = env_num("BENCH_QUIET_SECONDS", 600);
+    let writes_before = metric(port, "mirrorfleet_api_writes_total");
+    let reconciles_before = metric(port, "mirrorfleet_reconcile_total");
+    let lease_before = metric(port, "mirrorfleet_leader_lease_writes_total");
+    tokio::time::sleep(Duration::from_secs(quiet)).await;
+    let writes = metric(port, "mirrorfleet_api_writes_total") - writes_before;
+    let reconciles = metric(port, "mirrorfleet_reconcile_total") - reconciles_before;
+    let lease = metric(port, "mirrorfleet_leader_lease_writes_total") - lease_before;
+    let (rss_end, hwm_end) = memory_kib(pid);
+    println!(
+        "quiet {quiet} s, {fleet} unchanged mirrors: {writes} API writes by reconciles ({reconciles} reconciles ran); \
+         {lease} Lease renewals (leader election, counted apart)"
+    );
+    println!(
+        "operator memory after the quiet period: VmRSS {:.1} MiB, peak VmHWM {:.1} MiB",
+        rss_end as f64 / 1024.0,
+        hwm_end as f64 / 1024.0
+    );
+    let sum = metric_f64(port, "mirrorfleet_reconcile_duration_seconds_sum");
+    let count = metric_f64(port, "mirrorfleet_reconcile_duration_seconds_count");
+    if count > 0.0 {
+        println!("reconcile duration: mean {:.1} ms over {count} reconciles", sum / count * 1000.0);
+    }
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! Cluster tier (`make e2e`, needs `KUBECONFIG`): the operator binary against a real API server.
+//!
+//! Installs the CRD, runs `mirrorfleet run` (scoped to a fresh namespace), applies every sample
+//! with the Secrets it needs, waits for Ready, and then: a quiet period writes nothing; hand edits
+//! (`kubectl scale`, a patched ConfigMap, a deleted Service) are restored; a removed upstream's
+//! children go; a rotated credential rolls exactly the proxy that reads it; a standby replica
+//! takes over when the leader stops; deleting the mirrors removes every child and the finalizer.
+//!
+//! No container runs on the test cluster this was written for (a control plane with a fake
+//! kubelet that marks Pods Running/Ready), so no node agent really writes files: the test plays
+//! the agents by annotating their Pods with the applied-config checksum, exactly as the agent
+//! does. That shows the controller's half of the finalizer protocol, not the agent's.
+//!
+//! Without `KUBECONFIG` this test says so and passes; `make e2e` sets `MIRRORFLEET_E2E=1`, so a
+//! missing cluster fails there.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn cluster() -> bool {
+    let have = std::env::var_os("KUBECONFIG").is_some();
+    if !have {
+        assert!(std::env::var_os("MIRRORFLEET_E2E").is_none(), "MIRRORFLEET_E2E is set but KUBECONFIG is not");
+        eprintln!("SKIP: no KUBECONFIG; the cluster tier runs with `make e2e`");
+    }
+    have
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl is on PATH");
+    let mut pipe = child.stdin.take().unwrap();
+    if let Some(input) = stdin {
+        pipe.write_all(input.as_bytes()).unwrap();
+    }
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+fn must(args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(args, stdin);
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The object as JSON, or None when it does not exist.
+fn get(ns: &str, what: &str) -> Option<Value> {
+    let out = kubectl(&["-n", ns, "get", what, "-o", "json"], None);
+    if out.status.success() {
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("NotFound") || err.contains("not found"), "kubectl get {what}: {err}");
+        None
+    }
+}
+
+fn items(ns: &str, kinds: &str, selector: &str) -> Vec<Value> {
+    let out = must(&["-n", ns, "get", kinds, "-l", selector, "-o", "json"], None);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// Polls `f` until it returns Some, or fails after `timeout` naming `what`.
+fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            eprintln!("e2e: {what}: {:.1}s", start.elapsed().as_secs_f64());
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "e2e: timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn condition(mirror: &Value, type_: &str) -> Option<(String, String)> {
+    let c = mirror["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
+    Some((c["status"].as_str()?.to_string(), c["reason"].as_str()?.to_string()))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A tiny HTTP/1.0 GET: (status code, body).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    let (_, body) = http_get(port, "/metrics").expect("metrics answer");
+    mirrorfleet::controller::metrics::sum_series(&body, name)
+}
+
+/// One `mirrorfleet run` process; stopped with SIGTERM when dropped.
+struct Operator {
+    name: String,
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    fn start(name: &str, ns: &str) -> Self {
+        let port = free_port();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!("{ns}-{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_mirrorfleet"))
+            .args(["run", "--watch-namespace", ns, "--lease-namespace", ns, "--identity", name])
+            .args(["--admin-addr", &format!("127.0.0.1:{port}"), "--lease-duration-seconds", "6"])
+            .args(["--node-removal-timeout-seconds", "300"])
+            .env("RUST_LOG", "info,mirrorfleet=debug,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the operator");
+        eprintln!("e2e: operator {name} pid {} admin :{port} log {}", child.id(), log.display());
+        Operator { name: name.into(), child, port, log }
+    }
+
+    fn leader(&self) -> bool {
+        metric(self.port, "mirrorfleet_leader") == 1
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                panic!("operator {} did not stop within 20s of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- operator {} log (last lines) ---\n{}", self.name, self.tail());
+        }
+    }
+}
+
+/// Deletes the namespace and PVs of the run, also when the test fails.
+struct Cleanup {
+    ns: String,
+    pvs: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::env::var_os("MIRRORFLEET_E2E_KEEP").is_some() {
+            eprintln!("e2e: keeping namespace {}", self.ns);
+            return;
+        }
+        // Finalizers of mirrors left behind by a failure would hold the namespace forever.
+        let _ = kubectl(
+            &[
+                "-n",
+                &self.ns,
+                "patch",
+                "registrymirrors",
+                "--all",
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ],
+            None,
+        );
+        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+        for pv in &self.pvs {
+            let _ = kubectl(&["delete", "pv", pv, "--wait=false"], None);
+        }
+    }
+}
+
+fn apply_json(ns: &str, obj: &Value) {
+    must(&["-n", ns, "apply", "--server-side", "--field-manager", "e2e", "-f", "-"], Some(&obj.to_string()));
+}
+
+fn deployment_rolled_out(d: &Value) -> bool {
+    let st = &d["status"];
+    let want = d["spec"]["replicas"].as_i64().unwrap_or(1);
+    st["observedGeneration"] == d["metadata"]["generation"]
+        && st["updatedReplicas"].as_i64() == Some(want)
+        && st["readyReplicas"].as_i64() == Some(want)
+        && st["replicas"].as_i64() == Some(want)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn operator_keeps_fleets_converged_on_a_real_cluster() {
+    if !cluster() {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    must(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
+        ],
+        None,
+    );
+    must(&["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"], None);
+
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let ns = format!("mf-e2e-{stamp}");
+    must(&["create", "namespace", &ns], None);
+    let pvs: Vec<String> = (1..=2).map(|i| format!("{ns}-pv-{i}")).collect();
+    let _cleanup = Cleanup { ns: ns.clone(), pvs: pvs.clone() };
+    let ns = ns.as_str();
+
+    // The corp sample caches on ReadWriteOnce claims; the test cluster has no provisioner, so it
+    // gets two static volumes to bind to.
+    for pv in &pvs {
+        let obj = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": format!("/tmp/{pv}")},
+                     "claimRef": null}});
+        must(&["apply", "--server-side", "--field-manager", "e2e", "-f", "-"], Some(&obj.to_string()));
+    }
+
+    let mut a = Operator::start("operator-a", ns);
+    eventually("operator a ready", Duration::from_secs(30), || (http_get(a.port, "/readyz")?.0 == 200).then_some(()));
+    assert_eq!(http_get(a.port, "/livez").unwrap().0, 200);
+
+    // The Secrets the samples name but do not carry.
+    let dummy_pem = "-----BEGIN CERTIFICATE-----\nTUlSUk9SRkxFRVQ=\n-----END CERTIFICATE-----\n";
+    apply_json(
+        ns,
+        &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "mirror-tls"}, "stringData": {"tls.crt": dummy_pem, "tls.key": dummy_pem}}),
+    );
+    apply_json(
+        ns,
+        &json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "dockerhub-creds"}, "stringData": {"user": "e2e", "token": "e2e-token"}}),
+    );
+    let created = Instant::now();
+    for sample in ["public-mirrors", "minimal", "private-upstream"] {
+        let text = std::fs::read_to_string(format!("{root}/config/samples/{sample}.yaml")).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v.is_null() {
+                continue;
+            }
+            v["metadata"]["namespace"] = json!(ns);
+            apply_json(ns, &v);
+        }
+    }
+
+    // Ready: every child applied and every workload ready, as the status says.
+    for name in ["public", "minimal", "corp"] {
+        let m = eventually(&format!("{name} Ready"), TIMEOUT, || {
+            let m = get(ns, &format!("registrymirror/{name}"))?;
+            (condition(&m, "Ready")? == ("True".into(), "Ready".into())).then_some(m)
+        });
+        assert_eq!(m["status"]["observedGeneration"], m["metadata"]["generation"]);
+    }
+    eprintln!("e2e: all samples Ready {:.1}s after apply", created.elapsed().as_secs_f64());
+    let public = get(ns, "registrymirror/public").unwrap();
+    assert_eq!(public["status"]["upstreamsReady"], "5/5");
+    let nodes = must(&["get", "nodes", "-o", "name"], None).lines().count() as i64;
+    assert_eq!(public["status"]["nodes"], json!({"desired": nodes, "configured": nodes}), "{}", public["status"]);
+    for u in public["status"]["upstreams"].as_array().unwrap() {
+        assert!(u["endpoint"].as_str().unwrap().starts_with("http://"), "{u}");
+        assert_eq!(u["readyReplicas"], 2);
+    }
+    let corp = get(ns, "registrymirror/corp").unwrap();
+    assert_eq!(condition(&corp, "NodesConfigured").unwrap().1, "NoMatchingNodes");
+    assert!(public["metadata"]["finalizers"].as_array().unwrap().contains(&json!("mirrorfleet.io/node-config")));
+    assert!(get(ns, "registrymirror/minimal").unwrap()["metadata"]["finalizers"].is_null());
+    // The node config points at the proxies' cluster IPs.
+    let cm = get(ns, "configmap/public-node-config").unwrap();
+    let config: Value = serde_json::from_str(cm["data"]["node-config.json"].as_str().unwrap()).unwrap();
+    let svc = get(ns, "service/public-proxy-ghcr").unwrap();
+    let ghcr = config["registries"].as_array().unwrap().iter().find(|r| r["registry"] == "ghcr.io").unwrap();
+    assert_eq!(ghcr["mirror"], json!(format!("http://{}:5000", svc["spec"]["clusterIP"].as_str().unwrap())));
+
+    // Quiet: an unchanged fleet makes no writes.
+    let settle = Duration::from_secs(5);
+    std::thread::sleep(settle);
+    let before = metric(a.port, "mirrorfleet_api_writes_total");
+    let quiet = Duration::from_secs(
+        std::env::var("MIRRORFLEET_E2E_QUIET_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15),
+    );
+    std::thread::sleep(quiet);
+    let after = metric(a.port, "mirrorfleet_api_writes_total");
+    eprintln!("e2e: API writes during {quiet:?} of quiet: {}", after - before);
+    assert_eq!(after, before, "writes while nothing changed");
+
+    // Hand edits are restored.
+    must(&["-n", ns, "scale", "deployment/public-proxy-ghcr", "--replicas=5"], None);
+    eventually("scaled proxy restored to 2 replicas", Duration::from_secs(30), || {
+        (get(ns, "deployment/public-proxy-ghcr")?["spec"]["replicas"] == 2).then_some(())
+    });
+    must(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "configmap/public-proxy-quay",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"config.yml":"hacked: true\n"}}"#,
+        ],
+        None,
+    );
+    eventually("patched ConfigMap restored", Duration::from_secs(30), || {
+        let cm = get(ns, "configmap/public-proxy-quay")?;
+        (!cm["data"]["config.yml"].as_str()?.contains("hacked")).then_some(())
+    });
+    must(&["-n", ns, "delete", "service/public-proxy-k8s"], None);
+    eventually("deleted Service recreated", Duration::from_secs(30), || {
+        get(ns, "service/public-proxy-k8s").map(|_| ())
+    });
+
+    // A removed upstream's children go; the rest stays Ready.
+    let ups = public["spec"]["upstreams"].as_array().unwrap();
+    let gcr = ups.iter().position(|u| u["name"] == "gcr").unwrap();
+    must(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "registrymirror/public",
+            "--type=json",
+            "-p",
+            &format!(r#"[{{"op":"remove","path":"/spec/upstreams/{gcr}"}}]"#),
+        ],
+        None,
+    );
+    eventually("gcr proxy children deleted", Duration::from_secs(30), || {
+        let left = items(
+            ns,
+            "deployments,services,configmaps,persistentvolumeclaims",
+            "mirrorfleet.io/upstream=gcr,app.kubernetes.io/instance=public",
+        );
+        left.is_empty().then_some(())
+    });
+    eventually("public Ready with 4 upstreams", Duration::from_secs(30), || {
+        let m = get(ns, "registrymirror/public")?;
+        (m["status"]["upstreamsReady"] == "4/4"
+            && m["status"]["observedGeneration"] == m["metadata"]["generation"]
+            && condition(&m, "Ready")?.0 == "True")
+            .then_some(())
+    });
+    let cm = get(ns, "configmap/public-node-config").unwrap();
+    assert!(!cm["data"]["node-config.json"].as_str().unwrap().contains("gcr.io"));
+
+    // A rotated credential rolls the proxy that reads it, and only that one.
+    let corp_before = get(ns, "deployment/corp-proxy-corp").unwrap();
+    let hub_before = get(ns, "deployment/corp-proxy-dockerhub").unwrap();
+    must(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "secret/corp-registry-creds",
+            "--type=merge",
+            "-p",
+            r#"{"stringData":{"password":"rotated-token"}}"#,
+        ],
+        None,
+    );
+    let key = "mirrorfleet.io/secret-versions";
+    eventually("corp proxy rolled to the new credential", TIMEOUT, || {
+        let d = get(ns, "deployment/corp-proxy-corp")?;
+        let changed = d["spec"]["template"]["metadata"]["annotations"][key]
+            != corp_before["spec"]["template"]["metadata"]["annotations"][key];
+        (changed && deployment_rolled_out(&d)).then_some(())
+    });
+    let rs = items(ns, "replicasets", "mirrorfleet.io/upstream=corp,app.kubernetes.io/instance=corp");
+    assert!(rs.len() >= 2, "no new ReplicaSet: {}", rs.len());
+    let hub_after = get(ns, "deployment/corp-proxy-dockerhub").unwrap();
+    assert_eq!(hub_after["metadata"]["generation"], hub_before["metadata"]["generation"], "an unrelated proxy rolled");
+    assert!(!get(ns, "deployment/corp-proxy-corp").unwrap().to_string().contains("rotated-token"));
+
+    // Leader election: a standby takes over when the leader stops.
+    let b = Operator::start("operator-b", ns);
+    eventually("standby b ready and not leading", Duration::from_secs(30), || {
+        (http_get(b.port, "/readyz")?.0 == 200 && !b.leader()).then_some(())
+    });
+    assert!(a.leader());
+    let stopped = Instant::now();
+    let status = a.stop();
+    assert!(status.success(), "operator a exited with {status} after SIGTERM");
+    eventually("standby b leads", Duration::from_secs(20), || b.leader().then_some(()));
+    eprintln!("e2e: takeover {:.1}s after SIGTERM to the leader", stopped.elapsed().as_secs_f64());
+    must(&["-n", ns, "scale", "deployment/minimal-proxy-dockerhub", "--replicas=4"], None);
+    eventually("new leader restores a hand edit", Duration::from_secs(30), || {
+        (get(ns, "deployment/minimal-proxy-dockerhub")?["spec"]["replicas"] == 2).then_some(())
+    });
+
+    // Deleting a mirror with node config: the finalizer holds until every agent reported the
+    // removal config. The test plays the agents (no container runs here).
+    must(&["-n", ns, "delete", "registrymirror/public", "--wait=false"], None);
+    let checksum = eventually("removal config written", Duration::from_secs(30), || {
+        let cm = get(ns, "configmap/public-node-config")?;
+        let json = cm["data"]["node-config.json"].as_str()?.to_string();
+        let config: Value = serde_json::from_str(&json).ok()?;
+        (config["removing"] == true && config["registries"] == json!([]))
+            .then(|| mirrorfleet::build::node::node_config_checksum(&json))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let held = get(ns, "registrymirror/public").expect("the finalizer holds the mirror until the agents report");
+    assert_eq!(condition(&held, "Ready").unwrap().1, "RemovingNodeConfig");
+    let agents = items(ns, "pods", "app.kubernetes.io/instance=public,app.kubernetes.io/component=node-agent");
+    assert_eq!(agents.len() as i64, nodes);
+    for pod in &agents {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        must(
+            &[
+                "-n",
+                ns,
+                "annotate",
+                "--overwrite",
+                &format!("pod/{name}"),
+                &format!("{}={checksum}", mirrorfleet::build::node::APPLIED_CONFIG_ANNOTATION),
+            ],
+            None,
+        );
+    }
+    eventually("public deleted once the agents reported", Duration::from_secs(30), || {
+        get(ns, "registrymirror/public").is_none().then_some(())
+    });
+    let kinds = "deployments,daemonsets,services,configmaps,secrets,cronjobs,serviceaccounts,roles,rolebindings,persistentvolumeclaims";
+    eventually("every child of public garbage-collected", TIMEOUT, || {
+        items(ns, kinds, "app.kubernetes.io/instance=public").is_empty().then_some(())
+    });
+
+    for name in ["minimal", "corp"] {
+        must(&["-n", ns, "delete", &format!("registrymirror/{name}"), "--wait=false"], None);
+        eventually(&format!("{name} deleted"), Duration::from_secs(30), || {
+            get(ns, &format!("registrymirror/{name}")).is_none().then_some(())
+        });
+        eventually(&format!("every child of {name} garbage-collected"), TIMEOUT, || {
+            items(ns, kinds, &format!("app.kubernetes.io/instance={name}")).is_empty().then_some(())
+        });
+    }
+
+    let mut b = b;
+    let status = b.stop();
+    assert!(status.success(), "operator b exited with {status} after SIGTERM");
+}
