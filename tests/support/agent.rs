@@ -54,6 +54,16 @@ impl NodeAgent {
     /// Starts `mirrorfleet node-agent --mirror NAME --from-dir <dir> --status-dir <dir> EXTRA..`
     /// with `config` already in place (`None`: no config yet).
     pub fn start(mirror_name: &str, config: Option<&serde_json::Value>, extra: &[&str]) -> NodeAgent {
+        NodeAgent::start_with_env(mirror_name, config, extra, &[])
+    }
+
+    /// [`NodeAgent::start`] with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub fn start_with_env(
+        mirror_name: &str,
+        config: Option<&serde_json::Value>,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> NodeAgent {
         let dir = tempdir();
         let config_dir = dir.path().join("config");
         let status_dir = dir.path().join("status");
@@ -68,7 +78,8 @@ impl NodeAgent {
             .arg("--status-dir")
             .arg(&status_dir)
             .args(extra)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
         for var in ["POD_NAMESPACE", "POD_NAME", "MIRRORFLEET_CONFIG_MAP", "MIRRORFLEET_AUTH_SECRET"] {
             cmd.env_remove(var);
         }
