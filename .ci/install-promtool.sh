@@ -11,8 +11,8 @@ if command -v promtool >/dev/null 2>&1; then
   exit 0
 fi
 work="$(mktemp -d)"
-chmod 0755 "$work"   # apt-get download drops privileges to _apt
 trap 'rm -rf "$work"' EXIT
+# (apt warns that it downloads unsandboxed as root into a root-owned temp dir; harmless.)
 (cd "$work" && apt-get download prometheus >/dev/null)
 dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
 mkdir -p "$DEST"
