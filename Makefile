@@ -45,8 +45,9 @@ IMAGE ?= ghcr.io/mirrorfleet/mirrorfleet:$(shell sed -n 's/^version = "\(.*\)"/\
 image: ## Build the operator image (Dockerfile; also runs the node agent and cleanup jobs); IMAGE=... to rename
 	docker build --pull -t $(IMAGE) .
 
-bench: ## Benchmarks (rendering a large fleet); prints medians
+bench: ## Benchmarks: rendering a large fleet; pulls through proxy and edge (cold, warm, edge/direct ratio); medians
 	$(CARGO) bench --locked --bench render
+	$(CARGO) bench --locked --bench datapath
 
 bench-agent: ## Node agent: config change -> file, mirror death -> withdrawal (medians; root for the blackhole case)
 	$(CARGO) bench --locked --bench agent

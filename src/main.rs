@@ -29,6 +29,8 @@ enum Command {
     NodeAgent(mirrorfleet::agent::AgentArgs),
     /// Clean the caches of one RegistryMirror's proxies, one Deployment at a time (CronJob).
     Cleanup(mirrorfleet::cleanup::CleanupArgs),
+    /// Clean one proxy replica's cache before its registry starts (the proxies' init container).
+    CleanupReplica(mirrorfleet::cleanup::local::CleanupReplicaArgs),
     /// Readiness probe of the node agent: exit 0 only when the node is configured.
     NodeAgentReady(mirrorfleet::agent::ReadyArgs),
 }
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => mirrorfleet::controller::main(args),
         Command::Cleanup(args) => mirrorfleet::cleanup::main(args),
+        Command::CleanupReplica(args) => mirrorfleet::cleanup::local::main(args),
         Command::Crd => {
             print!("{}", mirrorfleet::api::crd::crd_yaml());
             ExitCode::SUCCESS

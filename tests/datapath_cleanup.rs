@@ -1,17 +1,20 @@
 //! Tier 2, issue 5: cache cleanup on real registry storage, as the rendered proxy pods do it.
 //!
 //! The cleanup Job (`mirrorfleet cleanup`) rolls each proxy Deployment with a cleanup request;
-//! every new replica's `cache-cleanup` init container cleans its storage before the registry
-//! starts (see `src/build/cleanup.rs`). These tests run that init container — the exact
-//! command and environment of the rendered Deployment, with only paths mapped to the test host
-//! (and `registry` -> `docker-registry`) — against the storage of a real Distribution 2.8 proxy
-//! that cached real pulls through the TLS edge, and they replay the rollout steps the
-//! Deployment controller would take, with clients pulling throughout:
+//! every new replica's `cache-cleanup` init container (`mirrorfleet cleanup-replica`, the
+//! operator image) cleans its storage before the registry starts (see `src/build/cleanup.rs`).
+//! These tests run that init container — the rendered args and env, with only the storage path
+//! mapped to the test host — with this build's binary against the storage of a real
+//! Distribution 2.8 proxy that cached real pulls through the TLS edge, check the result with
+//! Distribution's own `garbage-collect --dry-run`, and replay the rollout steps the Deployment
+//! controller would take while clients pull:
 //!
-//! - `garbageCollect` on a persistent claim (stopped registry, `Recreate`): superseded content
-//!   goes, disk usage falls by at least its size, a `garbage-collect --dry-run` afterwards
-//!   finds nothing left, tagged images still pull from the cache without upstream traffic, and
-//!   the superseded image still pulls (re-fetched upstream);
+//! - `garbageCollect` on a persistent claim (stopped registry, `Recreate`): after a tag moved
+//!   upstream, the superseded manifest and its layers go and disk usage falls by at least their
+//!   size; the registry's dry-run finds nothing left (no orphan blob, no untagged manifest);
+//!   tagged images pull from the cache without upstream traffic; the collected image still
+//!   pulls (re-fetched upstream); a cached multi-arch image keeps its platform manifest and
+//!   layers (Distribution's own `--delete-untagged` would delete them: shown here too);
 //! - `purge`: the cache is emptied and refilled from upstream on the next pull;
 //! - a rolling replacement (emptyDir, maxSurge 1 / maxUnavailable 0) while clients pull in a
 //!   loop and slow layer downloads are in flight on the replicas being replaced: no request
@@ -35,6 +38,7 @@ use k8s_openapi::api::core::v1::Container;
 use mirrorfleet::build::cleanup::{ReplicaCleanup, CLEANUP_INIT_CONTAINER, CLEANUP_REQUEST_ANNOTATION};
 use support::datapath::fleet::{count_access, CI_USER};
 use support::datapath::{Fleet, FleetOptions, Storage};
+use support::Skopeo;
 use support::*;
 
 fn init_container(fleet: &Fleet, upstream: &str) -> Container {
@@ -50,43 +54,46 @@ fn init_container(fleet: &Fleet, upstream: &str) -> Container {
         .clone()
 }
 
-/// Runs the rendered `cache-cleanup` init container for `request` on `storage` (registry
-/// config `config`), as the kubelet would start it in a new proxy pod, and returns its report.
-fn run_cleanup(fleet: &Fleet, upstream: &str, request: &str, config: &Path, storage: &Path) -> ReplicaCleanup {
+/// Sets the modification time of everything below `dir` to an hour ago: content older than
+/// the collector's safety margin (ten minutes), as a cache between pulls and a nightly run is.
+fn age(dir: &Path) {
+    let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                age(&e.path());
+            }
+            let _ = fs::File::open(e.path()).and_then(|f| f.set_modified(past));
+        }
+    }
+}
+
+/// Runs the rendered `cache-cleanup` init container for `request` on `storage`, as the kubelet
+/// would start it in a new proxy pod (the operator image: this build's `mirrorfleet`), and
+/// returns its report.
+fn run_cleanup(fleet: &Fleet, upstream: &str, request: &str, storage: &Path) -> ReplicaCleanup {
     let init = init_container(fleet, upstream);
-    let command = init.command.clone().unwrap();
-    assert_eq!(command[..2], ["/bin/sh".to_string(), "-c".to_string()], "the init container runs a sh script");
+    assert!(init.command.is_none(), "the operator image's entrypoint is mirrorfleet");
+    let args = init.args.clone().unwrap();
+    assert_eq!(args, ["cleanup-replica", "--storage-root", "/var/lib/registry"]);
     let mounts: BTreeMap<String, String> =
         init.volume_mounts.iter().flatten().map(|m| (m.mount_path.clone(), m.name.clone())).collect();
     assert_eq!(mounts.get("/var/lib/registry").map(String::as_str), Some("cache"), "{mounts:?}");
-    assert_eq!(mounts.get("/etc/mirrorfleet/registry").map(String::as_str), Some("config"), "{mounts:?}");
+    let env = init.env.clone().unwrap();
+    assert_eq!(env.len(), 1);
+    let field = env[0].value_from.as_ref().and_then(|f| f.field_ref.as_ref()).expect("downward API");
+    assert_eq!(env[0].name, "MIRRORFLEET_CLEANUP_REQUEST");
+    assert_eq!(field.field_path, format!("metadata.annotations['{CLEANUP_REQUEST_ANNOTATION}']"));
+    assert_eq!(init.termination_message_path.as_deref(), Some("/dev/termination-log"));
 
     let report_file = fleet.dir().join(format!("termination-log-{}", request.replace('/', "-")));
     let _ = fs::remove_file(&report_file);
-    let mut cmd = Command::new("sh");
-    cmd.args(&command[1..]).env_clear().env("PATH", std::env::var_os("PATH").unwrap());
-    for e in init.env.iter().flatten() {
-        let value = match e.name.as_str() {
-            "MIRRORFLEET_CLEANUP_REQUEST" => {
-                let field = e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).expect("downward API");
-                assert_eq!(field.field_path, format!("metadata.annotations['{CLEANUP_REQUEST_ANNOTATION}']"));
-                request.to_string()
-            }
-            "MIRRORFLEET_REGISTRY_CONFIG" => {
-                assert_eq!(e.value.as_deref(), Some("/etc/mirrorfleet/registry/config.yml"));
-                config.display().to_string()
-            }
-            "MIRRORFLEET_STORAGE_ROOT" => {
-                assert_eq!(e.value.as_deref(), Some("/var/lib/registry"));
-                storage.display().to_string()
-            }
-            other => panic!("unexpected init container env {other} for filesystem storage"),
-        };
-        cmd.env(&e.name, value);
-    }
-    // What the image provides: the termination log file and `registry` on PATH.
-    cmd.env("MIRRORFLEET_REPORT_FILE", &report_file);
-    cmd.env("MIRRORFLEET_REGISTRY_BIN", tool("docker-registry").unwrap());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mirrorfleet"));
+    cmd.args(&args[..2])
+        .arg(storage)
+        .arg("--report-file")
+        .arg(&report_file)
+        .env("MIRRORFLEET_CLEANUP_REQUEST", request);
     let out = run_ok(&mut cmd, Duration::from_secs(120));
     let message = fs::read_to_string(&report_file).expect("the init container wrote its termination message");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -123,16 +130,17 @@ fn layers(layout: &Path) -> Vec<String> {
     manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
 }
 
-/// `(blobs, manifests)` a `garbage-collect --dry-run --delete-untagged` would still delete.
-fn gc_dry_run(config: &Path) -> (u64, u64) {
-    let out = run_ok(
-        Command::new(tool("docker-registry").unwrap())
-            .args(["garbage-collect", "--dry-run", "--delete-untagged"])
-            .arg(config),
-        Duration::from_secs(60),
-    );
+/// `(blobs, manifests)` Distribution's `garbage-collect --dry-run [--delete-untagged]` would
+/// still delete: an independent check of the cache's consistency after a cleanup.
+fn gc_dry_run(config: &Path, delete_untagged: bool) -> (u64, u64) {
+    let mut cmd = Command::new(tool("docker-registry").unwrap());
+    cmd.args(["garbage-collect", "--dry-run"]);
+    if delete_untagged {
+        cmd.arg("--delete-untagged");
+    }
+    let out = run_ok(cmd.arg(config), Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let line = text.lines().find(|l| l.contains("eligible for deletion")).unwrap_or_else(|| panic!("{text}"));
+    let line = text.lines().find(|l| l.contains("blobs marked")).unwrap_or_else(|| panic!("{text}"));
     let nums: Vec<u64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     assert_eq!(nums.len(), 3, "{line}");
     (nums[1], nums[2])
@@ -178,17 +186,19 @@ fn garbage_collect_frees_superseded_content_keeps_tagged_images_and_refetches_on
     settle();
 
     let storage = fleet.cache_dir(hub);
-    // The pod's config file (the proxy's own copy goes when it is restarted).
     let config = fleet.dir().join("proxy-config.yml");
     fs::copy(fleet.proxy(hub).config_path(), &config).unwrap();
     for layer in layers(&old).iter().chain(&layers(&new)) {
         assert!(blob_path(&storage, layer).exists(), "{layer} cached before the cleanup");
     }
+    // The registry's own view: the superseded manifest is untagged garbage.
+    assert!(gc_dry_run(&config, true).1 >= 1, "the old manifest is untagged");
+    age(&storage);
     let bytes_before = tree_bytes(&storage);
 
     // Recreate: the old pod stops, the new pod's init container collects, the registry starts.
     fleet.stop_proxy(hub);
-    let report = run_cleanup(&fleet, hub, "garbageCollect/run1", &config, &storage);
+    let report = run_cleanup(&fleet, hub, "garbageCollect/run1", &storage);
     fleet.start_proxy(hub);
     eprintln!("cleanup report: {report:?}; files {bytes_before} B before");
 
@@ -204,7 +214,9 @@ fn garbage_collect_frees_superseded_content_keeps_tagged_images_and_refetches_on
     for layer in layers(&new).iter().chain(&layers(&keep)) {
         assert!(blob_path(&storage, layer).exists(), "tagged layer {layer} is kept");
     }
-    assert_eq!(gc_dry_run(&config), (0, 0), "the cache is consistent: nothing left to collect");
+    // Consistent by the registry's own tool: nothing unreferenced, no untagged manifest left.
+    assert_eq!(gc_dry_run(&config, false), (0, 0), "no orphan blob left");
+    assert_eq!(gc_dry_run(&config, true), (0, 0), "no untagged manifest left");
 
     // Tagged images pull from the cache without any upstream blob request.
     let gets = fleet.upstream_blob_gets(hub);
@@ -220,7 +232,7 @@ fn garbage_collect_frees_superseded_content_keeps_tagged_images_and_refetches_on
 
     // A later restart of the pod with the same request does not clean again.
     fleet.stop_proxy(hub);
-    let again = run_cleanup(&fleet, hub, "garbageCollect/run1", &config, &storage);
+    let again = run_cleanup(&fleet, hub, "garbageCollect/run1", &storage);
     fleet.start_proxy(hub);
     assert_eq!(again.action, "alreadyDone", "{again:?}");
 }
@@ -237,13 +249,10 @@ fn purge_empties_the_cache_and_the_next_pull_refills_it_from_upstream() {
     let digest = pull(&fleet, "docker.io/library/purged:v1", "first");
     settle();
     let storage = fleet.cache_dir(hub);
-    // The pod's config file (the proxy's own copy goes when it is restarted).
-    let config = fleet.dir().join("proxy-config.yml");
-    fs::copy(fleet.proxy(hub).config_path(), &config).unwrap();
     assert!(tree_bytes(&storage) > 2 * MIB as u64);
 
     fleet.stop_proxy(hub);
-    let report = run_cleanup(&fleet, hub, "purge/run1", &config, &storage);
+    let report = run_cleanup(&fleet, hub, "purge/run1", &storage);
     fleet.start_proxy(hub);
     assert_eq!(report.action, "purged", "{report:?}");
     assert!(report.bytes_before.unwrap() > 2 * MIB as u64, "{report:?}");
@@ -255,6 +264,11 @@ fn purge_empties_the_cache_and_the_next_pull_refills_it_from_upstream() {
     settle();
     assert!(fleet.upstream_blob_gets(hub) >= gets + 2, "refilled from upstream");
     assert!(tree_bytes(&storage) > 2 * MIB as u64, "and cached again");
+
+    // A failed cleanup is reported (with the reason), not fatal to the pod.
+    let broken = run_cleanup(&fleet, hub, "compact/run2", &storage);
+    assert_eq!(broken.action, "failed", "{broken:?}");
+    assert!(broken.error.as_deref().is_some_and(|e| e.contains("unknown cleanup policy")), "{broken:?}");
 }
 
 fn kill_term(pid: u32) {
@@ -348,9 +362,7 @@ fn rolling_cleanup_of_two_replicas_fails_no_request_and_completes_downloads_in_f
         let mut f = fleet.lock().unwrap();
         let storage = f.dir().join(format!("new-replica-{i}"));
         fs::create_dir_all(&storage).unwrap();
-        let config = f.dir().join(format!("new-replica-{i}.yml"));
-        fs::write(&config, f.proxy_config(hub, "127.0.0.1:1", &storage)).unwrap();
-        let report = run_cleanup(&f, hub, request, &config, &storage);
+        let report = run_cleanup(&f, hub, request, &storage);
         assert_eq!(report.action, "empty", "a new emptyDir replica has nothing to clean: {report:?}");
         let replica = f.start_replica(hub, &storage);
         current.push(replica.addr().to_string());
@@ -427,4 +439,85 @@ fn curl_direct(host: &str, port: u16, ca: &Path, path: &str, extra: &[&str]) -> 
     let status: u16 = String::from_utf8_lossy(&out.stdout[split + 1..]).trim().parse().unwrap();
     use sha2::Digest;
     Ok((status, body.len() as u64, format!("sha256:{}", hex::encode(sha2::Sha256::digest(body)))))
+}
+
+/// Writes `bytes` as a blob of an OCI layout; returns its digest.
+fn write_blob(layout: &Path, bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    format!("sha256:{hex}")
+}
+
+/// An OCI layout `dir/multi` whose one image is an index of two platform manifests (each with
+/// its own layer): what most Docker Hub images are. Returns (layout, index digest, [amd64, arm64]).
+fn multi_arch_image(dir: &Path) -> (PathBuf, String, [String; 2]) {
+    let amd64 = build_test_image(&dir.join("amd64"), "multi", 1, MIB / 2);
+    let arm64 = build_test_image(&dir.join("arm64"), "multi", 1, MIB / 2 + 512);
+    let layout = dir.join("multi");
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    fs::copy(amd64.join("oci-layout"), layout.join("oci-layout")).unwrap();
+    let mut entries = Vec::new();
+    let mut digests = Vec::new();
+    for (src, arch) in [(&amd64, "amd64"), (&arm64, "arm64")] {
+        for blob in fs::read_dir(src.join("blobs/sha256")).unwrap().flatten() {
+            fs::copy(blob.path(), layout.join("blobs/sha256").join(blob.file_name())).unwrap();
+        }
+        let digest = oci_manifest_digest(src);
+        let size = fs::metadata(src.join("blobs/sha256").join(&digest[7..])).unwrap().len();
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+            "platform": {"architecture": arch, "os": "linux"}}));
+        digests.push(digest);
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}))
+    .unwrap();
+    let index_digest = write_blob(&layout, &index);
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest, "size": index.len()}]});
+    fs::write(layout.join("index.json"), top.to_string()).unwrap();
+    (layout, index_digest, [digests[0].clone(), digests[1].clone()])
+}
+
+#[test]
+fn garbage_collect_keeps_the_platform_manifests_of_a_cached_multi_arch_image() {
+    if !support::datapath::fleet::available() {
+        return;
+    }
+    let mut fleet = Fleet::start(FleetOptions { cleanup_policy: "garbageCollect", storage: Storage::Pvc });
+    let hub = "dockerhub";
+    let (layout, index_digest, [amd64, _arm64]) = multi_arch_image(&fleet.dir().join("multi-src"));
+    let creds = format!("{}:{}", support::datapath::fleet::HUB_CREDS.0, support::datapath::fleet::HUB_CREDS.1);
+    let out = Skopeo::new().copy(
+        &format!("oci:{}", layout.display()),
+        &format!("docker://{}/library/multi:v1", fleet.upstream(hub).addr()),
+        &["--all", "--dest-tls-verify=false", "--dest-creds", &creds],
+    );
+    assert!(out.status.success(), "push the index: {}", describe_output(&out));
+    // A node pulls its platform: the proxy caches the (tagged) index, the amd64 manifest (not
+    // tagged itself) and its blobs.
+    assert_eq!(pull(&fleet, "docker.io/library/multi:v1", "multi"), amd64);
+    settle();
+    let storage = fleet.cache_dir(hub);
+    let config = fleet.dir().join("proxy-config.yml");
+    fs::copy(fleet.proxy(hub).config_path(), &config).unwrap();
+    assert!(blob_path(&storage, &index_digest).exists() && blob_path(&storage, &amd64).exists());
+    // Distribution's own `--delete-untagged` would take the platform manifest and its layers.
+    assert_eq!(gc_dry_run(&config, true), (2, 1), "2.8 would collect the amd64 manifest's blobs");
+    age(&storage);
+    let amd64_layers = layers(&fleet.dir().join("multi-src/amd64/multi"));
+
+    fleet.stop_proxy(hub);
+    let report = run_cleanup(&fleet, hub, "garbageCollect/multi", &storage);
+    assert_eq!(report.action, "garbageCollected", "{report:?}");
+    for digest in [&index_digest, &amd64].into_iter().chain(&amd64_layers) {
+        assert!(blob_path(&storage, digest).exists(), "{digest} of the cached multi-arch image survived the GC");
+    }
+    assert_eq!(gc_dry_run(&config, false), (0, 0), "no orphan blob left");
+    // With the upstream gone, the image still pulls: nothing of it was collected. (The proxy
+    // starts first: 2.8 panics at start when its remote is unreachable.)
+    fleet.start_proxy(hub);
+    fleet.upstream_mut(hub).stop();
+    assert_eq!(pull(&fleet, "docker.io/library/multi:v1", "multi-offline"), amd64);
 }

@@ -13,22 +13,33 @@
 //! 2. the Deployment rolls with its own strategy: `maxSurge 1, maxUnavailable 0` for emptyDir,
 //!    RWX claims and s3, so old replicas serve until each new one is ready; `Recreate` for a
 //!    ReadWriteOnce claim (one replica: a short gap, the same as any config change of it);
-//! 3. every new pod's init container `cache-cleanup` (the proxy image, [`CLEANUP_SCRIPT`]) runs
-//!    before the registry starts: `garbageCollect` runs `registry garbage-collect
-//!    --delete-untagged` on its storage, `purge` empties it; it writes a [`ReplicaCleanup`] as its
-//!    termination message and always exits 0, so a failed cleanup never keeps a proxy down;
+//! 3. every new pod's init container `cache-cleanup` (the operator image, `mirrorfleet
+//!    cleanup-replica`, see `crate::cleanup::local`) runs before the registry starts:
+//!    `garbageCollect` deletes what no tag of the cache reaches any more, `purge` empties the
+//!    storage; it writes a [`ReplicaCleanup`] as its termination message and always exits 0, so
+//!    a failed cleanup never keeps a proxy down;
 //! 4. the Job waits for the rollout, reads the new pods' [`ReplicaCleanup`]s, and moves on.
 //!
-//! What that frees, per storage kind:
+//! What `garbageCollect` frees: manifests no tag reaches any more (an old `latest` after the tag
+//! moved upstream) and every blob only they referenced, following image indexes to their
+//! platform manifests. It is not `registry garbage-collect`: without `--delete-untagged` that
+//! frees nearly nothing in a pull-through cache, and with it Distribution 2.8 deletes the
+//! platform manifests of every cached multi-arch image (untagged; only their index is) and their
+//! layers (`tests/datapath_cleanup.rs` shows both). The registry's own TTL expiry (a fixed 7 days
+//! in 2.8, `proxy.ttl` in 3.x) deletes expired blobs itself.
+//!
+//! What each storage kind frees:
 //! * emptyDir: the old pods' volumes, deleted with them (both policies; a new pod starts
 //!   empty, so `garbageCollect` on emptyDir is in effect a purge, one replica at a time);
 //! * persistentVolumeClaim (ReadWriteOnce, one replica, `Recreate`): the registry is stopped
 //!   while the init container collects, which is what Distribution's GC requires;
-//! * persistentVolumeClaim (ReadWriteMany) and s3: the first new replica collects the shared
-//!   storage while older replicas still serve from it. A proxy cache tolerates this: GC deletes
-//!   only blobs no manifest references, and a blob missing from the cache is fetched upstream
-//!   again. `purge` on s3 is refused (the registry has no tool to empty a bucket prefix; use a
-//!   bucket lifecycle rule).
+//! * persistentVolumeClaim (ReadWriteMany): the first new replica collects the shared storage
+//!   while older replicas still serve from it (the others find the request done). A proxy cache
+//!   tolerates this: only unreachable content goes, nothing younger than ten minutes is touched
+//!   (a pull may be writing it), and a blob missing from the cache is fetched upstream again;
+//! * s3: not cleaned. The operator image has no S3 client and `registry garbage-collect` is
+//!   unsafe here (see above); the Job refuses with a message saying so. A bucket lifecycle rule
+//!   is the way for now (untested: the tests have no S3 server).
 //!
 //! Proxies also stop gracefully (`http.draintimeout` plus a preStop pause, see `proxy.rs`), so a
 //! layer download in flight on a replacement's predecessor completes.
@@ -54,7 +65,7 @@ use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
 use super::meta::{self, names, Component};
-use super::proxy::{CONFIG_DIR, CONFIG_FILE, STORAGE_DIR};
+use super::proxy::STORAGE_DIR;
 use super::{pod, Settings};
 use crate::api::{CleanupSpec, RegistryMirror, StorageSpec};
 
@@ -80,61 +91,8 @@ pub fn storage_kind(storage: &StorageSpec) -> &'static str {
     }
 }
 
-/// POSIX sh run by the `cache-cleanup` init container (busybox in the registry images; the
-/// tests run it with the host's sh and `MIRRORFLEET_REGISTRY_BIN=docker-registry`).
-///
-/// Env: `MIRRORFLEET_CLEANUP_REQUEST` (`<policy>/<run id>`, empty = nothing to do),
-/// `MIRRORFLEET_REGISTRY_CONFIG`, `MIRRORFLEET_STORAGE_ROOT` (unset for s3),
-/// `MIRRORFLEET_REPORT_FILE` (default the termination log), `MIRRORFLEET_REGISTRY_BIN`.
-/// A request already carried out on this storage (a marker file holds the last one) is skipped,
-/// so a later restart of the pod does not purge a persistent cache again. Always exits 0.
-pub const CLEANUP_SCRIPT: &str = r#"set -u
-request="${MIRRORFLEET_CLEANUP_REQUEST:-}"
-config="${MIRRORFLEET_REGISTRY_CONFIG:-/etc/mirrorfleet/registry/config.yml}"
-root="${MIRRORFLEET_STORAGE_ROOT:-}"
-report="${MIRRORFLEET_REPORT_FILE:-/dev/termination-log}"
-registry="${MIRRORFLEET_REGISTRY_BIN:-registry}"
-policy="${request%%/*}"
-started=$(date +%s)
-usage() {
-  if [ -n "$root" ] && [ -d "$root" ]; then du -sk "$root" | awk '{ printf "%d", $1 * 1024 }'; else printf null; fi
-}
-emit() {
-  err=null
-  if [ -n "$3" ]; then err=""$(printf '%s' "$3" | tr -d '"\' | tr '
-' ' ' | cut -c1-300)""; fi
-  printf '{"request":"%s","action":"%s","bytesBefore":%s,"bytesAfter":%s,"seconds":%d,"error":%s}
-'     "$request" "$1" "$before" "$2" "$(( $(date +%s) - started ))" "$err" | tee "$report"
-  exit 0
-}
-before=null
-[ -z "$request" ] && emit none null ""
-marker="$root/.mirrorfleet-cleanup"
-if [ -n "$root" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$request" ]; then emit alreadyDone "$(usage)" ""; fi
-before=$(usage)
-case "$policy" in
-  garbageCollect)
-    if [ -n "$root" ] && [ ! -d "$root/docker/registry/v2/repositories" ]; then
-      action=empty
-    elif out=$("$registry" garbage-collect --delete-untagged "$config" 2>&1); then
-      action=garbageCollected
-      printf '%s
-' "$out" | tail -n 5
-    else
-      emit failed "$(usage)" "garbage-collect: $(printf '%s' "$out" | tail -n 3)"
-    fi ;;
-  purge)
-    [ -z "$root" ] && emit failed null "purge is not supported on s3 storage: use a bucket lifecycle rule"
-    rm -rf "$root/docker" || emit failed "$(usage)" "could not remove $root/docker"
-    action=purged ;;
-  *) emit failed "$before" "unknown cleanup policy '$policy'" ;;
-esac
-[ -n "$root" ] && printf '%s' "$request" > "$marker"
-emit "$action" "$(usage)" ""
-"#;
-
 /// What one new proxy replica's `cache-cleanup` init container reports (its termination
-/// message, written by [`CLEANUP_SCRIPT`]).
+/// message, written by `mirrorfleet cleanup-replica`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaCleanup {
@@ -142,8 +100,8 @@ pub struct ReplicaCleanup {
     pub request: String,
     /// `none`, `alreadyDone`, `empty`, `garbageCollected`, `purged` or `failed`.
     pub action: String,
-    /// Disk usage of the replica's storage before and after, in bytes (1 KiB granularity);
-    /// `None` for s3.
+    /// Disk usage (allocated blocks) of the replica's storage before and after, in bytes;
+    /// `None` when there was nothing to measure.
     pub bytes_before: Option<u64>,
     pub bytes_after: Option<u64>,
     pub seconds: u64,
@@ -230,43 +188,31 @@ impl CleanupReport {
     }
 }
 
-/// The `cache-cleanup` init container of a proxy Deployment (only when `spec.cleanup` is set).
-pub fn cleanup_init_container(mirror: &RegistryMirror, env: &[EnvVar], mounts: &[VolumeMount]) -> Container {
-    let spec = &mirror.spec;
-    let mut env = env.to_vec();
-    env.push(EnvVar {
-        name: "MIRRORFLEET_CLEANUP_REQUEST".into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: format!("metadata.annotations['{CLEANUP_REQUEST_ANNOTATION}']"),
-                api_version: None,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    env.push(EnvVar {
-        name: "MIRRORFLEET_REGISTRY_CONFIG".into(),
-        value: Some(format!("{CONFIG_DIR}/{CONFIG_FILE}")),
-        ..Default::default()
-    });
-    if spec.proxy.storage.s3.is_none() {
-        env.push(EnvVar {
-            name: "MIRRORFLEET_STORAGE_ROOT".into(),
-            value: Some(STORAGE_DIR.into()),
-            ..Default::default()
-        });
-    }
+/// The `cache-cleanup` init container of a proxy Deployment, for filesystem storage (emptyDir,
+/// persistentVolumeClaim) when `spec.cleanup` is set: the operator image running `mirrorfleet
+/// cleanup-replica` on the cache volume, with the request from the pod template annotation.
+pub fn cleanup_init_container(mirror: &RegistryMirror, settings: &Settings, cache_mount: &VolumeMount) -> Container {
+    let (_, tmp_mount) = pod::tmp_volume();
     Container {
         name: CLEANUP_INIT_CONTAINER.into(),
-        image: Some(spec.proxy.image.clone()),
-        command: Some(vec!["/bin/sh".into(), "-c".into(), CLEANUP_SCRIPT.into()]),
-        env: Some(env),
-        resources: spec.proxy.resources.clone(),
+        image: Some(settings.operator_image.clone()),
+        args: Some(vec!["cleanup-replica".into(), "--storage-root".into(), STORAGE_DIR.into()]),
+        env: Some(vec![EnvVar {
+            name: "MIRRORFLEET_CLEANUP_REQUEST".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{CLEANUP_REQUEST_ANNOTATION}']"),
+                    api_version: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        resources: mirror.spec.proxy.resources.clone(),
         security_context: Some(pod::restricted_container_security()),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         termination_message_policy: Some("File".into()),
-        volume_mounts: Some(mounts.to_vec()),
+        volume_mounts: Some(vec![cache_mount.clone(), tmp_mount]),
         ..Default::default()
     }
 }

@@ -143,7 +143,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
     for upstream in &spec.upstreams {
         let config = proxy::registry_config(mirror, upstream);
         c.config_maps.push(proxy::proxy_config_map(mirror, upstream, &config));
-        c.deployments.push(proxy::proxy_deployment(mirror, upstream, &config, htpasswd.as_deref(), inputs));
+        c.deployments.push(proxy::proxy_deployment(mirror, upstream, &config, htpasswd.as_deref(), inputs, settings));
         c.services.push(proxy::proxy_service(mirror, upstream));
         c.persistent_volume_claims.extend(proxy::proxy_pvc(mirror, upstream));
         files.insert(format!("proxy/{}/{}", upstream.name, proxy::CONFIG_FILE), config);

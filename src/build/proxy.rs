@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::meta::{self, names, Component};
-use super::{cleanup, pod, Inputs};
+use super::{cleanup, pod, Inputs, Settings};
 use crate::api::{RegistryMirror, Upstream};
 
 pub const REGISTRY_PORT: i32 = 5000;
@@ -165,6 +165,7 @@ pub fn proxy_deployment(
     config: &str,
     htpasswd: Option<&str>,
     inputs: &Inputs,
+    settings: &Settings,
 ) -> Deployment {
     let spec = &mirror.spec;
     let name = names::proxy(mirror, &upstream.name);
@@ -250,13 +251,12 @@ pub fn proxy_deployment(
         timeout_seconds: Some(3),
         ..Default::default()
     };
-    // With a cleanup schedule, each new replica cleans its storage before serving (see
-    // cleanup.rs); it needs the same storage env (s3 credentials) and mounts as the registry.
-    let init_containers = spec.cleanup.as_ref().map(|_| {
-        let storage_env: Vec<EnvVar> =
-            env.iter().filter(|e| e.name.starts_with("REGISTRY_STORAGE_")).cloned().collect();
-        vec![cleanup::cleanup_init_container(mirror, &storage_env, &mounts)]
-    });
+    // With a cleanup schedule, each new replica cleans its filesystem cache before serving
+    // (see cleanup.rs; s3 is not cleaned).
+    let init_containers = match (&spec.cleanup, mounts.iter().find(|m| m.mount_path == STORAGE_DIR)) {
+        (Some(_), Some(cache)) => Some(vec![cleanup::cleanup_init_container(mirror, settings, cache)]),
+        _ => None,
+    };
     let container = Container {
         name: "registry".into(),
         image: Some(spec.proxy.image.clone()),

@@ -11,6 +11,7 @@
 //! cluster: the Deployment controller's rollout itself, kube-proxy's endpoint propagation (the
 //! preStop pause covers it), and the kubelet deleting an emptyDir with its pod.
 
+pub mod local;
 pub mod rollout;
 
 use std::path::PathBuf;
@@ -111,11 +112,11 @@ fn failed_before_start(args: &CleanupArgs, message: String) -> CleanupReport {
 
 /// Cleans every Deployment in turn and returns the report (never fails: failures are in it).
 pub async fn run(client: Client, args: &CleanupArgs) -> CleanupReport {
-    if args.policy == "purge" && args.storage == "s3" {
+    if args.storage == "s3" {
         let report = failed_before_start(
             args,
-            "purge is not supported on s3 storage (the registry cannot empty a bucket prefix); \
-             use garbageCollect or a bucket lifecycle rule"
+            "cleanup of s3 storage is not implemented: the operator image has no S3 client and \
+             `registry garbage-collect` is unsafe for a pull-through cache; use a bucket lifecycle rule"
                 .into(),
         );
         record_event(&client, args, &report).await;
