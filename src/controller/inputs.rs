@@ -29,7 +29,9 @@ pub fn secret_uses(mirror: &RegistryMirror) -> Vec<SecretUse> {
         uses.push(SecretUse {
             field: "spec.clientAuth.usersSecretRef".into(),
             name: auth.users_secret_ref.name.clone(),
-            keys: auth.node_user.iter().cloned().collect(),
+            // The node user's key is checked with the users themselves (build::validate_inputs),
+            // which names spec.clientAuth.nodeUser.
+            keys: Vec::new(),
         });
     }
     for (i, u) in spec.upstreams.iter().enumerate() {

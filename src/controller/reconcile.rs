@@ -174,7 +174,9 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     // cannot act on, except the status and an Event saying why.
     let prepared = async {
         crate::api::validate::validate(mirror)?;
-        read_inputs(&ctx.client, mirror).await
+        let inputs = read_inputs(&ctx.client, mirror).await?;
+        build::validate_inputs(mirror, &inputs)?;
+        Ok::<_, Error>(inputs)
     }
     .await;
     let mut inputs = match prepared {

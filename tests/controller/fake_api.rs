@@ -51,6 +51,8 @@ struct State {
     uid: u64,
     clock: u64,
     requests: Vec<Recorded>,
+    /// Resources (`group/version/plural`) the server does not serve, like a CRD not installed.
+    unserved: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -215,6 +217,9 @@ impl State {
         body: Option<Value>,
     ) -> Response<Body> {
         let Some(p) = parse_path(path) else { return status_response(404, "NotFound", "unknown path") };
+        if self.unserved.contains(&p.resource) {
+            return status_response(404, "NotFound", "the server could not find the requested resource");
+        }
         let key = |name: &str| (p.resource.clone(), p.namespace.clone(), name.to_string());
         match (method, &p.name) {
             ("GET", None) => {
@@ -399,6 +404,11 @@ impl FakeApi {
         obj["metadata"]["resourceVersion"] = json!(st.next_rv());
         st.touch_managed(&mut obj, manager, "Update", subresource);
         st.objects.insert(key, obj);
+    }
+
+    /// Stops serving `resource`, as an API server without the CRD.
+    pub fn unserve(&self, resource: &str) {
+        self.state.lock().unwrap().unserved.push(resource.to_string());
     }
 
     pub fn remove(&self, resource: &str, ns: &str, name: &str) {
