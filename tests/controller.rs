@@ -748,3 +748,24 @@ async fn every_invalid_spec_of_the_table_is_refused_without_writing_children() {
     }
     assert!(checked >= 20, "only {checked} cases reached the reconcile");
 }
+
+#[tokio::test]
+async fn a_refused_child_shows_in_ready_and_backs_off() {
+    let h = harness();
+    let name = h.load(&sample("minimal"));
+    h.api.refuse(DEPLOYMENTS, "admission webhook \"policy.example.com\" denied the request: no :latest");
+    let err = h.reconcile(&name).await.unwrap_err();
+    assert_eq!(err.reason(), "Rejected");
+    assert_eq!(err.class(), ErrorClass::Transient);
+    let ready = h.condition(&name, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Rejected"));
+    assert!(ready.message.contains("policy.example.com"), "{}", ready.message);
+    assert!(event_reasons(&h.api.writes()).contains(&("Warning".to_string(), "Rejected".to_string())));
+    let policy = format!("{:?}", error_policy(Arc::new(h.mirror(&name)), &err, h.ctx.clone()));
+    assert_eq!(policy, format!("{:?}", Action::requeue(Duration::from_secs(1))));
+    // The same refusal again: no new status, no new Event.
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap_err();
+    let writes = h.api.writes();
+    assert!(writes.iter().all(|w| w.resource() == "deployments"), "{writes:#?}");
+}

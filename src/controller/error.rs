@@ -71,6 +71,12 @@ impl Error {
         }
     }
 
+    /// The API server refused a write for a reason a retry will not fix by itself (admission,
+    /// quota, RBAC): worth a Ready=False and an Event, while retries go on.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::Api { source: kube::Error::Api(s), .. } if matches!(s.code, 403 | 422))
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::InvalidSpec(_) | Error::SecretMissing { .. } | Error::SecretKeyMissing { .. } => {

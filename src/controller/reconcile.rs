@@ -126,7 +126,16 @@ pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result
         ctx.metrics.reconciles.inc();
         ctx.metrics.in_flight.inc();
         let started = Instant::now();
-        let result = reconcile_mirror(&mirror, &ctx).await;
+        let mut result = reconcile_mirror(&mirror, &ctx).await;
+        // The API server refusing a child (an admission webhook, a quota, missing RBAC) will not
+        // go away by itself: say so in the status, then retry with backoff all the same.
+        if let Err(e) = result {
+            result = Err(if e.is_refusal() && mirror.metadata.deletion_timestamp.is_none() {
+                report_problem(&mirror, &ctx, e).await
+            } else {
+                e
+            });
+        }
         ctx.metrics.in_flight.dec();
         ctx.metrics.observe_reconcile(started.elapsed(), result.as_ref().err().map(Error::reason));
         match &result {

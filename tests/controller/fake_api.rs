@@ -53,6 +53,8 @@ struct State {
     requests: Vec<Recorded>,
     /// Resources (`group/version/plural`) the server does not serve, like a CRD not installed.
     unserved: Vec<String>,
+    /// Resources whose writes an admission webhook refuses (422), with its message.
+    refused: Vec<(String, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -219,6 +221,11 @@ impl State {
         let Some(p) = parse_path(path) else { return status_response(404, "NotFound", "unknown path") };
         if self.unserved.contains(&p.resource) {
             return status_response(404, "NotFound", "the server could not find the requested resource");
+        }
+        if method != "GET" {
+            if let Some((_, message)) = self.refused.iter().find(|(r, _)| *r == p.resource) {
+                return status_response(422, "Invalid", message);
+            }
         }
         let key = |name: &str| (p.resource.clone(), p.namespace.clone(), name.to_string());
         match (method, &p.name) {
@@ -404,6 +411,11 @@ impl FakeApi {
         obj["metadata"]["resourceVersion"] = json!(st.next_rv());
         st.touch_managed(&mut obj, manager, "Update", subresource);
         st.objects.insert(key, obj);
+    }
+
+    /// Refuses every write to `resource` with 422 and `message`, as an admission webhook would.
+    pub fn refuse(&self, resource: &str, message: &str) {
+        self.state.lock().unwrap().refused.push((resource.to_string(), message.to_string()));
     }
 
     /// Stops serving `resource`, as an API server without the CRD.
