@@ -16,7 +16,7 @@ render: ## Render the embedded sample fleet to ./rendered (no cluster needed)
 	$(CARGO) run --release --locked -- render -o rendered
 
 test: ## All tests: fast ones plus the real data plane (tools missing locally are skipped loudly; under CI=true they fail)
-	$(CARGO) test --locked --all-targets -- --test-threads=2
+	$(CARGO) test --locked --tests -- --test-threads=2
 
 test-fast: ## Only the fast tests (builders, CRD drift, bad input)
 	$(CARGO) test --locked --lib --test crd_drift --test render_golden --test render_invariants --test invalid_specs
