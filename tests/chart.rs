@@ -14,12 +14,11 @@ mod support;
 #[path = "chart/values_doc.rs"]
 mod values_doc;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory};
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -211,82 +210,21 @@ fn readme_values_table_matches_values_yaml() {
     assert!(readme == updated, "charts/mirrorfleet/README.md's values table is stale; run `make generate`");
 }
 
-/// Env vars `mirrorfleet run` reads, from its clap definition.
-fn run_env_vars() -> BTreeMap<String, Option<String>> {
-    let cmd = mirrorfleet::controller::RunArgs::augment_args(clap::Command::new("run"));
-    cmd.get_arguments()
-        .filter_map(|a| {
-            let env = a.get_env()?.to_str()?.to_string();
-            let default = a.get_default_values().first().and_then(|d| d.to_str()).map(String::from);
-            Some((env, default))
-        })
-        .collect()
-}
-
 #[test]
 fn deployment_matches_mirrorfleet_run_and_is_restricted() {
     let Some(helm) = support::tool("helm") else { return };
-    // The binary takes `run` (the clap subcommand the Deployment's args name).
-    #[derive(clap::Parser)]
-    struct Probe {
-        #[command(subcommand)]
-        _c: Option<ProbeCmd>,
-    }
-    #[derive(clap::Subcommand)]
-    enum ProbeCmd {
-        Run(mirrorfleet::controller::RunArgs),
-    }
-    Probe::command().debug_assert();
-    let flags = run_env_vars();
+    let flags = k8s::run_env_vars();
     assert!(flags.contains_key("MIRRORFLEET_ADMIN_ADDR"), "{flags:?}");
 
     for values in values_files() {
         let docs = template(&helm, values.as_deref(), &[]);
         let dep = find(&docs, "Deployment", "mirrorfleet");
-        let pod = &dep["spec"]["template"]["spec"];
-        let c = &pod["containers"][0];
-        assert_eq!(c["args"], json!(["run"]));
-        // Every env var the chart sets is one `mirrorfleet run` reads (a typo would be ignored
-        // silently), except the well-known ones the process reads itself.
-        let env: BTreeMap<String, Value> =
-            c["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_string(), e.clone())).collect();
-        assert_eq!(env.len(), c["env"].as_array().unwrap().len(), "duplicate env vars");
-        for name in env.keys() {
-            assert!(
-                flags.contains_key(name) || ["RUST_LOG", "RUST_BACKTRACE", "POD_NAMESPACE"].contains(&name.as_str()),
-                "the chart sets {name}, which `mirrorfleet run` does not read"
-            );
-        }
-        for needed in ["POD_NAME", "POD_NAMESPACE", "MIRRORFLEET_OPERATOR_IMAGE", "MIRRORFLEET_LEADER_ELECT"] {
-            assert!(env.contains_key(needed), "{needed} not set");
-        }
-        // The admin server listens where the probes and the Service look.
-        let addr = env["MIRRORFLEET_ADMIN_ADDR"]["value"].as_str().unwrap();
-        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-        let admin = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "admin").expect("admin port");
-        assert_eq!(admin["containerPort"], json!(port));
-        for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz"), ("startupProbe", "/livez")] {
-            assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
-            assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
-        }
+        let env = k8s::check_operator_deployment(dep);
         // The metrics Service targets the same port.
         let svc = find(&docs, "Service", "-metrics");
         assert_eq!(svc["spec"]["ports"][0]["targetPort"], "admin");
         assert_eq!(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"]);
-        // Restricted Pod Security Standard.
-        let psc = &pod["securityContext"];
-        assert_eq!(psc["runAsNonRoot"], true);
-        assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault");
-        let sc = &c["securityContext"];
-        assert_eq!(sc["allowPrivilegeEscalation"], false);
-        assert_eq!(sc["readOnlyRootFilesystem"], true);
-        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
-        assert!(sc["privileged"].is_null() || sc["privileged"] == false);
-        assert!(pod["hostNetwork"].is_null() && pod["hostPID"].is_null());
-        // Leader election is on whenever more than one replica runs.
-        let replicas = dep["spec"]["replicas"].as_i64().unwrap();
         let elect = env["MIRRORFLEET_LEADER_ELECT"]["value"].as_str().unwrap();
-        assert!(replicas == 1 || elect == "true", "{replicas} replicas without leader election");
         // The lease the RBAC allows is the lease the operator uses.
         if elect == "true" {
             let lease = env["MIRRORFLEET_LEASE_NAME"]["value"].as_str().unwrap();

@@ -70,7 +70,19 @@ fn config_default_renders_valid_objects_with_the_charts_rbac() {
     // The CRD is the generated one.
     let crd = docs.iter().find(|d| d["kind"] == "CustomResourceDefinition").unwrap();
     let generated: Value = serde_yaml::from_str(&mirrorfleet::api::crd::crd_yaml()).unwrap();
-    assert_eq!(crd["spec"], generated["spec"], "config/default's CRD differs from `mirrorfleet crd`");
+    // kustomize prints `minimum: 1.0` as `1`: compare numbers by value.
+    fn numbers_as_f64(v: &Value) -> Value {
+        match v {
+            Value::Number(n) => serde_json::json!(n.as_f64().unwrap()),
+            Value::Array(a) => Value::Array(a.iter().map(numbers_as_f64).collect()),
+            Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), numbers_as_f64(v))).collect()),
+            other => other.clone(),
+        }
+    }
+    assert!(
+        numbers_as_f64(&crd["spec"]) == numbers_as_f64(&generated["spec"]),
+        "config/default's CRD differs from `mirrorfleet crd`"
+    );
     // Namespaced objects land in the operator's namespace.
     for d in &docs {
         let cluster_scoped = ["Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"];
@@ -78,6 +90,15 @@ fn config_default_renders_valid_objects_with_the_charts_rbac() {
             assert_eq!(d["metadata"]["namespace"], "mirrorfleet-system", "{} {}", d["kind"], d["metadata"]["name"]);
         }
     }
+    // The operator Deployment agrees with `mirrorfleet run`, runs as the ServiceAccount that the
+    // RBAC binds, and is restricted.
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    k8s::check_operator_deployment(dep);
+    let sa = dep["spec"]["template"]["spec"]["serviceAccountName"].as_str().expect("serviceAccountName");
+    let bound = docs.iter().filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding").all(|b| {
+        b["subjects"].as_array().unwrap().iter().any(|s| s["name"] == sa && s["namespace"] == "mirrorfleet-system")
+    });
+    assert!(bound, "every binding must name the Deployment's ServiceAccount {sa} in mirrorfleet-system");
     // The same RBAC as the chart.
     let chart = root().join("charts/mirrorfleet");
     let chart_docs = k8s::yaml_docs(&k8s::helm_ok(&helm, &["template", "mf", chart.to_str().unwrap()]));

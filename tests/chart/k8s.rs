@@ -175,3 +175,64 @@ pub fn helm_ok(helm: &Path, args: &[&str]) -> String {
     assert!(out.status.success(), "helm {args:?} failed:\n{}", super::support::describe_output(&out));
     String::from_utf8(out.stdout).expect("helm prints UTF-8")
 }
+
+/// Env vars `mirrorfleet run` reads, with their defaults, from its clap definition.
+pub fn run_env_vars() -> BTreeMap<String, Option<String>> {
+    use clap::Args;
+    let cmd = mirrorfleet::controller::RunArgs::augment_args(clap::Command::new("run"));
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let env = a.get_env()?.to_str()?.to_string();
+            let default = a.get_default_values().first().and_then(|d| d.to_str()).map(String::from);
+            Some((env, default))
+        })
+        .collect()
+}
+
+/// The operator Deployment (chart or kustomize) agrees with `mirrorfleet run` and meets the
+/// restricted Pod Security Standard; returns its container's env vars by name.
+pub fn check_operator_deployment(dep: &Value) -> BTreeMap<String, Value> {
+    let flags = run_env_vars();
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["args"], serde_json::json!(["run"]));
+    // Every env var set is one `mirrorfleet run` reads (a typo would be ignored silently),
+    // except the well-known ones the process reads itself.
+    let list = c["env"].as_array().expect("env");
+    let env: BTreeMap<String, Value> =
+        list.iter().map(|e| (e["name"].as_str().unwrap().to_string(), e.clone())).collect();
+    assert_eq!(env.len(), list.len(), "duplicate env vars");
+    for name in env.keys() {
+        assert!(
+            flags.contains_key(name) || ["RUST_LOG", "RUST_BACKTRACE", "POD_NAMESPACE"].contains(&name.as_str()),
+            "the Deployment sets {name}, which `mirrorfleet run` does not read"
+        );
+    }
+    for needed in ["POD_NAME", "POD_NAMESPACE", "MIRRORFLEET_OPERATOR_IMAGE", "MIRRORFLEET_LEADER_ELECT"] {
+        assert!(env.contains_key(needed), "{needed} not set");
+    }
+    // The admin server listens where the probes look.
+    let addr = env["MIRRORFLEET_ADMIN_ADDR"]["value"].as_str().unwrap();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let admin = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "admin").expect("admin port");
+    assert_eq!(admin["containerPort"], serde_json::json!(port));
+    for (probe, path) in [("livenessProbe", "/livez"), ("readinessProbe", "/readyz"), ("startupProbe", "/livez")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    // Restricted Pod Security Standard.
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true);
+    assert_eq!(psc["seccompProfile"]["type"], "RuntimeDefault");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(sc["privileged"].is_null() || sc["privileged"] == false);
+    assert!(pod["hostNetwork"].is_null() && pod["hostPID"].is_null());
+    // Leader election is on whenever more than one replica runs.
+    let replicas = dep["spec"]["replicas"].as_i64().unwrap();
+    let elect = env["MIRRORFLEET_LEADER_ELECT"]["value"].as_str().unwrap();
+    assert!(replicas == 1 || elect == "true", "{replicas} replicas without leader election");
+    env
+}
