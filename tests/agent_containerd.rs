@@ -436,3 +436,50 @@ fn a_containerd_without_config_path_is_reported_not_ready() {
     let status = agent.wait_status("effective", WAIT, ready);
     assert_eq!(status["report"]["containerd"]["state"], "effective");
 }
+
+/// Why the agent does not write containerd's legacy `registry.mirrors` as an `imports` drop-in
+/// (docs/node-agent.md): containerd 1.6 merges an imported file by replacing the whole CRI plugin
+/// section, so a drop-in holding only `registry.mirrors` silently resets the admin's CRI
+/// settings (here: the snapshotter) and drops `config_path`. If a containerd version merges
+/// deeply, this test fails and the option can be reconsidered.
+#[test]
+fn containerd_16_imports_replace_the_whole_cri_section() {
+    if !tools_available(&["containerd"]) {
+        return;
+    }
+    let dir = tempdir();
+    let d = dir.path();
+    fs::create_dir_all(d.join("conf.d")).unwrap();
+    let main = d.join("config.toml");
+    fs::write(
+        &main,
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\nimports = [{:?}]\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+            d.join("root").display().to_string(),
+            d.join("state").display().to_string(),
+            d.join("conf.d/*.toml").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let dump = || {
+        let out = run(
+            std::process::Command::new(tool("containerd").unwrap()).arg("--config").arg(&main).args(["config", "dump"]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}", describe_output(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let alone = dump();
+    assert!(alone.contains("snapshotter = \"native\"") && alone.contains("config_path = \"/etc/containerd/certs.d\""));
+    fs::write(
+        d.join("conf.d/mirrors.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"http://10.0.0.1:5000\"]\n",
+    )
+    .unwrap();
+    let merged = dump();
+    assert!(merged.contains("endpoint = [\"http://10.0.0.1:5000\"]"), "{merged}");
+    assert!(!merged.contains("snapshotter = \"native\""), "the admin's snapshotter survived: merge is deep now");
+    assert!(merged.contains("config_path = \"\""), "config_path survived: merge is deep now");
+}
