@@ -1,8 +1,8 @@
 //! Cluster tier (`make e2e`, needs `KUBECONFIG`): the chart on a real API server.
 //!
-//! 0. Every values file's rendering passes the API server's strict validation (server-side dry
-//!    run, unknown fields refused); the prometheus-operator kinds only where their CRDs are
-//!    installed (the test says when they are not).
+//! 0. Every values file's rendering, and config/default, pass the API server's strict validation
+//!    (server-side dry run, unknown fields refused); the prometheus-operator kinds only where
+//!    their CRDs are installed (the test says when they are not).
 //! 1. `helm install --wait` of charts/mirrorfleet (watching one namespace, so it leaves the
 //!    cluster's other mirrors alone) into a namespace that enforces the `restricted` Pod Security
 //!    Standard brings the operator Deployment to Available. On a cluster
@@ -225,4 +225,20 @@ fn every_values_file_passes_strict_server_side_validation() {
             support::describe_output(&out)
         );
     }
+    // The kustomize base too, moved into the test's namespace (a dry-run namespace does not
+    // exist for the objects in it).
+    let kustomized = kubectl_ok(&["kustomize", root().join("config/default").to_str().unwrap()], None);
+    let items: Vec<Value> = serde_yaml::Deserializer::from_str(&kustomized)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|d| !d.is_null() && d["kind"] != "Namespace")
+        .map(|mut d| {
+            if d["metadata"]["namespace"] == "mirrorfleet-system" {
+                d["metadata"]["namespace"] = Value::String(ns.clone());
+            }
+            d
+        })
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let out = kubectl(&["apply", "--dry-run=server", "--validate=strict", "-f", "-"], Some(&list.to_string()));
+    assert!(out.status.success(), "the API server refuses config/default:\n{}", support::describe_output(&out));
 }
