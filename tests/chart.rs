@@ -101,6 +101,16 @@ fn lint_and_template_every_values_file() {
 }
 
 #[test]
+fn crds_folder_renders_the_generated_crd() {
+    let Some(helm) = support::tool("helm") else { return };
+    let docs = template(&helm, None, &["--include-crds"]);
+    let crds: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").collect();
+    assert_eq!(crds.len(), 1, "the chart ships exactly the RegistryMirror CRD");
+    k8s::validate(crds[0]).unwrap();
+    assert_eq!(crds[0]["metadata"]["name"], "registrymirrors.mirrorfleet.io");
+}
+
+#[test]
 fn the_validator_refuses_unknown_and_mistyped_fields() {
     // The check above is only worth something if it can fail: a misplaced and a mistyped key.
     let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},

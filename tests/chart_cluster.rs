@@ -170,6 +170,15 @@ fn helm_install_runs_the_operator_with_the_charts_rbac_and_uninstall_leaves_noth
         all.trim().is_empty().then_some(all)
     });
     assert!(left.trim().is_empty());
+    // What Helm cannot remove: the leader Lease, which the operator creates at run time
+    // (docs/upgrading.md says so; it goes with the namespace).
+    let leases = kubectl_ok(&["-n", &ns, "get", "leases", "-o", "name"], None);
+    assert_eq!(leases.trim(), "lease.coordination.k8s.io/mirrorfleet-controller", "unexpected leftovers: {leases}");
+    let upgrading = std::fs::read_to_string(root().join("docs/upgrading.md")).unwrap();
+    assert!(
+        upgrading.contains("Lease `mirrorfleet-controller`"),
+        "docs/upgrading.md must mention the Lease left behind"
+    );
     // The CRD stays (Helm never deletes crds/), with it any RegistryMirrors elsewhere.
     kubectl_ok(&["get", "crd", "registrymirrors.mirrorfleet.io"], None);
 }
