@@ -101,6 +101,29 @@ fn lint_and_template_every_values_file() {
 }
 
 #[test]
+fn packaged_chart_installs_the_same_and_leaves_test_files_out() {
+    let Some(helm) = support::tool("helm") else { return };
+    let dir = support::tempdir();
+    let chart = chart();
+    k8s::helm_ok(&helm, &["package", chart.to_str().unwrap(), "-d", dir.path().to_str().unwrap()]);
+    let tgz = dir.path().join(format!("mirrorfleet-{}.tgz", env!("CARGO_PKG_VERSION")));
+    let listing = support::run_ok(Command::new("tar").arg("-tzf").arg(&tgz), Duration::from_secs(30));
+    let files = String::from_utf8(listing.stdout).unwrap();
+    for want in [
+        "mirrorfleet/values.schema.json",
+        "mirrorfleet/crds/",
+        "mirrorfleet/files/alerts.yaml",
+        "mirrorfleet/README.md",
+    ] {
+        assert!(files.lines().any(|l| l.starts_with(want)), "{want} missing from the package:\n{files}");
+    }
+    assert!(!files.lines().any(|l| l.starts_with("mirrorfleet/ci/")), "ci/ values files are packaged:\n{files}");
+    let from_dir = k8s::helm_ok(&helm, &["template", "mf", chart.to_str().unwrap()]);
+    let from_tgz = k8s::helm_ok(&helm, &["template", "mf", tgz.to_str().unwrap()]);
+    assert_eq!(from_dir, from_tgz, "the packaged chart renders differently");
+}
+
+#[test]
 fn crds_folder_renders_the_generated_crd() {
     let Some(helm) = support::tool("helm") else { return };
     let docs = template(&helm, None, &["--include-crds"]);
@@ -153,6 +176,22 @@ fn schema_refuses_misspelt_keys() {
         let out =
             support::run(Command::new(&helm).args(["template", "mf", chart, "--set", set]), Duration::from_secs(60));
         assert!(!out.status.success(), "--set {set} was accepted");
+    }
+    // extraEnv cannot silently shadow a variable the chart sets from a value.
+    let out = support::run(
+        Command::new(&helm).args(["template", "mf", chart, "--set", "extraEnv[0].name=MIRRORFLEET_CONCURRENCY"]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success(), "extraEnv shadowing MIRRORFLEET_CONCURRENCY was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("extraEnv sets MIRRORFLEET_CONCURRENCY"));
+    // ... for every variable the chart sets (the template's list must keep up with the env).
+    let docs = k8s::yaml_docs(&k8s::helm_ok(&helm, &["template", "mf", chart, "--set", "watchNamespace=x"]));
+    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    for e in dep["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap() {
+        let set = format!("extraEnv[0].name={}", e["name"].as_str().unwrap());
+        let out =
+            support::run(Command::new(&helm).args(["template", "mf", chart, "--set", &set]), Duration::from_secs(60));
+        assert!(!out.status.success(), "extraEnv may shadow {}", e["name"]);
     }
     // Two active controllers would fight: more replicas need leader election.
     let out = support::run(
