@@ -15,6 +15,9 @@
 //!   tagged images pull from the cache without upstream traffic; the collected image still
 //!   pulls (re-fetched upstream); a cached multi-arch image keeps its platform manifest and
 //!   layers (Distribution's own `--delete-untagged` would delete them: shown here too);
+//! - `garbageCollect` on shared storage (ReadWriteMany) under a replica that keeps serving,
+//!   while clients pull and a cold pull of another image is in flight: no request fails, the
+//!   superseded layers go, the fresh image stays cached;
 //! - `purge`: the cache is emptied and refilled from upstream on the next pull;
 //! - a rolling replacement (emptyDir, maxSurge 1 / maxUnavailable 0) while clients pull in a
 //!   loop and slow layer downloads are in flight on the replicas being replaced: no request
@@ -120,6 +123,16 @@ fn tree_bytes(dir: &Path) -> u64 {
 fn blob_path(storage: &Path, digest: &str) -> PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap();
     storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+}
+
+/// Config and layer digests of the single image in an OCI layout: every blob a pull fetches.
+fn blobs(layout: &Path) -> Vec<String> {
+    let manifest_digest = oci_manifest_digest(layout);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(&manifest_digest[7..])).unwrap()).unwrap();
+    let mut out = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    out.extend(layers(layout));
+    out
 }
 
 /// Layer digests of the single image in an OCI layout.
@@ -520,4 +533,100 @@ fn garbage_collect_keeps_the_platform_manifests_of_a_cached_multi_arch_image() {
     fleet.start_proxy(hub);
     fleet.upstream_mut(hub).stop();
     assert_eq!(pull(&fleet, "docker.io/library/multi:v1", "multi-offline"), amd64);
+}
+
+/// Pulls `paths` through the edge in a loop until `stop`; returns (requests, failures).
+fn client_loop(
+    host: String,
+    port: u16,
+    ca: PathBuf,
+    paths: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut n, mut failures) = (0, Vec::new());
+        while !stop.load(Ordering::SeqCst) {
+            for path in &paths {
+                n += 1;
+                match curl_direct(&host, port, &ca, path, &[]) {
+                    Ok((200, _, _)) => {}
+                    Ok((status, _, _)) => failures.push(format!("{path}: HTTP {status}")),
+                    Err(e) => failures.push(e),
+                }
+            }
+        }
+        (n, failures)
+    })
+}
+
+#[test]
+fn garbage_collect_on_shared_storage_under_a_serving_replica_fails_no_request_and_spares_fresh_pulls() {
+    if !support::datapath::fleet::available() || !tools_available(&["curl"]) {
+        return;
+    }
+    // ReadWriteMany: the first new replica collects the storage the old replicas serve from.
+    let fleet = Fleet::start(FleetOptions { cleanup_policy: "garbageCollect", storage: Storage::Pvc });
+    let hub = "dockerhub";
+    let old = build_test_image(&fleet.dir().join("old"), "app", 3, MIB);
+    let new = build_test_image(&fleet.dir().join("new"), "app", 2, MIB + 4096);
+    let fresh = build_test_image(fleet.dir(), "fresh", 2, MIB);
+    fleet.upstream(hub).push(&old, "v1");
+    pull(&fleet, "docker.io/library/app:v1", "old");
+    fleet.upstream(hub).push(&new, "v1");
+    fleet.upstream(hub).push(&fresh, "v1");
+    pull(&fleet, "docker.io/library/app:v1", "new");
+    settle();
+    let storage = fleet.cache_dir(hub);
+    age(&storage);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut paths = vec!["/v2/library/app/manifests/v1".to_string()];
+    paths.extend(layers(&new).iter().map(|l| format!("/v2/library/app/blobs/{l}")));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            client_loop(fleet.edge_host(hub), fleet.https_port, fleet.ca_cert.clone(), paths.clone(), stop.clone())
+        })
+        .collect();
+    // A cold pull of another image while the collector runs: its content is young.
+    let fresh_pull = {
+        let (host, port, ca) = (fleet.edge_host(hub), fleet.https_port, fleet.ca_cert.clone());
+        let mut fresh_paths = vec!["/v2/library/fresh/manifests/v1".to_string()];
+        fresh_paths.extend(blobs(&fresh).iter().map(|l| format!("/v2/library/fresh/blobs/{l}")));
+        std::thread::spawn(move || {
+            fresh_paths.iter().map(|p| curl_direct(&host, port, &ca, p, &["--limit-rate", "2M"])).collect::<Vec<_>>()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let report = run_cleanup(&fleet, hub, "garbageCollect/shared", &storage);
+    let fresh_results = fresh_pull.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (mut total, mut failures) = (0, Vec::new());
+    for c in clients {
+        let (n, f) = c.join().unwrap();
+        total += n;
+        failures.extend(f);
+    }
+
+    assert_eq!(report.action, "garbageCollected", "{report:?}");
+    // The cold pull keeps writing while the collector measures, so check the blobs themselves.
+    assert!(report.bytes_before.unwrap() > report.bytes_after.unwrap(), "{report:?}");
+    for layer in layers(&old) {
+        assert!(!blob_path(&storage, &layer).exists(), "superseded layer {layer} freed under the running replica");
+    }
+    eprintln!("live GC: {total} client requests during it, {} failed", failures.len());
+    assert!(total >= 6, "too few client requests ({total})");
+    assert!(failures.is_empty(), "requests failed while the shared storage was collected: {failures:#?}");
+    for r in &fresh_results {
+        assert!(matches!(r, Ok((200, _, _))), "the cold pull during the collection: {r:?}");
+    }
+    settle();
+    for blob in blobs(&fresh) {
+        assert!(blob_path(&storage, &blob).exists(), "fresh blob {blob} was spared");
+    }
+    let gets = fleet.upstream_blob_gets(hub);
+    pull(&fleet, "docker.io/library/fresh:v1", "fresh-again");
+    pull(&fleet, "docker.io/library/app:v1", "app-again");
+    settle();
+    assert_eq!(fleet.upstream_blob_gets(hub), gets, "both images are still served from the cache");
 }
