@@ -269,13 +269,19 @@ fn deployment_matches_mirrorfleet_run_and_is_restricted() {
         let docs = template(&helm, values.as_deref(), &[]);
         let dep = find(&docs, "Deployment", "mirrorfleet");
         let env = k8s::check_operator_deployment(dep);
-        // The metrics Service targets the same port.
-        let svc = find(&docs, "Service", "-metrics");
-        assert_eq!(svc["spec"]["ports"][0]["targetPort"], "admin");
-        assert_eq!(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"]);
+        // The metrics Service (when there is one) targets the same port.
+        if let Some(svc) = docs.iter().find(|d| d["kind"] == "Service") {
+            assert_eq!(svc["spec"]["ports"][0]["targetPort"], "admin");
+            assert_eq!(svc["spec"]["selector"], dep["spec"]["selector"]["matchLabels"]);
+        }
+        // The pods run as the ServiceAccount the chart binds (or the one named for outside RBAC).
+        let sa = dep["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
+        for binding in docs.iter().filter(|d| d["kind"].as_str().is_some_and(|k| k.ends_with("RoleBinding"))) {
+            assert_eq!(binding["subjects"][0]["name"], sa, "{binding}");
+        }
         let elect = env["MIRRORFLEET_LEADER_ELECT"]["value"].as_str().unwrap();
         // The lease the RBAC allows is the lease the operator uses.
-        if elect == "true" {
+        if elect == "true" && docs.iter().any(|d| d["kind"] == "Role") {
             let lease = env["MIRRORFLEET_LEASE_NAME"]["value"].as_str().unwrap();
             let role = find(&docs, "Role", "-leader");
             assert!(role["rules"].to_string().contains(&format!("\"{lease}\"")), "{role}");
