@@ -15,6 +15,8 @@
 //!    through the cluster's controllers), and the log has no `forbidden`.
 //! 3. `helm uninstall` leaves no object of the release behind (the CRD stays, by Helm's design).
 
+#[path = "chart/k8s.rs"]
+mod k8s;
 mod support;
 
 use std::path::PathBuf;
@@ -184,6 +186,14 @@ fn helm_install_runs_the_operator_with_the_charts_rbac_and_uninstall_leaves_noth
     kubectl_ok(&["get", "crd", "registrymirrors.mirrorfleet.io"], None);
 }
 
+/// `kubectl apply --dry-run=server --validate=strict` of `docs`: the API server's own checks,
+/// unknown fields refused.
+fn server_dry_run(docs: Vec<Value>, what: &str) {
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs});
+    let out = kubectl(&["apply", "--dry-run=server", "--validate=strict", "-f", "-"], Some(&list.to_string()));
+    assert!(out.status.success(), "the API server refuses {what}:\n{}", support::describe_output(&out));
+}
+
 #[test]
 fn every_values_file_passes_strict_server_side_validation() {
     if !cluster_available() {
@@ -222,26 +232,17 @@ fn every_values_file_passes_strict_server_side_validation() {
         }
         let out = support::run(Command::new(&helm).args(&args), Duration::from_secs(60));
         assert!(out.status.success(), "helm template:\n{}", support::describe_output(&out));
-        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&String::from_utf8(out.stdout).unwrap())
-            .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
-            .filter(|d| !d.is_null())
+        let docs: Vec<Value> = k8s::yaml_docs(&String::from_utf8(out.stdout).unwrap())
+            .into_iter()
             .filter(|d| monitoring || d["apiVersion"] != "monitoring.coreos.com/v1")
             .collect();
-        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": docs});
-        let out = kubectl(&["apply", "--dry-run=server", "--validate=strict", "-f", "-"], Some(&list.to_string()));
-        assert!(
-            out.status.success(),
-            "{values:?}: the API server refuses the rendered chart:\n{}",
-            support::describe_output(&out)
-        );
+        server_dry_run(docs, &format!("the chart rendered with {values:?}"));
     }
     // The GitOps examples, against the Argo CD and Flux CRDs where they are installed.
     for file in ["argocd-application.yaml", "flux-helmrelease.yaml", "argocd-cm-health.yaml"] {
         let text = std::fs::read_to_string(root().join("docs/gitops").join(file)).unwrap();
         let mut items = Vec::new();
-        for mut d in
-            serde_yaml::Deserializer::from_str(&text).map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
-        {
+        for mut d in k8s::yaml_docs(&text) {
             let api_version = d["apiVersion"].as_str().unwrap_or_default().to_string();
             let kind = d["kind"].as_str().unwrap().to_string();
             let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or_default();
@@ -255,16 +256,14 @@ fn every_values_file_passes_strict_server_side_validation() {
             d["metadata"]["namespace"] = Value::String(ns.clone());
             items.push(d);
         }
-        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-        let out = kubectl(&["apply", "--dry-run=server", "--validate=strict", "-f", "-"], Some(&list.to_string()));
-        assert!(out.status.success(), "the API server refuses {file}:\n{}", support::describe_output(&out));
+        server_dry_run(items, file);
     }
     // The kustomize base too, moved into the test's namespace (a dry-run namespace does not
     // exist for the objects in it).
     let kustomized = kubectl_ok(&["kustomize", root().join("config/default").to_str().unwrap()], None);
-    let items: Vec<Value> = serde_yaml::Deserializer::from_str(&kustomized)
-        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
-        .filter(|d| !d.is_null() && d["kind"] != "Namespace")
+    let items: Vec<Value> = k8s::yaml_docs(&kustomized)
+        .into_iter()
+        .filter(|d| d["kind"] != "Namespace")
         .map(|mut d| {
             if d["metadata"]["namespace"] == "mirrorfleet-system" {
                 d["metadata"]["namespace"] = Value::String(ns.clone());
@@ -272,7 +271,5 @@ fn every_values_file_passes_strict_server_side_validation() {
             d
         })
         .collect();
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let out = kubectl(&["apply", "--dry-run=server", "--validate=strict", "-f", "-"], Some(&list.to_string()));
-    assert!(out.status.success(), "the API server refuses config/default:\n{}", support::describe_output(&out));
+    server_dry_run(items, "config/default");
 }
