@@ -155,6 +155,12 @@ fn main() {
     }
     report("node-config change -> hosts.toml written", written, Some(Duration::from_secs(2)));
     report("node-config change -> hosts.toml removed", removed, Some(Duration::from_secs(2)));
+    // The DaemonSet's default memory limit is 64 MiB.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
+    let kib = |key: &str| {
+        status.lines().find(|l| l.starts_with(key)).unwrap_or(key).trim_start_matches(key).trim().to_string()
+    };
+    println!("agent memory after {} config changes: VmRSS {}, peak VmHWM {}", 2 * runs, kib("VmRSS:"), kib("VmHWM:"));
 
     // Mirror process gone: connection refused.
     let mirror = std::cell::RefCell::new(mirror);

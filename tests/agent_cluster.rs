@@ -257,6 +257,15 @@ fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
     assert!(!hosts.exists(), "our file removed");
     assert!(certs.path().join("ghcr.io/hosts.toml").exists(), "the foreign file stays");
     assert!(!agent.log().contains("Forbidden"), "RBAC denied something:\n{}", agent.log());
+    // The DaemonSet limits the agent to 64 MiB; this is the unoptimised test build.
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("agent peak RSS with API watches: {peak_kib} KiB");
+    assert!(peak_kib < 48 * 1024, "{peak_kib} KiB is too close to the 64 MiB limit");
 }
 
 #[test]

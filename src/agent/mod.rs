@@ -281,6 +281,10 @@ impl Agent {
     /// One pass. Returns `Some(applied)` when a config was processed, `None` while waiting.
     async fn pass(&mut self, desired: &Desired, health: &BTreeMap<String, Health>) -> Option<bool> {
         if !desired.synced {
+            // Until the first list of the ConfigMap (and Secret) answers, say so to the readiness
+            // probe instead of leaving it with no status at all (e.g. while RBAC denies the watch).
+            let problem = "waiting for the node config from the API (first list not answered yet)".to_string();
+            self.finish(desired, None, vec![problem], None, true).await;
             return None;
         }
         let Some(json) = &desired.config_json else {
@@ -288,15 +292,15 @@ impl Agent {
                 Some(dir) => format!("{}/{}", dir.display(), crate::build::node::NODE_CONFIG_KEY),
                 None => format!("ConfigMap {}", self.args.config_map.as_deref().unwrap_or_default()),
             };
-            self.finish(desired, None, vec![format!("{what} not found; the node's files are left as they are")], None)
-                .await;
+            let problem = format!("{what} not found; the node's files are left as they are");
+            self.finish(desired, None, vec![problem], None, false).await;
             return None;
         };
         let config: NodeConfig = match serde_json::from_str(json) {
             Ok(c) => c,
             Err(e) => {
                 let problem = format!("the node config is not valid ({e}); the node's files are left as they are");
-                self.finish(desired, None, vec![problem], None).await;
+                self.finish(desired, None, vec![problem], None, false).await;
                 return None;
             }
         };
@@ -305,7 +309,7 @@ impl Agent {
                 "the node config is for RegistryMirror {}, not {}; nothing written",
                 config.mirror, self.args.mirror
             );
-            self.finish(desired, None, vec![problem], None).await;
+            self.finish(desired, None, vec![problem], None, false).await;
             return None;
         }
         self.prober.set_endpoints(config.registries.iter().filter(|_| !config.removing).map(|r| r.mirror.as_str()));
@@ -342,7 +346,7 @@ impl Agent {
         }
         let applied = report.applied();
         let checksum = node_config_checksum(json);
-        self.finish(desired, applied.then_some(checksum.as_str()), report.problems(), Some(&report)).await;
+        self.finish(desired, applied.then_some(checksum.as_str()), report.problems(), Some(&report), false).await;
         Some(applied)
     }
 
@@ -353,6 +357,7 @@ impl Agent {
         applied_checksum: Option<&str>,
         problems: Vec<String>,
         report: Option<&apply::Report>,
+        transient: bool,
     ) {
         let ready = problems.is_empty();
         let status = status::Status {
@@ -369,10 +374,11 @@ impl Agent {
         if let (Some(reporter), Some(checksum)) = (self.reporter.as_mut(), applied_checksum) {
             reporter.annotate(checksum).await;
         }
-        // Right after start every mirror is "not probed yet" for a few milliseconds; that is not
-        // news, so it is neither logged as a problem nor published.
-        let transient =
-            report.is_some_and(|r| r.registries.iter().any(|o| matches!(o.state, apply::EntryState::Pending { .. })));
+        // Right after start the config is not listed yet and every mirror is "not probed yet",
+        // for a few milliseconds; that is not news, so it is neither logged nor published.
+        let transient = transient
+            || report
+                .is_some_and(|r| r.registries.iter().any(|o| matches!(o.state, apply::EntryState::Pending { .. })));
         if transient || self.last.problems.as_ref() == Some(&problems) {
             return;
         }

@@ -157,6 +157,10 @@ impl NodeAgent {
         self.proc.log()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     pub fn stop(&mut self) {
         self.proc.stop();
     }
