@@ -13,7 +13,9 @@
 //!    chart's ServiceAccount: every API call it makes is authorized by the chart's RBAC and
 //!    nothing else. A sample RegistryMirror goes Ready (its proxy Deployment becomes available
 //!    through the cluster's controllers), and the log has no `forbidden`.
-//! 3. `helm uninstall` leaves no object of the release behind (the CRD stays, by Helm's design).
+//! 3. `helm upgrade --reset-then-reuse-values` (as docs/upgrading.md says) rolls the operator and
+//!    keeps the install's overrides; `helm uninstall` leaves no object of the release behind but
+//!    the Lease the operator made (the CRD stays, by Helm's design).
 
 #[path = "chart/k8s.rs"]
 mod k8s;
@@ -149,6 +151,23 @@ fn helm_install_runs_the_operator_with_the_charts_rbac_and_uninstall_leaves_noth
         !log.to_lowercase().contains("forbidden"),
         "the controller was refused something with the chart's RBAC:\n{log}"
     );
+
+    // An upgrade as docs/upgrading.md runs it (new chart defaults, the user's overrides kept)
+    // rolls the operator without touching immutable fields.
+    let generation =
+        json(&["-n", &ns, "get", "deployment", &deploy_name, "-o", "json"])["metadata"]["generation"].clone();
+    let out = support::run(
+        Command::new(&helm)
+            .args(["upgrade", &release, chart.to_str().unwrap(), "-n", &ns, "--reset-then-reuse-values"])
+            .args(["--set", "logging.level=debug", "--wait", "--timeout", "180s"]),
+        Duration::from_secs(240),
+    );
+    assert!(out.status.success(), "helm upgrade:\n{}", support::describe_output(&out));
+    let upgraded = json(&["-n", &ns, "get", "deployment", &deploy_name, "-o", "json"]);
+    assert_ne!(upgraded["metadata"]["generation"], generation, "the upgrade did not change the Deployment");
+    assert_eq!(upgraded["status"]["availableReplicas"], 2);
+    let env = upgraded["spec"]["template"]["spec"]["containers"][0]["env"].to_string();
+    assert!(env.contains(&format!("\"{mirrors_ns}\"")), "--reset-then-reuse-values lost watchNamespace: {env}");
 
     // 3. Uninstall: nothing of the release remains.
     let out =
