@@ -7,7 +7,7 @@ CRD_COPIES := config/crd/registrymirrors.mirrorfleet.io.yaml $(wildcard charts/m
 .PHONY: help build render test test-fast lint generate e2e bench
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## Build the mirrorfleet binary (release)
 	$(CARGO) build --release --locked
@@ -33,11 +33,11 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	UPDATE_CHART_README=1 $(CARGO) test --locked --quiet --test chart readme_values_table
 	UPDATE_DOCS=1 $(CARGO) test --locked --quiet --test docs_reference
 
-e2e: ## Cluster tests against $$KUBECONFIG (CRD admission; the controller end to end; node agent API watch, RBAC, annotation, Events; helm install/uninstall)
+e2e: ## Cluster tests against the KUBECONFIG cluster (CRD admission; the controller end to end; node agent API watch, RBAC, annotation, Events; helm install/uninstall)
 	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test e2e --test agent_cluster --test chart_cluster -- --nocapture --test-threads=1
 
 .PHONY: bench-cluster
-bench-cluster: ## Controller against $$KUBECONFIG: create->ready median of 20, API writes over BENCH_QUIET_SECONDS (600) of quiet, RSS at 100 mirrors
+bench-cluster: ## Controller against the KUBECONFIG cluster: create->ready median of 20, API writes over BENCH_QUIET_SECONDS (600) of quiet, RSS at 100 mirrors
 	$(CARGO) bench --locked --bench cluster
 
 .PHONY: image
