@@ -473,6 +473,20 @@ mod tests {
     }
 
     #[test]
+    fn removal_as_the_controller_sends_it_without_registries_still_removes_everything_ours() {
+        // The controller's removal config keeps the mirror and runtimes but drops the registries.
+        let d = tempfile::tempdir().unwrap();
+        let cfg = config(d.path(), true);
+        run(&cfg, None, &all(Health::Up));
+        let removing = NodeConfig { registries: Vec::new(), removing: true, ..cfg };
+        let r = run(&removing, None, &BTreeMap::new());
+        assert!(r.applied() && r.problems().len() == 1, "{r:?}");
+        let removed: Vec<&str> = r.registries.iter().map(|o| o.registry.as_str()).collect();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0, "nothing of ours left");
+    }
+
+    #[test]
     fn path_tricks_in_registry_names_fail_without_touching_anything() {
         let d = tempfile::tempdir().unwrap();
         let mut cfg = config(d.path(), true);
