@@ -275,8 +275,10 @@ fn a_foreign_hosts_toml_is_reported_and_left_byte_identical() {
         &[("docker.io", &f.mirror.url(), Some(HUB)), ("quay.io", &f.mirror.url(), Some("https://quay.io"))],
     );
     let mut agent = NodeAgent::start("public", Some(&config), &[]);
-    let status = agent
-        .wait_status("conflict reported", WAIT, |v| v["problems"].to_string().contains("not written by mirrorfleet"));
+    let status = agent.wait_status("conflict reported, mirror probed", WAIT, |v| {
+        let problems = v["problems"].to_string();
+        problems.contains("not written by mirrorfleet") && !problems.contains("not probed yet")
+    });
     assert_eq!(status["ready"], false);
     assert!(certs.path().join("quay.io/hosts.toml").exists(), "other registries are still configured");
     // Let a few resync/probe passes happen, then check nothing moved.
