@@ -40,6 +40,20 @@ e2e: ## Cluster tests against the KUBECONFIG cluster (CRD admission; the control
 bench-cluster: ## Controller against the KUBECONFIG cluster: create->ready median of 20, API writes over BENCH_QUIET_SECONDS (600) of quiet, RSS at 100 mirrors
 	$(CARGO) bench --locked --bench cluster
 
+.PHONY: bench-scale
+bench-scale: ## Controller against the KUBECONFIG cluster at N = BENCH_SCALE_N (10,100,500) mirrors x 5 upstreams: create and update-all -> converged/Ready, CPU, peak RSS, requests by verb
+	$(CARGO) bench --locked --bench cluster_scale
+
+.PHONY: e2e-faults
+e2e-faults: ## Fault injection against the KUBECONFIG cluster: operator SIGKILLed 20x mid-reconcile, leader killed, hand edits, stalled watches, kube-apiserver restart (k8s harness)
+	MIRRORFLEET_E2E=1 MIRRORFLEET_FAULTS_APISERVER=1 $(CARGO) test --locked --test e2e_faults -- --nocapture --test-threads=1
+
+.PHONY: fuzz
+FUZZ_SECONDS ?= 600
+fuzz: ## Property/fuzz runs of FUZZ_SECONDS (600) each: specs the CRD admits render safely and deterministically; any YAML to render; foreign files under the node agent
+	MIRRORFLEET_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --locked --test prop_render -- --nocapture --test-threads=2
+	AGENT_FUZZ_SECONDS=$(FUZZ_SECONDS) AGENT_FUZZ_SEED=$$(date +%s) $(CARGO) test --locked --test agent_fuzz -- --nocapture --test-threads=2
+
 .PHONY: image
 IMAGE ?= ghcr.io/mirrorfleet/mirrorfleet:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 image: ## Build the operator image (Dockerfile; also runs the node agent and cleanup jobs); IMAGE=... to rename

@@ -2,7 +2,7 @@
 //! daemon.json, registries.conf drop-ins, its own records after someone edited them) and the
 //! node config from the API. None of that may panic it, and whatever it does not own must come
 //! out byte-identical. Inputs are random bytes and random mutations of realistic files, from a
-//! fixed seed (set `AGENT_FUZZ_SEED` / `AGENT_FUZZ_ROUNDS` to explore further).
+//! fixed seed (set `AGENT_FUZZ_SEED` / `AGENT_FUZZ_ROUNDS`, or `AGENT_FUZZ_SECONDS` for a timed run, to explore further).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -84,6 +84,14 @@ fn input(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
+/// `rounds` rounds, or with `AGENT_FUZZ_SECONDS` (the `make fuzz` run) as many as fit in that time.
+fn keep_going(start: std::time::Instant, round: usize, rounds: usize) -> bool {
+    match std::env::var("AGENT_FUZZ_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()) {
+        Some(secs) => start.elapsed().as_secs() < secs,
+        None => round < rounds,
+    }
+}
+
 fn seed() -> (u64, usize) {
     let seed = std::env::var("AGENT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001);
     let rounds = std::env::var("AGENT_FUZZ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
@@ -94,7 +102,9 @@ fn seed() -> (u64, usize) {
 fn parsers_of_foreign_text_never_panic() {
     let (seed, rounds) = seed();
     let mut rng = Rng(seed);
-    for _ in 0..rounds {
+    let (start, mut round) = (std::time::Instant::now(), 0);
+    while keep_going(start, round, rounds) {
+        round += 1;
         let bytes = input(&mut rng);
         let _ = files::owner_of_bytes(&bytes, ME);
         let text = String::from_utf8_lossy(&bytes);
@@ -106,6 +116,7 @@ fn parsers_of_foreign_text_never_panic() {
         // The node config arrives from the API; a broken one must be an error, not a crash.
         let _ = serde_json::from_slice::<NodeConfig>(&bytes);
     }
+    eprintln!("parsers: {round} inputs in {:.1} s (seed {seed:#x})", start.elapsed().as_secs_f64());
 }
 
 fn snapshot(root: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -132,7 +143,9 @@ fn a_pass_over_a_directory_of_random_files_never_panics_and_leaves_foreign_files
     let (seed, rounds) = seed();
     let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
     let registries = ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io:5000"];
-    for round in 0..rounds / 10 {
+    let (start, mut round) = (std::time::Instant::now(), 0);
+    while keep_going(start, round, rounds / 10) {
+        round += 1;
         let root = tempfile::tempdir().unwrap();
         let certs = root.path().join("certs.d");
         let etc = root.path().join("etc");
@@ -206,4 +219,5 @@ fn a_pass_over_a_directory_of_random_files_never_panics_and_leaves_foreign_files
             }
         }
     }
+    eprintln!("directory passes: {round} in {:.1} s (seed {seed:#x})", start.elapsed().as_secs_f64());
 }

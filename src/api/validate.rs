@@ -106,6 +106,20 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
                 format!("{:?} must be an absolute directory path", node.containerd.certs_dir),
             );
         }
+        // The agent mounts these files' directories from the host (daemon.json's read-write), so a
+        // file directly under / would mount the host's root filesystem (found by tests/prop_render.rs).
+        let files = [
+            ("spec.nodeConfig.containerd.configFile", Some(&node.containerd.config_file)),
+            ("spec.nodeConfig.docker.daemonJson", node.docker.as_ref().map(|d| &d.daemon_json)),
+        ];
+        for (path, file) in files {
+            if let Some(file) = file.filter(|f| std::path::Path::new(f).parent() == Some(std::path::Path::new("/"))) {
+                p.add(
+                    path,
+                    format!("{file:?} is directly under /: the node agent would mount the host's root directory"),
+                );
+            }
+        }
         if node.via == NodeRoute::Edge && !spec.edge.as_ref().is_some_and(EdgeSpec::tls) {
             p.add("spec.nodeConfig.via", "Edge needs edge with tlsSecretRef");
         }
