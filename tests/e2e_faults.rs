@@ -198,20 +198,16 @@ impl Drop for Fleet {
             eprintln!("faults: keeping namespace {}", self.ns);
             return;
         }
-        let _ = kubectl(
-            &[
-                "-n",
-                &self.ns,
-                "patch",
-                "registrymirrors",
-                "--all",
-                "--type=merge",
-                "-p",
-                r#"{"metadata":{"finalizers":null}}"#,
-            ],
-            None,
-        );
+        // Delete first, then release the finalizers one by one (no operator runs any more to do
+        // it; `kubectl patch` has no --all).
         let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+        let names = try_kubectl(&["-n", &self.ns, "get", "registrymirrors", "-o", "name"], None).unwrap_or_default();
+        for m in names.lines() {
+            let _ = kubectl(
+                &["-n", &self.ns, "patch", m, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
+                None,
+            );
+        }
     }
 }
 
@@ -734,7 +730,10 @@ fn logs_of(ops: &[&Operator]) -> Vec<std::path::PathBuf> {
     ops.iter().map(|o| o.log.clone()).collect()
 }
 
-const CONVERGE: Duration = Duration::from_secs(180);
+/// How long a scenario may take to converge after its fault (`FAULTS_CONVERGE_SECONDS`, 180).
+static CONVERGE: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    Duration::from_secs(std::env::var("FAULTS_CONVERGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(180))
+});
 
 fn wait_ready(op: &Operator) {
     let start = Instant::now();
@@ -753,7 +752,7 @@ fn operator_killed_mid_reconcile() {
     }
     let mut fleet = Fleet::new("kill");
     let mut op = Operator::start("op-0", &fleet.ns, false);
-    wait_converged(&fleet.ns, "initial fleet", CONVERGE);
+    wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
     let mut logs = vec![op.log.clone()];
     let (mut in_flight, kills) = (0, 20);
     for i in 1..=kills {
@@ -771,7 +770,7 @@ fn operator_killed_mid_reconcile() {
         }
         op = Operator::start(&format!("op-{i}"), &fleet.ns, false);
         logs.push(op.log.clone());
-        wait_converged(&fleet.ns, &format!("restart {i}"), CONVERGE);
+        wait_converged(&fleet.ns, &format!("restart {i}"), *CONVERGE);
     }
     eprintln!("faults: {kills} kills, {in_flight} with a reconcile in flight at the kill");
     assert!(
@@ -790,7 +789,7 @@ fn leader_killed() {
     let mut a = Operator::start("op-a0", &fleet.ns, true);
     let mut b = Operator::start("op-b0", &fleet.ns, true);
     let mut logs = vec![a.log.clone(), b.log.clone()];
-    wait_converged(&fleet.ns, "initial fleet", CONVERGE);
+    wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
     for round in 1..=3 {
         let start = Instant::now();
         while !a.leader() && !b.leader() {
@@ -813,7 +812,7 @@ fn leader_killed() {
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!("faults: round {round}: {} leads {:.1}s after the kill", b.name, killed.elapsed().as_secs_f64());
-        wait_converged(&fleet.ns, &format!("round {round} after takeover"), CONVERGE);
+        wait_converged(&fleet.ns, &format!("round {round} after takeover"), *CONVERGE);
         a = Operator::start(&format!("op-a{round}"), &fleet.ns, true);
         logs.push(a.log.clone());
         wait_ready(&a);
@@ -830,7 +829,7 @@ fn conflicting_hand_edits() {
     }
     let mut fleet = Fleet::new("edits");
     let op = Operator::start("op", &fleet.ns, false);
-    wait_converged(&fleet.ns, "initial fleet", CONVERGE);
+    wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
     for round in 1..=3 {
         // 15 s of a second writer fighting the operator while the spec changes too.
         let stop = Instant::now() + Duration::from_secs(15);
@@ -847,7 +846,7 @@ fn conflicting_hand_edits() {
             std::thread::sleep(Duration::from_millis(fleet.rng.below(300)));
         }
         eprintln!("faults: round {round}: {edits} hand edits in 15 s");
-        wait_converged(&fleet.ns, &format!("round {round} after the edits stopped"), CONVERGE);
+        wait_converged(&fleet.ns, &format!("round {round} after the edits stopped"), *CONVERGE);
     }
     let logs = logs_of(&[&op]);
     drop(op);
@@ -861,7 +860,7 @@ fn watches_stalled() {
     }
     let mut fleet = Fleet::new("stall");
     let op = Operator::start("op", &fleet.ns, false);
-    wait_converged(&fleet.ns, "initial fleet", CONVERGE);
+    wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
     for round in 1..=3 {
         op.signal("-STOP");
         let frozen = 10 + fleet.rng.below(20);
@@ -873,7 +872,7 @@ fn watches_stalled() {
             std::thread::sleep(Duration::from_secs(2));
         }
         op.signal("-CONT");
-        wait_converged(&fleet.ns, &format!("round {round} after SIGCONT"), CONVERGE);
+        wait_converged(&fleet.ns, &format!("round {round} after SIGCONT"), *CONVERGE);
     }
     let logs = logs_of(&[&op]);
     drop(op);
@@ -896,7 +895,7 @@ fn api_server_restart() {
     assert!(pid_file.exists(), "MIRRORFLEET_FAULTS_APISERVER is set but {} does not exist", pid_file.display());
     let mut fleet = Fleet::new("apiserver");
     let mut op = Operator::start("op", &fleet.ns, true);
-    wait_converged(&fleet.ns, "initial fleet", CONVERGE);
+    wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e_faults/restart-apiserver.sh");
     for round in 1..=2 {
         fleet.mutate();
@@ -909,7 +908,7 @@ fn api_server_restart() {
         assert!(op.alive(), "the operator exited during the API server outage:\n{}", op.tail());
         fleet.mutate();
         fleet.hand_edit();
-        wait_converged(&fleet.ns, &format!("round {round} after the API server came back"), CONVERGE);
+        wait_converged(&fleet.ns, &format!("round {round} after the API server came back"), *CONVERGE);
         let start = Instant::now();
         while !op.leader() {
             assert!(start.elapsed() < Duration::from_secs(30), "the operator did not lead again:\n{}", op.tail());
