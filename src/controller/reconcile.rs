@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
@@ -317,11 +318,13 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
 
     // Status, from what was applied.
     let jobs = if mirror.spec.cleanup.is_some() { cleanup_jobs(&ctx.client, mirror).await? } else { Vec::new() };
+    let cleanup_pods = cleanup_report_pods(&ctx.client, mirror, &jobs).await?;
     let observed = Observed {
         deployments: &observed_deployments,
         services: &services,
         daemon_set: observed_daemon_sets.get(&names::node_agent(mirror)),
         jobs: &jobs,
+        cleanup_pods: &cleanup_pods,
         removing_nodes: removal_pending.as_deref(),
     };
     let new_status = status::observed_status(mirror, observed, &status::now());
@@ -382,6 +385,20 @@ async fn cleanup_jobs(client: &Client, mirror: &RegistryMirror) -> Result<Vec<Jo
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(|e| Error::api("list", "Job", selector, e))?
+        .items)
+}
+
+/// The pods of the newest finished cleanup Job: their termination message is the run's report.
+/// Nothing is listed while no Job has finished (the steady state of most reconciles).
+async fn cleanup_report_pods(client: &Client, mirror: &RegistryMirror, jobs: &[Job]) -> Result<Vec<Pod>> {
+    let Some((job, _)) = status::newest_finished_job(jobs) else { return Ok(Vec::new()) };
+    let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let selector = format!("job-name={}", job.name_any());
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    Ok(api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| Error::api("list", "Pod", selector, e))?
         .items)
 }
 

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus};
+use crate::build::cleanup::{CleanupOutcome, CleanupReport, CLEANUP_CONTAINER};
 use crate::build::meta::names;
 use crate::build::proxy::REGISTRY_PORT;
 
@@ -33,6 +34,8 @@ pub struct Observed<'a> {
     pub daemon_set: Option<&'a DaemonSet>,
     /// Jobs of the cleanup CronJob.
     pub jobs: &'a [Job],
+    /// The pods of the newest finished cleanup Job (their termination message is the report).
+    pub cleanup_pods: &'a [Pod],
     /// While node config is being removed (nodeConfig dropped from the spec): nodes not done yet.
     pub removing_nodes: Option<&'a [String]>,
 }
@@ -271,7 +274,7 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         upstreams_ready: Some(format!("{ready_upstreams}/{total}")),
         nodes_configured: nodes.as_ref().map(|n| format!("{}/{}", n.configured, n.desired)),
         nodes,
-        last_cleanup: last_cleanup(obs.jobs)
+        last_cleanup: last_cleanup(obs.jobs, obs.cleanup_pods)
             .or_else(|| spec.cleanup.as_ref().and(mirror.status.as_ref()?.last_cleanup.clone())),
     }
 }
@@ -322,7 +325,8 @@ pub fn transitions<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<(&'a
 }
 
 /// The newest finished Job of the cleanup CronJob.
-pub fn last_cleanup(jobs: &[Job]) -> Option<CleanupResult> {
+/// The newest finished Job of the cleanup CronJob, and what its conditions say.
+pub fn newest_finished_job(jobs: &[Job]) -> Option<(&Job, CleanupResult)> {
     jobs.iter()
         .filter_map(|job| {
             let status = job.status.as_ref()?;
@@ -334,15 +338,56 @@ pub fn last_cleanup(jobs: &[Job]) -> Option<CleanupResult> {
             let succeeded = finished.type_ == "Complete";
             let time = if succeeded { status.completion_time.clone() } else { None }
                 .or_else(|| finished.last_transition_time.clone())?;
-            Some(CleanupResult {
-                time,
-                result: if succeeded { "Succeeded" } else { "Failed" }.to_string(),
-                bytes_before: None,
-                bytes_after: None,
-                message: if succeeded { None } else { finished.message.clone().map(truncate) },
-            })
+            Some((
+                job,
+                CleanupResult {
+                    time,
+                    result: if succeeded { "Succeeded" } else { "Failed" }.to_string(),
+                    bytes_before: None,
+                    bytes_after: None,
+                    message: if succeeded { None } else { finished.message.clone().map(truncate) },
+                },
+            ))
         })
-        .max_by(|a, b| a.time.cmp(&b.time))
+        .max_by(|a, b| a.1.time.cmp(&b.1.time))
+}
+
+pub fn last_cleanup(jobs: &[Job], pods: &[Pod]) -> Option<CleanupResult> {
+    let (job, mut result) = newest_finished_job(jobs)?;
+    // The Job's pod says what the run did (build::cleanup::CleanupReport in its termination
+    // message); without a pod the Job's own condition is all there is.
+    let job_name = job.metadata.name.as_deref()?;
+    let message = pods
+        .iter()
+        .filter(|p| {
+            let labels = p.metadata.labels.as_ref();
+            labels.and_then(|l| l.get("job-name").or_else(|| l.get("batch.kubernetes.io/job-name"))).map(String::as_str)
+                == Some(job_name)
+        })
+        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+        .filter(|c| c.name == CLEANUP_CONTAINER)
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
+        .next_back();
+    if let Some(message) = message {
+        match CleanupReport::from_termination_message(&message) {
+            Ok(report) => {
+                result.result = match report.outcome {
+                    CleanupOutcome::Succeeded => "Succeeded",
+                    CleanupOutcome::Failed => "Failed",
+                }
+                .to_string();
+                result.bytes_before = report.bytes_before.and_then(|b| i64::try_from(b).ok());
+                result.bytes_after = report.bytes_after.and_then(|b| i64::try_from(b).ok());
+                result.message = (!report.message.is_empty()).then(|| truncate(report.message));
+            }
+            // Crashed before writing a report: the message is the log tail.
+            Err(_) => {
+                result.result = "Failed".into();
+                result.message = Some(truncate(message));
+            }
+        }
+    }
+    Some(result)
 }
 
 #[cfg(test)]
@@ -363,12 +408,39 @@ mod tests {
     fn last_cleanup_is_the_newest_finished_job() {
         let running: Job = serde_json::from_value(json!({"metadata": {"name": "r"}, "status": {"active": 1}})).unwrap();
         let jobs = [job("a", "Complete", "2026-01-01T03:00:00Z"), job("b", "Failed", "2026-01-08T03:00:00Z"), running];
-        let last = last_cleanup(&jobs).unwrap();
+        let last = last_cleanup(&jobs, &[]).unwrap();
         assert_eq!(last.result, "Failed");
         assert_eq!(last.time.0.to_string(), "2026-01-08T03:00:00Z");
         assert_eq!(last.message.as_deref(), Some("exit 1"));
-        assert_eq!(last_cleanup(&jobs[..1]).unwrap().result, "Succeeded");
-        assert!(last_cleanup(&jobs[2..]).is_none());
+        assert_eq!(last_cleanup(&jobs[..1], &[]).unwrap().result, "Succeeded");
+        assert!(last_cleanup(&jobs[2..], &[]).is_none());
+    }
+
+    fn cleanup_pod(job: &str, message: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{job}-x"), "labels": {"job-name": job}},
+            "status": {"containerStatuses": [{
+                "name": "cleanup", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "message": message}}
+            }]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn last_cleanup_carries_the_jobs_report() {
+        let jobs = [job("a", "Complete", "2026-01-01T03:00:00Z"), job("b", "Complete", "2026-01-08T03:00:00Z")];
+        let report = r#"{"version":1,"run":"r","policy":"purge","storage":"persistentVolumeClaim","outcome":"Succeeded",
+            "startedAt":"2026-01-08T03:00:00Z","finishedAt":"2026-01-08T03:01:00Z","durationSeconds":60.0,
+            "bytesBefore":1000,"bytesAfter":10,"message":"freed 990 bytes"}"#;
+        // The older Job's pod is ignored; the newest finished Job's report fills the bytes.
+        let pods = [cleanup_pod("a", "garbage"), cleanup_pod("b", report)];
+        let last = last_cleanup(&jobs, &pods).unwrap();
+        assert_eq!((last.result.as_str(), last.bytes_before, last.bytes_after), ("Succeeded", Some(1000), Some(10)));
+        assert_eq!(last.message.as_deref(), Some("freed 990 bytes"));
+        // A Job that crashed before writing its report: Failed, with what the pod left.
+        let last = last_cleanup(&jobs[..1], &pods).unwrap();
+        assert_eq!((last.result.as_str(), last.message.as_deref()), ("Failed", Some("garbage")));
     }
 
     #[test]
