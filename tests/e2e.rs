@@ -193,19 +193,14 @@ impl Drop for Cleanup {
             return;
         }
         // Finalizers of mirrors left behind by a failure would hold the namespace forever.
-        let _ = kubectl(
-            &[
-                "-n",
-                &self.ns,
-                "patch",
-                "registrymirrors",
-                "--all",
-                "--type=merge",
-                "-p",
-                r#"{"metadata":{"finalizers":null}}"#,
-            ],
-            None,
-        );
+        // (`kubectl patch` has no --all: patch each mirror by name.)
+        let names = kubectl(&["-n", &self.ns, "get", "registrymirrors", "-o", "name"], None);
+        for name in String::from_utf8_lossy(&names.stdout).lines().filter(|l| !l.is_empty()) {
+            let _ = kubectl(
+                &["-n", &self.ns, "patch", name, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
+                None,
+            );
+        }
         let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
         for pv in &self.pvs {
             let _ = kubectl(&["delete", "pv", pv, "--wait=false"], None);
