@@ -7,36 +7,14 @@
 //! is run explicitly (`make e2e`), which sets `MIRRORFLEET_E2E=1` so a missing cluster fails.
 
 mod common;
+mod support;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use common::cases::{base, cases, Admission};
+use support::kubectl::{cluster_available, kubectl};
 
 const NAMESPACE: &str = "mirrorfleet-admission";
-
-fn cluster() -> bool {
-    let have = std::env::var_os("KUBECONFIG").is_some();
-    if !have {
-        assert!(std::env::var_os("MIRRORFLEET_E2E").is_none(), "MIRRORFLEET_E2E is set but KUBECONFIG is not");
-        eprintln!("SKIP: no KUBECONFIG; the cluster tier runs with `make e2e`");
-    }
-    have
-}
-
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl is on PATH");
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
 
 fn ok(out: &Output, what: &str) {
     assert!(
@@ -58,7 +36,7 @@ fn dry_run(obj: &serde_json::Value) -> Result<(), String> {
 
 #[test]
 fn real_api_server_admits_samples_and_rejects_the_bad_input_table() {
-    if !cluster() {
+    if !cluster_available() {
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
