@@ -15,48 +15,16 @@
 //! missing cluster fails there.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn cluster() -> bool {
-    let have = std::env::var_os("KUBECONFIG").is_some();
-    if !have {
-        assert!(std::env::var_os("MIRRORFLEET_E2E").is_none(), "MIRRORFLEET_E2E is set but KUBECONFIG is not");
-        eprintln!("SKIP: no KUBECONFIG; the cluster tier runs with `make e2e`");
-    }
-    have
-}
+mod support;
 
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl is on PATH");
-    let mut pipe = child.stdin.take().unwrap();
-    if let Some(input) = stdin {
-        pipe.write_all(input.as_bytes()).unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().unwrap()
-}
-
-fn must(args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(args, stdin);
-    assert!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::free_port;
+use support::kubectl::{cluster_available as cluster, kubectl, kubectl_ok as must};
 
 /// The object as JSON, or None when it does not exist.
 fn get(ns: &str, what: &str) -> Option<Value> {
@@ -92,10 +60,6 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
 fn condition(mirror: &Value, type_: &str) -> Option<(String, String)> {
     let c = mirror["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
     Some((c["status"].as_str()?.to_string(), c["reason"].as_str()?.to_string()))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A tiny HTTP/1.0 GET: (status code, body).

@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,7 @@ use serde_json::{json, Value};
 
 mod support;
 
+use support::free_port;
 use support::kubectl::{cluster_available, kubectl, kubectl_ok as must};
 
 /// kubectl that may fail (the API server may be down, the object gone): the output if it worked.
@@ -68,10 +69,6 @@ fn apply_json(ns: &str, obj: &Value) {
         &["-n", ns, "apply", "--server-side", "--force-conflicts", "--field-manager", "faults", "-f", "-"],
         Some(&obj.to_string()),
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
