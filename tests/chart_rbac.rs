@@ -5,7 +5,8 @@
 //!   (tests/controller/fake_api.rs) through create, orphan deletion, status and the finalizer
 //!   path with the richest sample; every recorded request becomes (group, resource, verb);
 //! - the watches `run_controller` opens (scanned from src/controller/mod.rs: each
-//!   `owned::<Kind>` and `PartialObjectMeta<Kind>` watch needs list + watch);
+//!   `watch_meta::<Kind>`, `watch_full::<Kind>` and `PartialObjectMeta<Kind>` watch needs
+//!   list + watch);
 //! - leader election (kube-lease-manager: get, create, patch of one Lease);
 //! - `registrymirrors/finalizers` update, because the children's owner references set
 //!   blockOwnerDeletion (the OwnerReferencesPermissionEnforcement admission plugin checks it);
@@ -160,8 +161,16 @@ fn reconcile_requests() -> Vec<Recorded> {
         };
         let public = load_sample(&api, "public-mirrors.yaml");
         // Create everything, then once more (status from what was applied).
-        reconcile(mirror(&api, &public), ctx.clone()).await.expect("first reconcile");
-        reconcile(mirror(&api, &public), ctx.clone()).await.expect("second reconcile");
+        {
+            ctx.relist_children(NS).await.expect("relist");
+            reconcile(mirror(&api, &public), ctx.clone()).await
+        }
+        .expect("first reconcile");
+        {
+            ctx.relist_children(NS).await.expect("relist");
+            reconcile(mirror(&api, &public), ctx.clone()).await
+        }
+        .expect("second reconcile");
         // Persistent cache volumes.
         user_patch(
             public.clone(),
@@ -169,7 +178,11 @@ fn reconcile_requests() -> Vec<Recorded> {
             {"emptyDir": null, "persistentVolumeClaim": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}}}}),
         )
         .await;
-        reconcile(mirror(&api, &public), ctx.clone()).await.expect("reconcile with PVCs");
+        {
+            ctx.relist_children(NS).await.expect("relist");
+            reconcile(mirror(&api, &public), ctx.clone()).await
+        }
+        .expect("reconcile with PVCs");
         // Drop every optional component: orphan deletion of every kind.
         let mut upstreams = mirror(&api, &public).spec.upstreams.clone();
         upstreams.pop();
@@ -181,7 +194,11 @@ fn reconcile_requests() -> Vec<Recorded> {
         )
         .await;
         for _ in 0..3 {
-            reconcile(mirror(&api, &public), ctx.clone()).await.expect("reconcile after dropping components");
+            {
+                ctx.relist_children(NS).await.expect("relist");
+                reconcile(mirror(&api, &public), ctx.clone()).await
+            }
+            .expect("reconcile after dropping components");
         }
         // Delete a mirror with node config: node-config removal, nodes and agents looked at,
         // finalizer released.
@@ -192,10 +209,18 @@ fn reconcile_requests() -> Vec<Recorded> {
             "data": {"username": "dXNlcg==", "password": "cGFzcw==", "user": "dXNlcg==", "token": "dG9r"}}),
         );
         let private = load_sample(&api, "private-upstream.yaml");
-        reconcile(mirror(&api, &private), ctx.clone()).await.expect("private sample");
+        {
+            ctx.relist_children(NS).await.expect("relist");
+            reconcile(mirror(&api, &private), ctx.clone()).await
+        }
+        .expect("private sample");
         api.insert("/v1/nodes", json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}));
         user_patch(private.clone(), json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})).await;
-        reconcile(mirror(&api, &private), ctx.clone()).await.expect("finalizing reconcile");
+        {
+            ctx.relist_children(NS).await.expect("relist");
+            reconcile(mirror(&api, &private), ctx.clone()).await
+        }
+        .expect("finalizing reconcile");
         assert!(api.get(MIRRORS, NS, &private).is_none(), "the scenario should end with the finalizer released");
         // Each kind was deleted at least once, so the scenario reached orphan deletion for all.
         let deleted: BTreeSet<String> =
@@ -249,10 +274,10 @@ fn kind_resource(kind: &str) -> (String, String) {
 /// The kinds `run_controller` watches, from its source.
 fn watched_kinds() -> BTreeSet<String> {
     let src = std::fs::read_to_string(root().join("src/controller/mod.rs")).unwrap();
-    let re = regex::Regex::new(r"(?:owned::<|PartialObjectMeta<)([A-Z][A-Za-z]+)>").unwrap();
+    let re = regex::Regex::new(r"(?:watch_meta::<|watch_full::<|PartialObjectMeta<)([A-Z][A-Za-z]+)>").unwrap();
     let mut kinds: BTreeSet<String> = re.captures_iter(&src).map(|c| c[1].to_string()).collect();
     kinds.remove("K"); // the generic helper itself
-    assert!(src.contains("Controller::new(mirrors"), "src/controller/mod.rs no longer watches mirrors as expected");
+    assert!(src.contains("watcher(mirrors"), "src/controller/mod.rs no longer watches mirrors as expected");
     kinds.insert("RegistryMirror".into());
     assert!(kinds.len() >= 10, "the watch scan of src/controller/mod.rs found too little: {kinds:?}");
     kinds

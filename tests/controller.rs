@@ -111,7 +111,9 @@ impl Harness {
         serde_json::from_value(self.api.get(MIRRORS, NS, name).expect("mirror exists")).unwrap()
     }
 
+    /// One reconcile, after the child stores have caught up with the fake (as the watches would).
     async fn reconcile(&self, name: &str) -> Result<Action, Error> {
+        self.ctx.relist_children(NS).await.expect("relist children");
         reconcile(Arc::new(self.mirror(name)), self.ctx.clone()).await
     }
 
@@ -734,6 +736,7 @@ async fn every_invalid_spec_of_the_table_is_refused_without_writing_children() {
         let Ok(mirror) = serde_json::from_value::<RegistryMirror>(h.api.get(MIRRORS, NS, &name).unwrap()) else {
             continue;
         };
+        h.ctx.relist_children(NS).await.expect("relist children");
         let result = reconcile(Arc::new(mirror), h.ctx.clone()).await;
         let err = match result {
             Err(e) => e,
@@ -768,4 +771,61 @@ async fn a_refused_child_shows_in_ready_and_backs_off() {
     h.reconcile(&name).await.unwrap_err();
     let writes = h.api.writes();
     assert!(writes.iter().all(|w| w.resource() == "deployments"), "{writes:#?}");
+}
+
+/// The stores the reconcile reads lag behind its own writes (the watch delivers them later):
+/// what it just wrote is not written again, and it looks again once the stores must have caught
+/// up; drift after the stores showed the write is repaired at once.
+#[tokio::test]
+async fn a_lagging_view_of_the_controllers_own_writes_is_not_drift() {
+    let h = harness();
+    let name = h.public();
+    let first = h.reconcile(&name).await.unwrap();
+    assert_eq!(first, Action::requeue(Options::default().requeue));
+    // Stores not updated since (still empty): nothing is written again, and the reconcile asks
+    // to run again within the lag bound instead of the long requeue.
+    h.api.clear_requests();
+    let lagging = reconcile(Arc::new(h.mirror(&name)), h.ctx.clone()).await.unwrap();
+    assert!(child_writes(&h.api.writes()).is_empty(), "{:#?}", h.api.writes());
+    assert_eq!(lagging, Action::requeue(mirrorfleet::controller::apply::STORE_LAG));
+
+    // The stores catch up: the steady state, long requeue.
+    h.api.clear_requests();
+    assert_eq!(h.reconcile(&name).await.unwrap(), Action::requeue(Options::default().requeue));
+    assert!(h.api.writes().is_empty(), "{:#?}", h.api.writes());
+
+    // A hand edit is restored; the stores still show the edited version (before the restore):
+    // not written twice.
+    h.api.edit(DEPLOYMENTS, NS, "public-proxy-quay", "kubectl-edit", None, |d| {
+        d["spec"]["replicas"] = json!(7);
+    });
+    h.reconcile(&name).await.unwrap();
+    h.api.clear_requests();
+    reconcile(Arc::new(h.mirror(&name)), h.ctx.clone()).await.unwrap();
+    assert!(child_writes(&h.api.writes()).is_empty(), "{:#?}", h.api.writes());
+
+    // Once the stores showed a child, its disappearance is a deletion, repaired at once.
+    h.reconcile(&name).await.unwrap();
+    h.api.remove(SERVICES, NS, "public-proxy-quay");
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    assert!(applies(&h.api.writes()).contains(&("services".to_string(), "public-proxy-quay".to_string())));
+}
+
+/// Reconciles wait for the child stores' first list concurrently; every one of them must go on
+/// once it is there (the stores' own readiness signal wakes only the last waiter).
+#[tokio::test]
+async fn every_concurrent_reconcile_sees_the_stores_become_ready() {
+    let h = harness();
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let stores = h.ctx.children.clone();
+            tokio::spawn(async move { stores.wait_until_ready().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.ctx.relist_children(NS).await.unwrap();
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(5), w).await.expect("a waiter was never woken").unwrap();
+    }
 }

@@ -260,7 +260,12 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
         assert_eq!(m["status"]["observedGeneration"], m["metadata"]["generation"]);
     }
     eprintln!("e2e: all samples Ready {:.1}s after apply", created.elapsed().as_secs_f64());
-    let public = get(ns, "registrymirror/public").unwrap();
+    // Ready needs one ready replica per proxy; the status follows each Deployment as its second
+    // replica becomes ready.
+    let public = eventually("public status shows every proxy replica ready", TIMEOUT, || {
+        let m = get(ns, "registrymirror/public")?;
+        m["status"]["upstreams"].as_array()?.iter().all(|u| u["readyReplicas"] == 2).then_some(m)
+    });
     assert_eq!(public["status"]["upstreamsReady"], "5/5");
     let nodes = must(&["get", "nodes", "-o", "name"], None).lines().count() as i64;
     assert_eq!(public["status"]["nodes"], json!({"desired": nodes, "configured": nodes}), "{}", public["status"]);

@@ -1,6 +1,7 @@
-//! The apply step: read a mirror's live children by label selection, server-side apply what the
-//! builders want (one field manager, `force`), and delete the children the spec no longer asks
-//! for. Nothing is deleted that lacks this mirror's controller owner reference.
+//! The apply step: given a mirror's live children (from the watches' stores, [`super::children`]),
+//! server-side apply what the builders want (one field manager, `force`), and delete the children
+//! the spec no longer asks for. Nothing is deleted that lacks this mirror's controller owner
+//! reference.
 //!
 //! No-op detection: for every child the controller remembers (in memory) a hash of the desired
 //! object it last applied and a fingerprint of the live object right after that apply: its uid and
@@ -14,20 +15,21 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::children::live_fingerprint;
 use super::error::{Error, Result};
 
 /// The one field manager of every write the controller makes.
@@ -45,11 +47,23 @@ struct ChildKey {
     name: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Record {
+    /// Hash of the desired object last applied.
     desired: u64,
+    /// Fingerprint of the object the API server answered that apply with.
     live: u64,
+    /// resourceVersion the controller's view had before that apply (None: it had none), so a
+    /// store that has not caught up with the write yet is not mistaken for drift.
+    prior_version: Option<String>,
+    at: Instant,
+    /// The view has shown the applied object since: from then on a difference is drift.
+    seen: bool,
 }
+
+/// How long a store may lag behind a write before the difference counts as drift. A reconcile
+/// that trusted a lagging store asks to run again after this long.
+pub const STORE_LAG: Duration = Duration::from_secs(15);
 
 /// What the controller last applied, per child (see the module doc).
 #[derive(Default)]
@@ -57,10 +71,15 @@ pub struct ApplyCache(Mutex<HashMap<ChildKey, Record>>);
 
 impl ApplyCache {
     fn get(&self, key: &ChildKey) -> Option<Record> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
     fn put(&self, key: ChildKey, record: Record) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, record);
+    }
+    fn mark_seen(&self, key: &ChildKey) {
+        if let Some(rec) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(key) {
+            rec.seen = true;
+        }
     }
     fn forget(&self, key: &ChildKey) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
@@ -130,9 +149,9 @@ impl<K> Child for K where
 {
 }
 
-/// Every child of one mirror as the API server has it now, by kind and name. Metadata only,
-/// except the kinds whose status or spec the controller reads back (Services for their cluster
-/// IP, Deployments and DaemonSets for their ready counts).
+/// Every child of one mirror as the controller's watches have it now ([`super::children`]), by
+/// kind and name. Metadata only, except the kinds whose status or spec the controller reads back
+/// (Services for their cluster IP, Deployments and DaemonSets for their ready counts).
 #[derive(Clone, Debug, Default)]
 pub struct LiveChildren {
     pub metas: BTreeMap<&'static str, BTreeMap<String, ObjectMeta>>,
@@ -142,38 +161,6 @@ pub struct LiveChildren {
 }
 
 impl LiveChildren {
-    /// Lists every child kind of the mirror in `namespace` whose labels match `selector`.
-    pub async fn read(client: &Client, namespace: &str, selector: &str) -> Result<Self> {
-        let lp = ListParams::default().labels(selector);
-        let (sa, roles, rbs, secrets, cms, pvcs, cjs, services, deployments, daemon_sets) = futures::try_join!(
-            list_meta::<ServiceAccount>(client, namespace, &lp),
-            list_meta::<Role>(client, namespace, &lp),
-            list_meta::<RoleBinding>(client, namespace, &lp),
-            list_meta::<Secret>(client, namespace, &lp),
-            list_meta::<ConfigMap>(client, namespace, &lp),
-            list_meta::<PersistentVolumeClaim>(client, namespace, &lp),
-            list_meta::<CronJob>(client, namespace, &lp),
-            list_full::<Service>(client, namespace, &lp),
-            list_full::<Deployment>(client, namespace, &lp),
-            list_full::<DaemonSet>(client, namespace, &lp),
-        )?;
-        let mut live = LiveChildren { services, deployments, daemon_sets, ..Default::default() };
-        live.metas.insert(kind_of::<ServiceAccount>(), sa);
-        live.metas.insert(kind_of::<Role>(), roles);
-        live.metas.insert(kind_of::<RoleBinding>(), rbs);
-        live.metas.insert(kind_of::<Secret>(), secrets);
-        live.metas.insert(kind_of::<ConfigMap>(), cms);
-        live.metas.insert(kind_of::<PersistentVolumeClaim>(), pvcs);
-        live.metas.insert(kind_of::<CronJob>(), cjs);
-        let services_meta = live.services.iter().map(|(n, s)| (n.clone(), s.metadata.clone())).collect();
-        live.metas.insert(kind_of::<Service>(), services_meta);
-        let deployments_meta = live.deployments.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
-        live.metas.insert(kind_of::<Deployment>(), deployments_meta);
-        let ds_meta = live.daemon_sets.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
-        live.metas.insert(kind_of::<DaemonSet>(), ds_meta);
-        Ok(live)
-    }
-
     pub fn meta<K: Child>(&self, name: &str) -> Option<&ObjectMeta> {
         self.metas.get(kind_of::<K>()).and_then(|m| m.get(name))
     }
@@ -185,18 +172,6 @@ impl LiveChildren {
 
 fn kind_of<K: Child>() -> &'static str {
     <K as k8s_openapi::Resource>::KIND
-}
-
-async fn list_meta<K: Child>(client: &Client, ns: &str, lp: &ListParams) -> Result<BTreeMap<String, ObjectMeta>> {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let list = api.list_metadata(lp).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
-    Ok(list.items.into_iter().map(|o| (o.name_any(), o.metadata)).collect())
-}
-
-async fn list_full<K: Child>(client: &Client, ns: &str, lp: &ListParams) -> Result<BTreeMap<String, K>> {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let list = api.list(lp).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
-    Ok(list.items.into_iter().map(|o| (o.name_any(), o)).collect())
 }
 
 /// Applies and deletes the children of one mirror, remembering what it wrote.
@@ -211,6 +186,9 @@ pub struct Applier<'a> {
     deleted: Mutex<Vec<String>>,
     /// Desired hash of what this applier applied: `live` predates it.
     done: Mutex<HashMap<ChildKey, u64>>,
+    /// Whether an object was taken as unchanged because `live` had not caught up with an
+    /// earlier write yet.
+    trusted_lag: AtomicBool,
 }
 
 impl<'a> Applier<'a> {
@@ -223,7 +201,41 @@ impl<'a> Applier<'a> {
             applied: Mutex::default(),
             deleted: Mutex::default(),
             done: Mutex::default(),
+            trusted_lag: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this reconcile took a lagging view for the truth somewhere; the reconcile then
+    /// looks again after [`STORE_LAG`].
+    pub fn trusted_lag(&self) -> bool {
+        self.trusted_lag.load(Ordering::Relaxed)
+    }
+
+    /// Whether the object `key` (desired hash `desired`, live as `live`) needs no write.
+    fn unchanged(&self, key: &ChildKey, desired: u64, live: Option<&ObjectMeta>) -> bool {
+        if self.done.lock().unwrap_or_else(|e| e.into_inner()).get(key) == Some(&desired) {
+            return true;
+        }
+        let Some(rec) = self.cache.get(key) else { return false };
+        if rec.desired != desired {
+            return false;
+        }
+        if live.is_some_and(|m| live_fingerprint(m) == rec.live) {
+            if !rec.seen {
+                self.cache.mark_seen(key);
+            }
+            return true;
+        }
+        // The view still shows the object as it was before the last write (or not at all, when
+        // that write created it), and has not shown the write since: the watch has not
+        // delivered it yet.
+        let lagging = live.map(|m| m.resource_version.clone()) == Some(rec.prior_version.clone())
+            || (live.is_none() && rec.prior_version.is_none());
+        if lagging && !rec.seen && rec.at.elapsed() < STORE_LAG {
+            self.trusted_lag.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// Applies every object of one kind that changed (concurrently); returns the applied
@@ -244,19 +256,15 @@ impl<'a> Applier<'a> {
             body["kind"] = kind.as_ref().into();
             let key = ChildKey { kind: kind_of::<K>(), namespace: self.namespace.to_string(), name: name.clone() };
             let desired = desired_hash(&body);
-            let done_now = self.done.lock().unwrap_or_else(|e| e.into_inner()).get(&key) == Some(&desired);
-            let unchanged = done_now
-                || match (self.cache.get(&key), self.live.meta::<K>(&name)) {
-                    (Some(rec), Some(live)) => rec.desired == desired && rec.live == fingerprint(live),
-                    _ => false,
-                };
-            if !unchanged {
-                pending.push((key, name, body, desired));
+            let live = self.live.meta::<K>(&name);
+            if !self.unchanged(&key, desired, live) {
+                let prior_version = live.and_then(|m| m.resource_version.clone());
+                pending.push((key, name, body, desired, prior_version));
             }
         }
         let api: Api<K> = Api::namespaced(self.client.clone(), self.namespace);
         let params = apply_params();
-        let results = try_join_all(pending.into_iter().map(|(key, name, body, desired)| {
+        let results = try_join_all(pending.into_iter().map(|(key, name, body, desired, prior_version)| {
             let api = api.clone();
             let params = params.clone();
             async move {
@@ -264,14 +272,16 @@ impl<'a> Applier<'a> {
                     .patch(&name, &params, &Patch::Apply(&body))
                     .await
                     .map_err(|e| Error::api("apply", K::kind(&()), name.clone(), e))?;
-                Ok::<_, Error>((key, name, desired, applied))
+                Ok::<_, Error>((key, name, desired, prior_version, applied))
             }
         }))
         .await?;
         let mut out = BTreeMap::new();
-        for (key, name, desired, applied) in results {
+        for (key, name, desired, prior_version, applied) in results {
             self.done.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), desired);
-            self.cache.put(key, Record { desired, live: fingerprint(applied.meta()) });
+            let record =
+                Record { desired, live: fingerprint(applied.meta()), prior_version, at: Instant::now(), seen: false };
+            self.cache.put(key, record);
             self.applied.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{kind}/{name}"));
             out.insert(name, applied);
         }
@@ -302,17 +312,20 @@ impl<'a> Applier<'a> {
                 preconditions: Some(Preconditions { uid, resource_version: None }),
                 ..DeleteParams::default()
             };
-            match api.delete(&name, &dp).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            // Gone already (or replaced): a lagging view, nothing deleted by this reconcile.
+            let deleted = match api.delete(&name, &dp).await {
+                Ok(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => false,
                 Err(e) => return Err(Error::api("delete", K::kind(&()), name, e)),
-            }
+            };
             self.cache.forget(&ChildKey {
                 kind: kind_of::<K>(),
                 namespace: self.namespace.to_string(),
                 name: name.clone(),
             });
-            self.deleted.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}/{name}", K::kind(&())));
+            if deleted {
+                self.deleted.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}/{name}", K::kind(&())));
+            }
         }
         Ok(())
     }

@@ -8,14 +8,21 @@
 //! - [`metrics`], [`admin`]: Prometheus metrics and the `/metrics` `/livez` `/readyz` server.
 //! - [`leader`]: leader election on a Lease, so replicas can stand by.
 //!
-//! Watches: RegistryMirrors (full objects, the one store kept in memory); every owned kind
-//! metadata-only, filtered by the managed-by label; the Secrets mirrors reference (metadata-only,
-//! mapped back to the mirrors that name them, so a rotated credential rolls the proxies); the
-//! node-agent Pods (their applied-config annotation releases the finalizer); cleanup Jobs (for
-//! `status.lastCleanup`).
+//! Watches: RegistryMirrors (full objects; only changes to the spec, deletion, finalizers, labels
+//! or annotations trigger a reconcile, not the controller's own status writes); every owned kind,
+//! filtered by the managed-by label, each into a store the reconciles read instead of listing
+//! ([`children`]: metadata only, except Services, Deployments and DaemonSets, compacted); the
+//! Secrets mirrors reference (metadata-only, mapped back to the mirrors that name them, so a
+//! rotated credential rolls the proxies); the node-agent Pods (their applied-config annotation
+//! releases the finalizer); cleanup Jobs (for `status.lastCleanup`, into a store too).
+//!
+//! Every watch restarts with backoff after an error, and every API request has a read timeout
+//! ([`API_READ_TIMEOUT`]), so a watch or request caught by an API server restart is dropped and
+//! made again instead of waiting forever on a dead connection.
 
 pub mod admin;
 pub mod apply;
+pub mod children;
 pub mod error;
 pub mod inputs;
 pub mod leader;
@@ -31,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
@@ -39,14 +46,14 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ListParams;
 use kube::client::{Body, ClientBuilder};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::api::RegistryMirror;
-use crate::build::meta::{APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY};
+use crate::build::meta::{APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
 use crate::build::Settings;
 use metrics::Metrics;
 use reconcile::{error_policy, reconcile, Context, Options};
@@ -146,8 +153,20 @@ where
     ClientBuilder::new(service, namespace).with_layer(&count_layer(count)).build()
 }
 
+/// How long a response may go silent before the request is dropped and made again. Longer than
+/// the API server's watch bookmark interval (one minute), so a healthy idle watch never hits it.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(75);
+
 fn make_client(config: &kube::Config, count: CountFn) -> anyhow::Result<Client> {
-    let builder = ClientBuilder::try_from(config.clone()).context("building the API client")?;
+    let mut config = config.clone();
+    // kube sets no read timeout by default: a request sent while the API server shuts down can
+    // then hang on a half-closed connection for good.
+    if config.read_timeout.is_none() {
+        config.read_timeout = Some(API_READ_TIMEOUT);
+        // Counted from when the request was sent, not from when its pooled connection idled.
+        config.reset_reader_on_write = true;
+    }
+    let builder = ClientBuilder::try_from(config).context("building the API client")?;
     Ok(builder.with_layer(&count_layer(count)).build())
 }
 
@@ -306,26 +325,6 @@ async fn shutdown_signal() {
     }
 }
 
-fn owned_cfg() -> watcher::Config {
-    watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
-}
-
-fn owned<K>(
-    client: &Client,
-    ns: Option<&str>,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    watcher(api::<PartialObjectMeta<K>>(client, ns), owned_cfg()).touched_objects()
-}
-
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
@@ -342,6 +341,11 @@ fn mirror_of_labels<K: kube::Resource>(obj: &K) -> Option<ObjectRef<RegistryMirr
     Some(ObjectRef::new(instance).within(obj.meta().namespace.as_deref()?))
 }
 
+/// A predicate that changes when the mirror starts being deleted.
+fn deletion(mirror: &RegistryMirror) -> Option<u64> {
+    Some(u64::from(mirror.metadata.deletion_timestamp.is_some()))
+}
+
 /// Runs the controller until `stop` resolves; running reconciles finish first.
 pub async fn run_controller(
     client: Client,
@@ -351,16 +355,35 @@ pub async fn run_controller(
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let mirrors: Api<RegistryMirror> = api(&client, ns);
-    let controller = Controller::new(mirrors, watcher::Config::default());
-    let store: Store<RegistryMirror> = controller.store();
+    let (store, writer) = reflector::store::<RegistryMirror>();
+    // The controller's own status writes do not trigger another reconcile; everything else a
+    // reconcile reads from the mirror does.
+    let changed = predicates::generation
+        .combine(predicates::finalizers)
+        .combine(predicates::labels)
+        .combine(predicates::annotations)
+        .combine(deletion);
+    let mirror_stream = watcher(mirrors, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(changed, Default::default());
+    let controller = Controller::for_stream(mirror_stream, store.clone());
 
-    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default()).touched_objects();
+    let Some(w) = ctx.take_child_writers() else {
+        error!("the child stores are already fed by another controller; not starting");
+        return;
+    };
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     let secret_store = store.clone();
     let agents_cfg =
         watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent"));
-    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg).touched_objects();
-    let jobs_cfg = watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=cleanup"));
-    let jobs = watcher(api::<PartialObjectMeta<Job>>(&client, ns), jobs_cfg).touched_objects();
+    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg).default_backoff().touched_objects();
+    let owned_cfg = || watcher::Config::default().labels(&children::owned_selector());
+    let jobs_cfg = watcher::Config::default().labels(&children::cleanup_jobs_selector());
+    let jobs = children::watch_full::<Job>(&client, ns, jobs_cfg, w.jobs);
 
     let ready_store = store.clone();
     let ready_metrics = ctx.metrics.clone();
@@ -385,16 +408,16 @@ pub async fn run_controller(
     });
 
     controller
-        .owns_stream(owned::<Deployment>(&client, ns))
-        .owns_stream(owned::<Service>(&client, ns))
-        .owns_stream(owned::<ConfigMap>(&client, ns))
-        .owns_stream(owned::<Secret>(&client, ns))
-        .owns_stream(owned::<DaemonSet>(&client, ns))
-        .owns_stream(owned::<CronJob>(&client, ns))
-        .owns_stream(owned::<PersistentVolumeClaim>(&client, ns))
-        .owns_stream(owned::<ServiceAccount>(&client, ns))
-        .owns_stream(owned::<Role>(&client, ns))
-        .owns_stream(owned::<RoleBinding>(&client, ns))
+        .owns_stream(children::watch_full::<Deployment>(&client, ns, owned_cfg(), w.deployments))
+        .owns_stream(children::watch_full::<Service>(&client, ns, owned_cfg(), w.services))
+        .owns_stream(children::watch_full::<DaemonSet>(&client, ns, owned_cfg(), w.daemon_sets))
+        .owns_stream(children::watch_meta::<ConfigMap>(&client, ns, w.config_maps))
+        .owns_stream(children::watch_meta::<Secret>(&client, ns, w.secrets))
+        .owns_stream(children::watch_meta::<CronJob>(&client, ns, w.cron_jobs))
+        .owns_stream(children::watch_meta::<PersistentVolumeClaim>(&client, ns, w.persistent_volume_claims))
+        .owns_stream(children::watch_meta::<ServiceAccount>(&client, ns, w.service_accounts))
+        .owns_stream(children::watch_meta::<Role>(&client, ns, w.roles))
+        .owns_stream(children::watch_meta::<RoleBinding>(&client, ns, w.role_bindings))
         .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
             let ns = secret.namespace();
             let name = secret.name_any();
@@ -406,7 +429,7 @@ pub async fn run_controller(
                 .collect::<Vec<_>>()
         })
         .watches_stream(agents, |pod: PartialObjectMeta<Pod>| mirror_of_labels(&pod))
-        .watches_stream(jobs, |job: PartialObjectMeta<Job>| mirror_of_labels(&job))
+        .watches_stream(jobs, |job: Job| mirror_of_labels(&job))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
@@ -19,14 +19,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::apply::{apply_params, component_selector, Applier, ApplyCache, LiveChildren};
+use super::apply::{apply_params, Applier, ApplyCache, STORE_LAG};
+use super::children::{self, ChildStores, ChildWriters, Compact};
 use super::error::{Error, ErrorClass, Result};
 use super::inputs::read_inputs;
 use super::metrics::Metrics;
 use super::nodes::{self, Removal};
 use super::status::{self, Observed};
 use crate::api::{RegistryMirror, RegistryMirrorStatus};
-use crate::build::meta::{children_selector, names, Component, LABEL_COMPONENT};
+use crate::build::meta::{names, Component, LABEL_COMPONENT};
 use crate::build::{self, DesiredChildren, Settings};
 
 /// Timings of the reconcile loop.
@@ -63,6 +64,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub cache: ApplyCache,
+    /// Every child, as the watches have it ([`children`]).
+    pub children: ChildStores,
+    /// The stores' writing halves, until the watches take them.
+    writers: Mutex<Option<ChildWriters>>,
+    /// Per mirror: the newest finished cleanup Job's uid and its pods (their reports do not
+    /// change once the Job has finished, so they are listed once).
+    cleanup_reports: Mutex<HashMap<String, (String, Vec<Pod>)>>,
+    /// Per mirror: its Services as last applied, for their cluster IPs while the Service store
+    /// has not caught up with them yet.
+    applied_services: Mutex<HashMap<String, BTreeMap<String, Service>>>,
     failures: Mutex<HashMap<String, u32>>,
     removal_started: Mutex<HashMap<String, Instant>>,
 }
@@ -77,7 +88,12 @@ impl Context {
     ) -> Self {
         let reporter =
             kube::runtime::events::Reporter { controller: "mirrorfleet".into(), instance: reporter_instance };
+        let (children, writers) = children::stores();
         Self {
+            children,
+            writers: Mutex::new(Some(writers)),
+            cleanup_reports: Mutex::default(),
+            applied_services: Mutex::default(),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
@@ -87,6 +103,22 @@ impl Context {
             failures: Mutex::default(),
             removal_started: Mutex::default(),
         }
+    }
+
+    /// Hands the child stores' writers to the watches (once; None after that).
+    pub fn take_child_writers(&self) -> Option<ChildWriters> {
+        self.writers.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Fills the child stores from a list of every child kind in `namespace`, as the watches'
+    /// first list would: for request-level tests, which run reconciles without watches.
+    pub async fn relist_children(&self, namespace: &str) -> anyhow::Result<()> {
+        let Some(mut writers) = self.take_child_writers() else {
+            anyhow::bail!("the child stores are fed by the watches; there is nothing to relist into");
+        };
+        let result = writers.relist(&self.client, namespace).await.map_err(anyhow::Error::from);
+        *self.writers.lock().unwrap_or_else(|e| e.into_inner()) = Some(writers);
+        result
     }
 
     async fn event(&self, mirror: &RegistryMirror, type_: EventType, reason: &str, action: &str, note: String) {
@@ -201,9 +233,15 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         nodes::add_finalizer(&ctx.client, mirror).await?;
     }
 
-    // Build, with the proxies' cluster IPs as the nodes' endpoints.
-    let live = LiveChildren::read(&ctx.client, &ns, &children_selector(mirror)).await?;
-    inputs.proxy_endpoints = status::proxy_endpoints(mirror, &live.services);
+    // Build, with the proxies' cluster IPs as the nodes' endpoints. Children are read from the
+    // watches' stores, complete once each has had its first list.
+    ctx.children.wait_until_ready().await;
+    let live = ctx.children.live_children(mirror);
+    let mut known_services =
+        ctx.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror)).unwrap_or_default();
+    known_services.retain(|name, _| !live.services.contains_key(name));
+    known_services.extend(live.services.clone());
+    inputs.proxy_endpoints = status::proxy_endpoints(mirror, &known_services);
     let mut fleet = match build::build(mirror, &inputs, &ctx.settings) {
         Ok(f) => f,
         Err(e) => return Err(report_problem(mirror, ctx, e.into()).await),
@@ -231,7 +269,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         applier.apply(&early_config_maps),
         applier.apply(&c.persistent_volume_claims),
     )?;
-    let mut services = live.services.clone();
+    let mut services = known_services;
     services.extend(applied_services);
     let endpoints = status::proxy_endpoints(mirror, &services);
     if endpoints != inputs.proxy_endpoints {
@@ -290,11 +328,23 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         applier.delete_orphans(&roles, &uid, keep),
         applier.delete_orphans(&service_accounts, &uid, keep),
     )?;
+    let trusted_lag = applier.trusted_lag();
+    let remembered: BTreeMap<String, Service> = desired_services
+        .iter()
+        .filter_map(|d| {
+            let mut svc = services.get(&d.name_any())?.clone();
+            svc.compact();
+            Some((d.name_any(), svc))
+        })
+        .collect();
+    ctx.applied_services.lock().unwrap_or_else(|e| e.into_inner()).insert(key(mirror), remembered);
     let (applied, deleted) = applier.into_writes();
 
     // nodeConfig dropped from the spec: the node agents remove their files first.
     let mut removal_pending = None;
-    let mut requeue = ctx.options.requeue;
+    // A view that lagged behind an earlier write was trusted: look again once it must have
+    // caught up, so a child removed meanwhile is not missed until the long requeue.
+    let mut requeue = if trusted_lag { STORE_LAG.min(ctx.options.requeue) } else { ctx.options.requeue };
     if removing_nodes {
         match node_removal(mirror, ctx, None).await? {
             Removal::Done => {
@@ -316,19 +366,23 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         }
     }
 
-    // Status, from what was applied.
-    let jobs = if mirror.spec.cleanup.is_some() { cleanup_jobs(&ctx.client, mirror).await? } else { Vec::new() };
-    let cleanup_pods = cleanup_report_pods(&ctx.client, mirror, &jobs).await?;
-    let observed = Observed {
-        deployments: &observed_deployments,
-        services: &services,
-        daemon_set: observed_daemon_sets.get(&names::node_agent(mirror)),
-        jobs: &jobs,
-        cleanup_pods: &cleanup_pods,
-        removing_nodes: removal_pending.as_deref(),
-    };
-    let new_status = status::observed_status(mirror, observed, &status::now());
-    write_status(mirror, ctx, new_status).await?;
+    // Status, from what was applied and observed. Not from a view that has not caught up with
+    // this controller's own writes: that would report children as missing that exist (the
+    // reconcile that follows, within STORE_LAG, writes it).
+    if !trusted_lag {
+        let jobs = if mirror.spec.cleanup.is_some() { ctx.children.cleanup_jobs(mirror) } else { Vec::new() };
+        let cleanup_pods = cleanup_report_pods(ctx, mirror, &jobs).await?;
+        let observed = Observed {
+            deployments: &observed_deployments,
+            services: &services,
+            daemon_set: observed_daemon_sets.get(&names::node_agent(mirror)),
+            jobs: &jobs,
+            cleanup_pods: &cleanup_pods,
+            removing_nodes: removal_pending.as_deref(),
+        };
+        let new_status = status::observed_status(mirror, observed, &status::now());
+        write_status(mirror, ctx, new_status).await?;
+    }
 
     // Events last: they tell, they do not gate.
     if !applied.is_empty() {
@@ -377,29 +431,27 @@ async fn write_status(mirror: &RegistryMirror, ctx: &Context, new: RegistryMirro
     Ok(())
 }
 
-async fn cleanup_jobs(client: &Client, mirror: &RegistryMirror) -> Result<Vec<Job>> {
-    let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
-    let selector = component_selector(mirror, Component::Cleanup);
-    let api: Api<Job> = Api::namespaced(client.clone(), &ns);
-    Ok(api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|e| Error::api("list", "Job", selector, e))?
-        .items)
-}
-
 /// The pods of the newest finished cleanup Job: their termination message is the run's report.
-/// Nothing is listed while no Job has finished (the steady state of most reconciles).
-async fn cleanup_report_pods(client: &Client, mirror: &RegistryMirror, jobs: &[Job]) -> Result<Vec<Pod>> {
+/// Nothing is listed while no Job has finished, and each finished Job's pods are listed once.
+async fn cleanup_report_pods(ctx: &Context, mirror: &RegistryMirror, jobs: &[Job]) -> Result<Vec<Pod>> {
     let Some((job, _)) = status::newest_finished_job(jobs) else { return Ok(Vec::new()) };
+    let job_uid = job.uid().unwrap_or_default();
+    let cached = ctx.cleanup_reports.lock().unwrap_or_else(|e| e.into_inner()).get(&key(mirror)).cloned();
+    if let Some((uid, pods)) = cached {
+        if uid == job_uid {
+            return Ok(pods);
+        }
+    }
     let ns = mirror.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let selector = format!("job-name={}", job.name_any());
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    Ok(api
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = api
         .list(&ListParams::default().labels(&selector))
         .await
         .map_err(|e| Error::api("list", "Pod", selector, e))?
-        .items)
+        .items;
+    ctx.cleanup_reports.lock().unwrap_or_else(|e| e.into_inner()).insert(key(mirror), (job_uid, pods.clone()));
+    Ok(pods)
 }
 
 /// Node-config removal with the timeout applied: past it, the removal counts as done and a
@@ -449,6 +501,8 @@ async fn finalize(mirror: &RegistryMirror, ctx: &Context) -> Result<Action> {
             nodes::remove_finalizer(&ctx.client, mirror).await?;
             let ns = mirror.namespace().unwrap_or_default();
             ctx.cache.forget_prefix(&ns, &format!("{}-", mirror.name_any()));
+            ctx.cleanup_reports.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror));
+            ctx.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror));
             info!("node config removed; finalizer released");
             Ok(Action::await_change())
         }

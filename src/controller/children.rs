@@ -1,0 +1,385 @@
+//! The controller's view of every child it manages: one reflector store per owned kind, fed by
+//! the same watches that trigger reconciles. A reconcile reads its mirror's children from these
+//! stores instead of listing them, so a steady-state reconcile costs the API server nothing and
+//! a busy fleet (Deployment status churn while Pods start) costs no LISTs.
+//!
+//! What is kept is small: metadata only for most kinds; Services whole (their cluster IP);
+//! Deployments, DaemonSets and cleanup Jobs without their Pod template (the status and replica
+//! counts are what the controller reads). `managedFields`, the largest part of most objects, is
+//! folded into the drift fingerprint ([`super::apply::fingerprint`]) as the object enters the
+//! store and then dropped; the fingerprint rides along in an in-memory annotation
+//! ([`FINGERPRINT_ANNOTATION`]) that is never sent to the API server: stored objects are only
+//! read, desired objects always come from the builders.
+//!
+//! A store can lag behind what a reconcile just wrote: [`super::apply`] keeps the version it saw
+//! before each write, so an old version still in the store is recognised as old, not as drift.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::ListParams;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::apply::{fingerprint, Child, LiveChildren};
+use super::error::{Error, Result};
+use crate::api::RegistryMirror;
+use crate::build::meta::{Component, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY};
+
+/// In-memory only: the drift fingerprint of a stored object whose `managedFields` were dropped.
+pub const FINGERPRINT_ANNOTATION: &str = "mirrorfleet.io/observed-fingerprint";
+
+/// The fingerprint of a live object: computed from its `managedFields`, or carried by a stored
+/// (compacted) object.
+pub fn live_fingerprint(meta: &ObjectMeta) -> u64 {
+    if meta.managed_fields.is_none() {
+        if let Some(fp) = meta.annotations.as_ref().and_then(|a| a.get(FINGERPRINT_ANNOTATION)) {
+            if let Ok(fp) = fp.parse() {
+                return fp;
+            }
+        }
+    }
+    fingerprint(meta)
+}
+
+/// Folds `managedFields` into the fingerprint annotation (see the module doc).
+pub fn compact_meta(meta: &mut ObjectMeta) {
+    if meta.managed_fields.is_none() {
+        return;
+    }
+    let fp = fingerprint(meta);
+    meta.managed_fields = None;
+    meta.annotations.get_or_insert_with(Default::default).insert(FINGERPRINT_ANNOTATION.into(), fp.to_string());
+}
+
+/// What the controller keeps of an object it watches whole.
+pub trait Compact {
+    fn compact(&mut self);
+}
+
+impl<K> Compact for PartialObjectMeta<K> {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+    }
+}
+impl Compact for Service {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+    }
+}
+impl Compact for Deployment {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    }
+}
+impl Compact for DaemonSet {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    }
+}
+impl Compact for Job {
+    fn compact(&mut self) {
+        compact_meta(&mut self.metadata);
+        if let Some(spec) = self.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    }
+}
+
+/// Readers of every child store.
+#[derive(Clone)]
+pub struct ChildStores {
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub roles: Store<PartialObjectMeta<Role>>,
+    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub persistent_volume_claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub cron_jobs: Store<PartialObjectMeta<CronJob>>,
+    pub services: Store<Service>,
+    pub deployments: Store<Deployment>,
+    pub daemon_sets: Store<DaemonSet>,
+    /// Jobs of the cleanup CronJobs.
+    pub jobs: Store<Job>,
+    /// Set once every store had its first list.
+    ready: Arc<AtomicBool>,
+}
+
+/// The writing halves: moved into the watches by [`super::run_controller`].
+pub struct ChildWriters {
+    pub service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
+    pub roles: Writer<PartialObjectMeta<Role>>,
+    pub role_bindings: Writer<PartialObjectMeta<RoleBinding>>,
+    pub secrets: Writer<PartialObjectMeta<Secret>>,
+    pub config_maps: Writer<PartialObjectMeta<ConfigMap>>,
+    pub persistent_volume_claims: Writer<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub cron_jobs: Writer<PartialObjectMeta<CronJob>>,
+    pub services: Writer<Service>,
+    pub deployments: Writer<Deployment>,
+    pub daemon_sets: Writer<DaemonSet>,
+    pub jobs: Writer<Job>,
+}
+
+/// Empty stores and their writers.
+pub fn stores() -> (ChildStores, ChildWriters) {
+    let (service_accounts, w_sa) = reflector::store();
+    let (roles, w_roles) = reflector::store();
+    let (role_bindings, w_rbs) = reflector::store();
+    let (secrets, w_secrets) = reflector::store();
+    let (config_maps, w_cms) = reflector::store();
+    let (persistent_volume_claims, w_pvcs) = reflector::store();
+    let (cron_jobs, w_cjs) = reflector::store();
+    let (services, w_services) = reflector::store();
+    let (deployments, w_deployments) = reflector::store();
+    let (daemon_sets, w_daemon_sets) = reflector::store();
+    let (jobs, w_jobs) = reflector::store();
+    (
+        ChildStores {
+            service_accounts,
+            roles,
+            role_bindings,
+            secrets,
+            config_maps,
+            persistent_volume_claims,
+            cron_jobs,
+            services,
+            deployments,
+            daemon_sets,
+            jobs,
+            ready: Arc::default(),
+        },
+        ChildWriters {
+            service_accounts: w_sa,
+            roles: w_roles,
+            role_bindings: w_rbs,
+            secrets: w_secrets,
+            config_maps: w_cms,
+            persistent_volume_claims: w_pvcs,
+            cron_jobs: w_cjs,
+            services: w_services,
+            deployments: w_deployments,
+            daemon_sets: w_daemon_sets,
+            jobs: w_jobs,
+        },
+    )
+}
+
+/// The label selector of every object the controller manages.
+pub fn owned_selector() -> String {
+    format!("{LABEL_MANAGED_BY}={MANAGED_BY}")
+}
+
+/// The label selector of the cleanup CronJobs' Jobs (they carry the Job template's labels).
+pub fn cleanup_jobs_selector() -> String {
+    format!("{LABEL_NAME}={},{LABEL_COMPONENT}={}", crate::build::meta::APP_NAME, Component::Cleanup.as_str())
+}
+
+fn belongs_to(meta: &ObjectMeta, namespace: &str, mirror: &str) -> bool {
+    meta.namespace.as_deref() == Some(namespace)
+        && meta.labels.as_ref().and_then(|l| l.get(LABEL_INSTANCE)).map(String::as_str) == Some(mirror)
+        && meta.labels.as_ref().and_then(|l| l.get(LABEL_NAME)).map(String::as_str)
+            == Some(crate::build::meta::APP_NAME)
+}
+
+fn of_mirror<K: Resource + Clone>(store: &Store<K>, namespace: &str, mirror: &str) -> BTreeMap<String, K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store
+        .state_filter(|o| belongs_to(o.meta(), namespace, mirror))
+        .into_iter()
+        .map(|o| (o.name_any(), (*o).clone()))
+        .collect()
+}
+
+fn metas_of<K: Resource + Clone>(store: &Store<K>, namespace: &str, mirror: &str) -> BTreeMap<String, ObjectMeta>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    of_mirror(store, namespace, mirror).into_iter().map(|(n, o)| (n, o.meta().clone())).collect()
+}
+
+impl ChildStores {
+    /// Resolves once every store has its first full list.
+    pub async fn wait_until_ready(&self) {
+        if self.ready.load(Ordering::Acquire) {
+            return;
+        }
+        // A store's readiness signal wakes only the last task that waited on it, and reconciles
+        // wait concurrently: each waiter looks again by itself every 100 ms.
+        while tokio::time::timeout(Duration::from_millis(100), self.all_ready()).await.is_err() {}
+        self.ready.store(true, Ordering::Release);
+    }
+
+    async fn all_ready(&self) {
+        // An error means the writer is gone (shutting down); the reconcile then reads what is
+        // there, as it would anyway.
+        let _ = futures::join!(
+            self.service_accounts.wait_until_ready(),
+            self.roles.wait_until_ready(),
+            self.role_bindings.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+            self.config_maps.wait_until_ready(),
+            self.persistent_volume_claims.wait_until_ready(),
+            self.cron_jobs.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.deployments.wait_until_ready(),
+            self.daemon_sets.wait_until_ready(),
+            self.jobs.wait_until_ready(),
+        );
+    }
+
+    /// Every child of `mirror`, as the stores have it now.
+    pub fn live_children(&self, mirror: &RegistryMirror) -> LiveChildren {
+        let ns = mirror.namespace().unwrap_or_default();
+        let name = mirror.name_any();
+        let mut live = LiveChildren {
+            services: of_mirror(&self.services, &ns, &name),
+            deployments: of_mirror(&self.deployments, &ns, &name),
+            daemon_sets: of_mirror(&self.daemon_sets, &ns, &name),
+            ..Default::default()
+        };
+        live.metas.insert(ServiceAccount::KIND, metas_of(&self.service_accounts, &ns, &name));
+        live.metas.insert(Role::KIND, metas_of(&self.roles, &ns, &name));
+        live.metas.insert(RoleBinding::KIND, metas_of(&self.role_bindings, &ns, &name));
+        live.metas.insert(Secret::KIND, metas_of(&self.secrets, &ns, &name));
+        live.metas.insert(ConfigMap::KIND, metas_of(&self.config_maps, &ns, &name));
+        live.metas.insert(PersistentVolumeClaim::KIND, metas_of(&self.persistent_volume_claims, &ns, &name));
+        live.metas.insert(CronJob::KIND, metas_of(&self.cron_jobs, &ns, &name));
+        let services_meta = live.services.iter().map(|(n, s)| (n.clone(), s.metadata.clone())).collect();
+        live.metas.insert(Service::KIND, services_meta);
+        let deployments_meta = live.deployments.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
+        live.metas.insert(Deployment::KIND, deployments_meta);
+        let ds_meta = live.daemon_sets.iter().map(|(n, d)| (n.clone(), d.metadata.clone())).collect();
+        live.metas.insert(DaemonSet::KIND, ds_meta);
+        live
+    }
+
+    /// The cleanup Jobs of `mirror`.
+    pub fn cleanup_jobs(&self, mirror: &RegistryMirror) -> Vec<Job> {
+        let ns = mirror.namespace().unwrap_or_default();
+        of_mirror(&self.jobs, &ns, &mirror.name_any()).into_values().collect()
+    }
+}
+
+use k8s_openapi::Resource as _;
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A metadata watch of one owned kind, feeding `writer`; yields every object it sees (the
+/// controller maps them to their owner).
+pub fn watch_meta<K>(
+    client: &Client,
+    ns: Option<&str>,
+    writer: Writer<PartialObjectMeta<K>>,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Child,
+{
+    let cfg = watcher::Config::default().labels(&owned_selector());
+    watcher(api::<PartialObjectMeta<K>>(client, ns), cfg)
+        .default_backoff()
+        .modify(Compact::compact)
+        .reflect(writer)
+        .touched_objects()
+}
+
+/// A watch of one owned kind kept whole (compacted), feeding `writer`.
+pub fn watch_full<K>(
+    client: &Client,
+    ns: Option<&str>,
+    cfg: watcher::Config,
+    writer: Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Child + Compact,
+{
+    watcher(api::<K>(client, ns), cfg).default_backoff().modify(Compact::compact).reflect(writer).touched_objects()
+}
+
+async fn relist_meta<K: Child>(client: &Client, ns: &str) -> Result<Vec<PartialObjectMeta<K>>> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&owned_selector());
+    let list = api.list_metadata(&lp).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
+    Ok(list.items)
+}
+
+async fn relist_full<K: Child + DeserializeOwned>(client: &Client, ns: &str, selector: &str) -> Result<Vec<K>> {
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let list =
+        api.list(&ListParams::default().labels(selector)).await.map_err(|e| Error::api("list", K::kind(&()), ns, e))?;
+    Ok(list.items)
+}
+
+fn replace<K>(writer: &mut Writer<K>, objects: Vec<K>)
+where
+    K: Resource + Clone + Compact,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for mut o in objects {
+        o.compact();
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+}
+
+impl ChildWriters {
+    /// Lists every child kind in `namespace` and replaces the stores' contents with it, as a
+    /// watch's initial list does. For request-level tests, which have no watches.
+    pub async fn relist(&mut self, client: &Client, namespace: &str) -> Result<()> {
+        let owned = owned_selector();
+        let cleanup = cleanup_jobs_selector();
+        let (sa, roles, rbs, secrets, cms, pvcs, cjs, services, deployments, daemon_sets, jobs) = futures::try_join!(
+            relist_meta::<ServiceAccount>(client, namespace),
+            relist_meta::<Role>(client, namespace),
+            relist_meta::<RoleBinding>(client, namespace),
+            relist_meta::<Secret>(client, namespace),
+            relist_meta::<ConfigMap>(client, namespace),
+            relist_meta::<PersistentVolumeClaim>(client, namespace),
+            relist_meta::<CronJob>(client, namespace),
+            relist_full::<Service>(client, namespace, &owned),
+            relist_full::<Deployment>(client, namespace, &owned),
+            relist_full::<DaemonSet>(client, namespace, &owned),
+            relist_full::<Job>(client, namespace, &cleanup),
+        )?;
+        replace(&mut self.service_accounts, sa);
+        replace(&mut self.roles, roles);
+        replace(&mut self.role_bindings, rbs);
+        replace(&mut self.secrets, secrets);
+        replace(&mut self.config_maps, cms);
+        replace(&mut self.persistent_volume_claims, pvcs);
+        replace(&mut self.cron_jobs, cjs);
+        replace(&mut self.services, services);
+        replace(&mut self.deployments, deployments);
+        replace(&mut self.daemon_sets, daemon_sets);
+        replace(&mut self.jobs, jobs);
+        Ok(())
+    }
+}
