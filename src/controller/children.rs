@@ -20,15 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, DeploymentSpec, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount, ServiceSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -54,14 +55,27 @@ pub fn live_fingerprint(meta: &ObjectMeta) -> u64 {
     fingerprint(meta)
 }
 
-/// Folds `managedFields` into the fingerprint annotation (see the module doc).
+/// Keeps of an object's metadata what the controller reads: identity (name, namespace, uid,
+/// resourceVersion, generation), the labels that tie it to a mirror, the controller owner
+/// reference, and the drift fingerprint, into which `managedFields` is folded (see the module
+/// doc). Everything else (other labels and annotations, timestamps, the other owner references)
+/// goes: with thousands of children, it is most of the memory.
 pub fn compact_meta(meta: &mut ObjectMeta) {
-    if meta.managed_fields.is_none() {
-        return;
-    }
-    let fp = fingerprint(meta);
+    let fp = meta.managed_fields.is_some().then(|| fingerprint(meta)).or_else(|| {
+        meta.annotations.as_ref().and_then(|a| a.get(FINGERPRINT_ANNOTATION)).and_then(|f| f.parse::<u64>().ok())
+    });
     meta.managed_fields = None;
-    meta.annotations.get_or_insert_with(Default::default).insert(FINGERPRINT_ANNOTATION.into(), fp.to_string());
+    meta.annotations = fp.map(|fp| [(FINGERPRINT_ANNOTATION.to_string(), fp.to_string())].into());
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| k == LABEL_NAME || k == LABEL_INSTANCE || k == LABEL_COMPONENT);
+    }
+    if let Some(refs) = meta.owner_references.as_mut() {
+        refs.retain(|r| r.controller == Some(true));
+    }
+    meta.creation_timestamp = None;
+    meta.deletion_grace_period_seconds = None;
+    meta.generate_name = None;
+    meta.finalizers = None;
 }
 
 /// What the controller keeps of an object it watches whole.
@@ -74,24 +88,32 @@ impl<K> Compact for PartialObjectMeta<K> {
         compact_meta(&mut self.metadata);
     }
 }
+/// Services: the cluster IP (the nodes' endpoint).
 impl Compact for Service {
     fn compact(&mut self) {
         compact_meta(&mut self.metadata);
+        let cluster_ip = self.spec.take().and_then(|s| s.cluster_ip);
+        self.spec = Some(ServiceSpec { cluster_ip, ..Default::default() });
+        self.status = None;
     }
 }
+/// Deployments: desired and ready replicas.
 impl Compact for Deployment {
     fn compact(&mut self) {
         compact_meta(&mut self.metadata);
-        if let Some(spec) = self.spec.as_mut() {
-            spec.template = Default::default();
-        }
+        let replicas = self.spec.take().and_then(|s| s.replicas);
+        self.spec = Some(DeploymentSpec { replicas, ..Default::default() });
+        let ready_replicas = self.status.take().and_then(|s| s.ready_replicas);
+        self.status = Some(DeploymentStatus { ready_replicas, ..Default::default() });
     }
 }
+/// DaemonSets: the status counts (conditions aside).
 impl Compact for DaemonSet {
     fn compact(&mut self) {
         compact_meta(&mut self.metadata);
-        if let Some(spec) = self.spec.as_mut() {
-            spec.template = Default::default();
+        self.spec = None;
+        if let Some(status) = self.status.as_mut() {
+            status.conditions = None;
         }
     }
 }
@@ -292,6 +314,45 @@ where
     }
 }
 
+/// Retry delays of a failed watch: 250 ms doubling to 5 s, ±20 % jitter, back to the start after
+/// a minute without failure. kube-runtime's default goes to 30 s, which after an API server
+/// restart left watches idle for half a minute after the server was back.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    pub const MIN: Duration = Duration::from_millis(250);
+    pub const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current.mul_f64(0.8 + 0.4 * fastrand::f64()))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// The backoff of every watch the controller runs.
+pub fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
+    ResetTimerBackoff::new(WatchBackoff::default(), Duration::from_secs(60))
+}
+
 /// A metadata watch of one owned kind, feeding `writer`; yields every object it sees (the
 /// controller maps them to their owner).
 pub fn watch_meta<K>(
@@ -304,7 +365,7 @@ where
 {
     let cfg = watcher::Config::default().labels(&owned_selector());
     watcher(api::<PartialObjectMeta<K>>(client, ns), cfg)
-        .default_backoff()
+        .backoff(watch_backoff())
         .modify(Compact::compact)
         .reflect(writer)
         .touched_objects()
@@ -320,7 +381,11 @@ pub fn watch_full<K>(
 where
     K: Child + Compact,
 {
-    watcher(api::<K>(client, ns), cfg).default_backoff().modify(Compact::compact).reflect(writer).touched_objects()
+    watcher(api::<K>(client, ns), cfg)
+        .backoff(watch_backoff())
+        .modify(Compact::compact)
+        .reflect(writer)
+        .touched_objects()
 }
 
 async fn relist_meta<K: Child>(client: &Client, ns: &str) -> Result<Vec<PartialObjectMeta<K>>> {

@@ -341,6 +341,28 @@ fn mirror_of_labels<K: kube::Resource>(obj: &K) -> Option<ObjectRef<RegistryMirr
     Some(ObjectRef::new(instance).within(obj.meta().namespace.as_deref()?))
 }
 
+/// Logs a watch's errors and drops them. Each watch already retries with its own backoff; an
+/// error reaching the Controller would instead pause every trigger at once (kube-runtime backs
+/// off the merged trigger stream), which after an API server restart stalled all watches for
+/// minutes while one stale error after another drained.
+fn log_errors<K>(
+    what: &'static str,
+    stream: impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Send + 'static,
+{
+    stream.filter_map(move |r| async move {
+        match r {
+            Ok(o) => Some(Ok(o)),
+            Err(e) => {
+                warn!(watch = what, error = %e, "watch failed; retrying with backoff");
+                None
+            }
+        }
+    })
+}
+
 /// A predicate that changes when the mirror starts being deleted.
 fn deletion(mirror: &RegistryMirror) -> Option<u64> {
     Some(u64::from(mirror.metadata.deletion_timestamp.is_some()))
@@ -364,10 +386,13 @@ pub async fn run_controller(
         .combine(predicates::annotations)
         .combine(deletion);
     let mirror_stream = watcher(mirrors, watcher::Config::default())
-        .default_backoff()
+        .backoff(children::watch_backoff())
+        // managedFields are never read here (writes are server-side applies): not kept.
+        .modify(|m: &mut RegistryMirror| m.metadata.managed_fields = None)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(changed, Default::default());
+    let mirror_stream = log_errors("RegistryMirror", mirror_stream);
     let controller = Controller::for_stream(mirror_stream, store.clone());
 
     let Some(w) = ctx.take_child_writers() else {
@@ -375,15 +400,19 @@ pub async fn run_controller(
         return;
     };
     let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
-        .default_backoff()
+        .backoff(children::watch_backoff())
         .touched_objects();
+    let secrets = log_errors("Secret (referenced)", secrets);
     let secret_store = store.clone();
     let agents_cfg =
         watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent"));
-    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg).default_backoff().touched_objects();
+    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg)
+        .backoff(children::watch_backoff())
+        .touched_objects();
+    let agents = log_errors("Pod (node agents)", agents);
     let owned_cfg = || watcher::Config::default().labels(&children::owned_selector());
     let jobs_cfg = watcher::Config::default().labels(&children::cleanup_jobs_selector());
-    let jobs = children::watch_full::<Job>(&client, ns, jobs_cfg, w.jobs);
+    let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, jobs_cfg, w.jobs));
 
     let ready_store = store.clone();
     let ready_metrics = ctx.metrics.clone();
@@ -408,16 +437,28 @@ pub async fn run_controller(
     });
 
     controller
-        .owns_stream(children::watch_full::<Deployment>(&client, ns, owned_cfg(), w.deployments))
-        .owns_stream(children::watch_full::<Service>(&client, ns, owned_cfg(), w.services))
-        .owns_stream(children::watch_full::<DaemonSet>(&client, ns, owned_cfg(), w.daemon_sets))
-        .owns_stream(children::watch_meta::<ConfigMap>(&client, ns, w.config_maps))
-        .owns_stream(children::watch_meta::<Secret>(&client, ns, w.secrets))
-        .owns_stream(children::watch_meta::<CronJob>(&client, ns, w.cron_jobs))
-        .owns_stream(children::watch_meta::<PersistentVolumeClaim>(&client, ns, w.persistent_volume_claims))
-        .owns_stream(children::watch_meta::<ServiceAccount>(&client, ns, w.service_accounts))
-        .owns_stream(children::watch_meta::<Role>(&client, ns, w.roles))
-        .owns_stream(children::watch_meta::<RoleBinding>(&client, ns, w.role_bindings))
+        .owns_stream(log_errors(
+            "Deployment",
+            children::watch_full::<Deployment>(&client, ns, owned_cfg(), w.deployments),
+        ))
+        .owns_stream(log_errors("Service", children::watch_full::<Service>(&client, ns, owned_cfg(), w.services)))
+        .owns_stream(log_errors(
+            "DaemonSet",
+            children::watch_full::<DaemonSet>(&client, ns, owned_cfg(), w.daemon_sets),
+        ))
+        .owns_stream(log_errors("ConfigMap", children::watch_meta::<ConfigMap>(&client, ns, w.config_maps)))
+        .owns_stream(log_errors("Secret", children::watch_meta::<Secret>(&client, ns, w.secrets)))
+        .owns_stream(log_errors("CronJob", children::watch_meta::<CronJob>(&client, ns, w.cron_jobs)))
+        .owns_stream(log_errors(
+            "PersistentVolumeClaim",
+            children::watch_meta::<PersistentVolumeClaim>(&client, ns, w.persistent_volume_claims),
+        ))
+        .owns_stream(log_errors(
+            "ServiceAccount",
+            children::watch_meta::<ServiceAccount>(&client, ns, w.service_accounts),
+        ))
+        .owns_stream(log_errors("Role", children::watch_meta::<Role>(&client, ns, w.roles)))
+        .owns_stream(log_errors("RoleBinding", children::watch_meta::<RoleBinding>(&client, ns, w.role_bindings)))
         .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
             let ns = secret.namespace();
             let name = secret.name_any();
