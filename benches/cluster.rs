@@ -13,38 +13,20 @@
 //! Runs the release binary of this crate with leader election on, scoped to a fresh namespace
 //! that is deleted at the end. Without `KUBECONFIG` it says so and exits 0.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+#[path = "support/operator.rs"]
+mod operator;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
 use mirrorfleet::api::RegistryMirror;
-use serde_json::json;
+use operator::{memory_kib, mirror, Operator};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A 5-upstream mirror; `schedulable: false` pins its proxies to a node label no node has.
-fn mirror(name: &str, ns: &str, schedulable: bool) -> RegistryMirror {
-    let proxy = if schedulable {
-        json!({"replicas": 1})
-    } else {
-        json!({"replicas": 1, "nodeSelector": {"mirrorfleet.io/bench": "no-such-node"}})
-    };
-    let upstreams: Vec<_> = (0..5)
-        .map(|i| json!({"name": format!("u{i}"), "registry": format!("registry{i}.example.com"), "remoteURL": format!("https://registry{i}.example.com")}))
-        .collect();
-    serde_json::from_value(json!({
-        "apiVersion": "mirrorfleet.io/v1alpha1", "kind": "RegistryMirror",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"upstreams": upstreams, "proxy": proxy}
-    }))
-    .unwrap()
 }
 
 fn converged(m: Option<&RegistryMirror>) -> bool {
@@ -56,40 +38,23 @@ fn ready(m: Option<&RegistryMirror>) -> bool {
         .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let ok = buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200");
-    ok.then_some(buf)
+fn metric(operator: &Operator, name: &str) -> u64 {
+    mirrorfleet::controller::metrics::sum_series(&operator.metrics(), name)
 }
 
-fn metric(port: u16, name: &str) -> u64 {
-    mirrorfleet::controller::metrics::sum_series(&http_get(port, "/metrics").unwrap_or_default(), name)
-}
-
-fn metric_f64(port: u16, name: &str) -> f64 {
-    http_get(port, "/metrics")
-        .unwrap_or_default()
+fn metric_f64(operator: &Operator, name: &str) -> f64 {
+    operator
+        .metrics()
         .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
 
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// `mirrorfleet_api_writes_total{verb,kind}` series -> count.
-fn write_breakdown(port: u16) -> std::collections::BTreeMap<String, u64> {
-    http_get(port, "/metrics")
-        .unwrap_or_default()
+fn write_breakdown(operator: &Operator) -> std::collections::BTreeMap<String, u64> {
+    operator
+        .metrics()
         .lines()
         .filter(|l| l.starts_with("mirrorfleet_api_writes_total{"))
         .filter_map(|l| {
@@ -120,73 +85,28 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-struct Operator(Child);
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !std::env::args().any(|a| a == "--bench") {
-        // `cargo test --all-targets` runs benches once without --bench: nothing to do here.
-        println!("cluster bench: run it with `make bench-cluster`");
+    if !operator::should_run(
+        "cluster bench: run it with `make bench-cluster`",
+        "SKIP: no KUBECONFIG; the cluster benchmark needs a cluster",
+    ) {
         return Ok(());
     }
-    if std::env::var_os("KUBECONFIG").is_none() {
-        println!("SKIP: no KUBECONFIG; the cluster benchmark needs a cluster");
-        return Ok(());
-    }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let status = Command::new("kubectl")
-        .args([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "installing the CRD");
+    operator::install_crd()?;
     Command::new("kubectl")
         .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"])
         .stdout(Stdio::null())
         .status()?;
 
-    let client = Client::try_default().await?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let ns = format!("mf-bench-{stamp}");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?).await?;
-    let result = run(&client, &ns).await;
-    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
-    result
+    let client = &Client::try_default().await?;
+    operator::in_fresh_namespace(client, "mf-bench", |ns| async move { run(client, &ns).await }).await
 }
 
 async fn run(client: &Client, ns: &str) -> anyhow::Result<()> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-operator.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_mirrorfleet"))
-        .args(["run", "--watch-namespace", ns, "--lease-namespace", ns, "--admin-addr", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let pid = child.id();
-    let _operator = Operator(child);
-    let start = Instant::now();
-    while http_get(port, "/readyz").is_none() || metric(port, "mirrorfleet_leader") != 1 {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "operator not leading after 30s; see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!("operator pid {pid}, admin :{port}, log {}", log.display());
+    let operator =
+        Operator::start(ns, &["--lease-namespace", ns], "leading", |op| metric(op, "mirrorfleet_leader") == 1).await?;
+    println!("{operator}");
     let mirrors: Api<RegistryMirror> = Api::namespaced(client.clone(), ns);
 
     // 1. create -> converged / Ready, one mirror at a time.
@@ -247,7 +167,7 @@ async fn run(client: &Client, ns: &str) -> anyhow::Result<()> {
     );
     // Let the cluster's controllers settle (ReplicaSets, Pods marked unschedulable).
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let (rss, hwm) = memory_kib(pid);
+    let (rss, hwm) = memory_kib(operator.pid);
     println!(
         "operator memory with {fleet} mirrors: VmRSS {:.1} MiB, peak VmHWM {:.1} MiB",
         rss as f64 / 1024.0,
@@ -256,23 +176,23 @@ async fn run(client: &Client, ns: &str) -> anyhow::Result<()> {
 
     let quiet = env_num("BENCH_QUIET_SECONDS", 600);
     let status_before = fleet_versions(&mirrors).await?;
-    let breakdown_before = write_breakdown(port);
-    let writes_before = metric(port, "mirrorfleet_api_writes_total");
-    let reconciles_before = metric(port, "mirrorfleet_reconcile_total");
-    let lease_before = metric(port, "mirrorfleet_leader_lease_writes_total");
+    let breakdown_before = write_breakdown(&operator);
+    let writes_before = metric(&operator, "mirrorfleet_api_writes_total");
+    let reconciles_before = metric(&operator, "mirrorfleet_reconcile_total");
+    let lease_before = metric(&operator, "mirrorfleet_leader_lease_writes_total");
     tokio::time::sleep(Duration::from_secs(quiet)).await;
-    let writes = metric(port, "mirrorfleet_api_writes_total") - writes_before;
-    let reconciles = metric(port, "mirrorfleet_reconcile_total") - reconciles_before;
-    let lease = metric(port, "mirrorfleet_leader_lease_writes_total") - lease_before;
+    let writes = metric(&operator, "mirrorfleet_api_writes_total") - writes_before;
+    let reconciles = metric(&operator, "mirrorfleet_reconcile_total") - reconciles_before;
+    let lease = metric(&operator, "mirrorfleet_leader_lease_writes_total") - lease_before;
     let status_after = fleet_versions(&mirrors).await?;
     let changed = status_before.iter().filter(|(k, v)| status_after.get(*k) != Some(*v)).count();
-    let (rss_end, hwm_end) = memory_kib(pid);
+    let (rss_end, hwm_end) = memory_kib(operator.pid);
     println!(
         "quiet {quiet} s, {fleet} unchanged mirrors: {writes} API writes by reconciles ({reconciles} reconciles ran); \
          {lease} Lease renewals (leader election, counted apart)"
     );
     println!("mirrors whose object changed during the quiet period: {changed}/{fleet}");
-    let breakdown_after = write_breakdown(port);
+    let breakdown_after = write_breakdown(&operator);
     for (series, n) in &breakdown_after {
         let during = n - breakdown_before.get(series).copied().unwrap_or(0);
         if during > 0 {
@@ -284,8 +204,8 @@ async fn run(client: &Client, ns: &str) -> anyhow::Result<()> {
         rss_end as f64 / 1024.0,
         hwm_end as f64 / 1024.0
     );
-    let sum = metric_f64(port, "mirrorfleet_reconcile_duration_seconds_sum");
-    let count = metric_f64(port, "mirrorfleet_reconcile_duration_seconds_count");
+    let sum = metric_f64(&operator, "mirrorfleet_reconcile_duration_seconds_sum");
+    let count = metric_f64(&operator, "mirrorfleet_reconcile_duration_seconds_count");
     if count > 0.0 {
         println!("reconcile duration: mean {:.1} ms over {count} reconciles", sum / count * 1000.0);
     }

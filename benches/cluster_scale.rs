@@ -23,33 +23,22 @@
 //!
 //! Without `KUBECONFIG` it says so and exits 0.
 
+#[path = "support/operator.rs"]
+mod operator;
+
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use mirrorfleet::api::RegistryMirror;
+use operator::{memory_kib, mirror, Operator};
 use serde_json::json;
 
 fn env_str(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn mirror(name: &str, ns: &str) -> RegistryMirror {
-    let upstreams: Vec<_> = (0..5)
-        .map(|i| json!({"name": format!("u{i}"), "registry": format!("registry{i}.example.com"), "remoteURL": format!("https://registry{i}.example.com")}))
-        .collect();
-    serde_json::from_value(json!({
-        "apiVersion": "mirrorfleet.io/v1alpha1", "kind": "RegistryMirror",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"upstreams": upstreams, "proxy": {"replicas": 1}}
-    }))
-    .unwrap()
 }
 
 fn converged(m: &RegistryMirror) -> bool {
@@ -60,15 +49,6 @@ fn converged(m: &RegistryMirror) -> bool {
 fn ready(m: &RegistryMirror) -> bool {
     converged(m)
         && m.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let ok = buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200");
-    ok.then_some(buf)
 }
 
 /// Sums of a counter's series by one label's value.
@@ -117,24 +97,13 @@ fn usage(pid: u32) -> (f64, f64, f64) {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |k: &str| -> f64 {
-        status.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0.0)
-    };
-    (ticks / clock_ticks(), kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    let (rss, hwm) = memory_kib(pid);
+    (ticks / clock_ticks(), rss as f64 / 1024.0, hwm as f64 / 1024.0)
 }
 
 fn clock_ticks() -> f64 {
     let out = Command::new("getconf").arg("CLK_TCK").output().ok();
     out.and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()).unwrap_or(100.0)
-}
-
-struct Operator(Child);
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
 }
 
 struct Phase {
@@ -150,37 +119,20 @@ struct Phase {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("cluster scale bench: run it with `make bench-scale`");
+    if !operator::should_run(
+        "cluster scale bench: run it with `make bench-scale`",
+        "SKIP: no KUBECONFIG; the scale benchmark needs a cluster",
+    ) {
         return Ok(());
     }
-    if std::env::var_os("KUBECONFIG").is_none() {
-        println!("SKIP: no KUBECONFIG; the scale benchmark needs a cluster");
-        return Ok(());
-    }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let status = Command::new("kubectl")
-        .args([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "installing the CRD");
-    let client = Client::try_default().await?;
+    operator::install_crd()?;
+    let client = &Client::try_default().await?;
     let sizes: Vec<usize> =
         env_str("BENCH_SCALE_N", "10,100,500").split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     let mut phases = Vec::new();
     for n in sizes {
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-        let ns = format!("mf-scale-{n}-{stamp}");
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?).await?;
-        let result = run(&client, &ns, n).await;
-        let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+        let prefix = format!("mf-scale-{n}");
+        let result = operator::in_fresh_namespace(client, &prefix, |ns| async move { run(client, &ns, n).await }).await;
         phases.extend(result?);
         table(&phases);
     }
@@ -211,42 +163,23 @@ fn table(phases: &[Phase]) {
 }
 
 async fn run(client: &Client, ns: &str, n: usize) -> anyhow::Result<Vec<Phase>> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-operator.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_mirrorfleet"))
-        .args(["run", "--watch-namespace", ns, "--leader-elect", "false", "--admin-addr", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let pid = child.id();
-    let _operator = Operator(child);
-    let start = Instant::now();
-    while http_get(port, "/readyz").is_none() {
-        anyhow::ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "operator not ready after 30s; see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!("N={n}: operator pid {pid}, admin :{port}, log {}", log.display());
+    let operator = Operator::start(ns, &["--leader-elect", "false"], "ready", |_| true).await?;
+    println!("N={n}: {operator}");
     let mirrors: Api<RegistryMirror> = Api::namespaced(client.clone(), ns);
     let ready_wait = Duration::from_secs(env_str("BENCH_SCALE_READY_WAIT", "60").parse()?);
     let converge_limit = Duration::from_secs(env_str("BENCH_SCALE_TIMEOUT", "600").parse()?);
     let mut out = Vec::new();
 
     for what in ["create", "update all"] {
-        let writes_before =
-            by_label(&http_get(port, "/metrics").unwrap_or_default(), "mirrorfleet_api_writes_total", "verb");
+        let writes_before = by_label(&operator.metrics(), "mirrorfleet_api_writes_total", "verb");
         let api_before = apiserver_requests();
-        let (cpu_before, _, _) = usage(pid);
+        let (cpu_before, _, _) = usage(operator.pid);
         let names: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
         futures::stream::iter(names.iter().map(|name| {
             let mirrors = mirrors.clone();
             async move {
                 if what == "create" {
-                    mirrors.create(&PostParams::default(), &mirror(name, ns)).await.map(|_| ())
+                    mirrors.create(&PostParams::default(), &mirror(name, ns, true)).await.map(|_| ())
                 } else {
                     let patch = json!({"spec": {"proxy": {"ttl": "72h"}}});
                     mirrors.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
@@ -283,9 +216,8 @@ async fn run(client: &Client, ns: &str, n: usize) -> anyhow::Result<Vec<Phase>> 
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let (cpu, _, hwm) = usage(pid);
-        let writes_after =
-            by_label(&http_get(port, "/metrics").unwrap_or_default(), "mirrorfleet_api_writes_total", "verb");
+        let (cpu, _, hwm) = usage(operator.pid);
+        let writes_after = by_label(&operator.metrics(), "mirrorfleet_api_writes_total", "verb");
         out.push(Phase {
             n,
             what,
