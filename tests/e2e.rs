@@ -24,7 +24,9 @@ use serde_json::{json, Value};
 mod support;
 
 use support::free_port;
-use support::kubectl::{cluster_available as cluster, kubectl, kubectl_ok as must};
+use support::kubectl::{
+    cluster_available as cluster, create_namespace, delete_test_namespace, install_crd, kubectl, kubectl_ok as must,
+};
 
 /// The object as JSON, or None when it does not exist.
 fn get(ns: &str, what: &str) -> Option<Value> {
@@ -157,15 +159,7 @@ impl Drop for Cleanup {
             return;
         }
         // Finalizers of mirrors left behind by a failure would hold the namespace forever.
-        // (`kubectl patch` has no --all: patch each mirror by name.)
-        let names = kubectl(&["-n", &self.ns, "get", "registrymirrors", "-o", "name"], None);
-        for name in String::from_utf8_lossy(&names.stdout).lines().filter(|l| !l.is_empty()) {
-            let _ = kubectl(
-                &["-n", &self.ns, "patch", name, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
-                None,
-            );
-        }
-        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+        delete_test_namespace(&self.ns);
         for pv in &self.pvs {
             let _ = kubectl(&["delete", "pv", pv, "--wait=false"], None);
         }
@@ -192,22 +186,10 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     if !cluster() {
         return;
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    must(
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
-        ],
-        None,
-    );
-    must(&["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"], None);
-
+    install_crd();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let ns = format!("mf-e2e-{stamp}");
-    must(&["create", "namespace", &ns], None);
+    create_namespace(&ns);
     let pvs: Vec<String> = (1..=2).map(|i| format!("{ns}-pv-{i}")).collect();
     let _cleanup = Cleanup { ns: ns.clone(), pvs: pvs.clone() };
     let ns = ns.as_str();
@@ -240,7 +222,8 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     );
     let created = Instant::now();
     for sample in ["public-mirrors", "minimal", "private-upstream"] {
-        let text = std::fs::read_to_string(format!("{root}/config/samples/{sample}.yaml")).unwrap();
+        let text =
+            std::fs::read_to_string(format!("{}/config/samples/{sample}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
             if v.is_null() {

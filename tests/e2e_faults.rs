@@ -47,7 +47,9 @@ use serde_json::{json, Value};
 mod support;
 
 use support::free_port;
-use support::kubectl::{cluster_available, kubectl, kubectl_ok as must};
+use support::kubectl::{
+    cluster_available, create_namespace, delete_test_namespace, install_crd, kubectl, kubectl_ok as must,
+};
 
 /// kubectl that may fail (the API server may be down, the object gone): the output if it worked.
 fn try_kubectl(args: &[&str], stdin: Option<&str>) -> Option<String> {
@@ -191,20 +193,7 @@ struct Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if std::env::var_os("MIRRORFLEET_E2E_KEEP").is_some() {
-            eprintln!("faults: keeping namespace {}", self.ns);
-            return;
-        }
-        // Delete first, then release the finalizers one by one (no operator runs any more to do
-        // it; `kubectl patch` has no --all).
-        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
-        let names = try_kubectl(&["-n", &self.ns, "get", "registrymirrors", "-o", "name"], None).unwrap_or_default();
-        for m in names.lines() {
-            let _ = kubectl(
-                &["-n", &self.ns, "patch", m, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
-                None,
-            );
-        }
+        delete_test_namespace(&self.ns);
     }
 }
 
@@ -212,22 +201,11 @@ const PUBLIC: &str = include_str!("../config/samples/public-mirrors.yaml");
 
 impl Fleet {
     fn new(scenario: &str) -> Self {
-        let root = env!("CARGO_MANIFEST_DIR");
-        must(
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                &format!("{root}/crds/registrymirrors.mirrorfleet.io.yaml"),
-            ],
-            None,
-        );
-        must(&["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"], None);
+        install_crd();
         let stamp =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
         let ns = format!("mf-faults-{scenario}-{stamp}");
-        must(&["create", "namespace", &ns], None);
+        create_namespace(&ns);
         let mut fleet = Fleet { ns, creds: Vec::new(), rng: Rng(seed()), generation: 0 };
         let ns = fleet.ns.clone();
         // The public sample, with its Secrets' values replaced by ones this run can look for.

@@ -37,3 +37,30 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     assert!(out.status.success(), "kubectl {args:?}\n{}", super::describe_output(&out));
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Installs (or updates) the RegistryMirror CRD from `crds/` and waits until it is served.
+pub fn install_crd() {
+    let crd = format!("{}/crds/registrymirrors.mirrorfleet.io.yaml", env!("CARGO_MANIFEST_DIR"));
+    kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", &crd], None);
+    kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/registrymirrors.mirrorfleet.io"], None);
+}
+
+/// Creates the namespace `name`.
+pub fn create_namespace(name: &str) {
+    kubectl_ok(&["create", "namespace", name], None);
+}
+
+/// Deletes the namespace `ns` without waiting, after releasing the finalizers of the mirrors in
+/// it (no operator runs any more to do that, and `kubectl patch` has no --all). Unless
+/// `MIRRORFLEET_E2E_KEEP` is set, which keeps it for a look.
+pub fn delete_test_namespace(ns: &str) {
+    if std::env::var_os("MIRRORFLEET_E2E_KEEP").is_some() {
+        eprintln!("keeping namespace {ns} (MIRRORFLEET_E2E_KEEP)");
+        return;
+    }
+    let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
+    let names = kubectl(&["-n", ns, "get", "registrymirrors", "-o", "name"], None);
+    for name in String::from_utf8_lossy(&names.stdout).lines().filter(|l| !l.is_empty()) {
+        let _ = kubectl(&["-n", ns, "patch", name, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
+    }
+}
