@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::meta::{self, names, Component};
 use super::proxy::{spread_over_nodes, REGISTRY_PORT};
@@ -57,9 +57,23 @@ pub fn proxy_address(mirror: &RegistryMirror, upstream: &str, cluster_domain: &s
 pub fn envoy_files(mirror: &RegistryMirror, edge: &EdgeSpec, cluster_domain: &str) -> EnvoyFiles {
     EnvoyFiles {
         bootstrap: yaml(&envoy_bootstrap(mirror)),
-        lds: yaml(&json!({"resources": envoy_listeners(mirror, edge)})),
-        cds: yaml(&json!({"resources": envoy_clusters(mirror, cluster_domain)})),
+        lds: yaml(&resources(envoy_listeners(mirror, edge))),
+        cds: yaml(&resources(envoy_clusters(mirror, cluster_domain))),
     }
+}
+
+/// `{"resources": [...]}`, moving the list in (`json!` would copy every element).
+fn resources(list: Vec<Value>) -> Value {
+    Value::Object(Map::from_iter([("resources".to_string(), Value::Array(list))]))
+}
+
+/// `{"filters": [filter]}` plus `extra` entries, moving the filter in.
+fn filter_chain(filter: Value, extra: Option<(&str, Value)>) -> Value {
+    let mut chain = Map::from_iter([("filters".to_string(), Value::Array(vec![filter]))]);
+    if let Some((key, value)) = extra {
+        chain.insert(key.to_string(), value);
+    }
+    Value::Object(chain)
 }
 
 fn path_source(file: &str) -> Value {
@@ -128,7 +142,7 @@ pub fn envoy_bootstrap(mirror: &RegistryMirror) -> Value {
 }
 
 fn connection_manager(stat_prefix: &str, virtual_hosts: Vec<Value>) -> Value {
-    json!({
+    let mut manager = json!({
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -142,11 +156,14 @@ fn connection_manager(stat_prefix: &str, virtual_hosts: Vec<Value>) -> Value {
             "request_timeout": "0s",
             "stream_idle_timeout": "300s",
             "common_http_protocol_options": {"idle_timeout": "3600s", "headers_with_underscores_action": "REJECT_REQUEST"},
-            "route_config": {"name": stat_prefix, "virtual_hosts": virtual_hosts},
+            "route_config": {"name": stat_prefix, "virtual_hosts": null},
             "http_filters": [router()],
             "access_log": stdout_access_log(),
         },
-    })
+    });
+    // Moved in afterwards: `json!` would copy every virtual host.
+    manager["typed_config"]["route_config"]["virtual_hosts"] = Value::Array(virtual_hosts);
+    manager
 }
 
 /// One virtual host per upstream that forwards to its proxy, plus a catch-all 404.
@@ -177,14 +194,16 @@ fn mirror_virtual_hosts(mirror: &RegistryMirror, edge: &EdgeSpec) -> Vec<Value> 
 
 pub fn envoy_listeners(mirror: &RegistryMirror, edge: &EdgeSpec) -> Vec<Value> {
     let listener = |name: &str, port: i32, chain: Value| {
-        json!({
+        let mut listener = json!({
             "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
             "name": name,
             "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
             // Flow control instead of buffering: a slow client slows its upstream read.
             "per_connection_buffer_limit_bytes": 1_048_576,
-            "filter_chains": [chain],
-        })
+            "filter_chains": null,
+        });
+        listener["filter_chains"] = Value::Array(vec![chain]);
+        listener
     };
     let http_hosts = if edge.redirects() {
         vec![json!({
@@ -195,14 +214,14 @@ pub fn envoy_listeners(mirror: &RegistryMirror, edge: &EdgeSpec) -> Vec<Value> {
     } else {
         mirror_virtual_hosts(mirror, edge)
     };
-    let mut listeners = vec![listener("http", HTTP_PORT, json!({"filters": [connection_manager("http", http_hosts)]}))];
+    let mut listeners = vec![listener("http", HTTP_PORT, filter_chain(connection_manager("http", http_hosts), None))];
     if edge.tls() {
         listeners.push(listener(
             "https",
             HTTPS_PORT,
-            json!({
-                "filters": [connection_manager("https", mirror_virtual_hosts(mirror, edge))],
-                "transport_socket": {
+            filter_chain(
+                connection_manager("https", mirror_virtual_hosts(mirror, edge)),
+                Some(("transport_socket", json!({
                     "name": "envoy.transport_sockets.tls",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -215,8 +234,8 @@ pub fn envoy_listeners(mirror: &RegistryMirror, edge: &EdgeSpec) -> Vec<Value> {
                             }],
                         },
                     },
-                },
-            }),
+                }))),
+            ),
         ));
     }
     listeners

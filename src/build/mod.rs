@@ -129,6 +129,11 @@ pub fn validate_inputs(mirror: &RegistryMirror, inputs: &Inputs) -> Result<(), I
 pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings) -> Fleet {
     let spec = &mirror.spec;
     let mut c = DesiredChildren::default();
+    // One of each per upstream plus the edge's: reserved so the large structs move once.
+    let per_upstream = spec.upstreams.len() + 2;
+    c.config_maps.reserve(per_upstream);
+    c.deployments.reserve(per_upstream);
+    c.services.reserve(per_upstream);
     let mut files = BTreeMap::new();
 
     // Proxies and what they read.

@@ -63,7 +63,7 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
             "formatter": "text",
             "fields": {"service": "registry", "mirror": mirror.name_any(), "upstream": upstream.name},
         },
-        "storage": storage_cfg,
+        "storage": null,
         "http": {
             "addr": format!(":{REGISTRY_PORT}"),
             // On SIGTERM, finish the layer downloads in flight instead of cutting them (a
@@ -78,6 +78,7 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
         "health": {"storagedriver": {"enabled": true, "interval": "10s", "threshold": 3}},
         "proxy": {"remoteurl": upstream.remote_url, "ttl": spec.proxy.ttl},
     });
+    cfg["storage"] = storage_cfg; // moved in: `json!` would copy it
     if spec.client_auth.is_some() {
         cfg["auth"] = json!({"htpasswd": {
             "realm": format!("mirrorfleet {}", mirror.name_any()),
