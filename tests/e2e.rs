@@ -14,14 +14,13 @@
 //! Without `KUBECONFIG` this test says so and passes; `make e2e` sets `MIRRORFLEET_E2E=1`, so a
 //! missing cluster fails there.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 mod support;
+use support::http::get_local as http_get;
 
 use support::free_port;
 use support::kubectl::{
@@ -62,18 +61,6 @@ fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>
 fn condition(mirror: &Value, type_: &str) -> Option<(String, String)> {
     let c = mirror["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
     Some((c["status"].as_str()?.to_string(), c["reason"].as_str()?.to_string()))
-}
-
-/// A tiny HTTP/1.0 GET: (status code, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
 }
 
 fn metric(port: u16, name: &str) -> u64 {

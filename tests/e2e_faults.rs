@@ -33,8 +33,6 @@
 //! pid file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,6 +43,7 @@ use serde_json::{json, Value};
 // ---------------------------------------------------------------- kubectl
 
 mod support;
+use support::http::get_local as http_get;
 
 use support::free_port;
 use support::kubectl::{
@@ -71,17 +70,6 @@ fn apply_json(ns: &str, obj: &Value) {
         &["-n", ns, "apply", "--server-side", "--force-conflicts", "--field-manager", "faults", "-f", "-"],
         Some(&obj.to_string()),
     );
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
 }
 
 fn metric(port: u16, name: &str) -> Option<u64> {

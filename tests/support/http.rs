@@ -154,3 +154,10 @@ pub fn wait_http(addr: impl Display, path: &str, timeout: Duration) -> Result<Ht
     })
     .ok_or_else(|| format!("no HTTP answer from {addr}{path} within {timeout:?}: {last_err}"))
 }
+
+/// `GET http://127.0.0.1:{port}{path}`: (status, body), or None when nothing answers (an
+/// operator's admin server that is not up yet, or gone).
+pub fn get_local(port: u16, path: &str) -> Option<(u16, String)> {
+    let r = http_request("GET", format!("127.0.0.1:{port}"), path, &[], &[]).ok()?;
+    Some((r.status, r.text()))
+}
