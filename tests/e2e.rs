@@ -116,9 +116,7 @@ impl Operator {
     }
 
     fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        support::log_tail(&self.log, 40)
     }
 }
 

@@ -25,6 +25,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount, ServiceSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::Resource as _;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
@@ -302,9 +303,8 @@ impl ChildStores {
     }
 }
 
-use k8s_openapi::Resource as _;
-
-fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+/// An Api in namespace `ns`, or across all namespaces.
+pub fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
 {

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use children::api;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -325,16 +326,6 @@ async fn shutdown_signal() {
     }
 }
 
-fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// The mirror a labelled object belongs to (node-agent Pods, cleanup Jobs).
 fn mirror_of_labels<K: kube::Resource>(obj: &K) -> Option<ObjectRef<RegistryMirror>> {
     let instance = obj.meta().labels.as_ref()?.get(LABEL_INSTANCE)?;
@@ -473,15 +464,21 @@ pub async fn run_controller(
         .watches_stream(jobs, |job: Job| mirror_of_labels(&job))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok(_) => {}
-                // Reconcile errors are logged (with the mirror) where they happen.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
-                // A child of a deleted mirror changed (the garbage collector at work).
-                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => debug!(%obj, "mirror gone"),
-                Err(e) => warn!(error = %e, "controller"),
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move {
+                match result {
+                    Ok(_) => {}
+                    // Reconcile errors are logged (with the mirror) where they happen.
+                    Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                    // A child of a deleted mirror changed (the garbage collector at work).
+                    Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                        debug!(%obj, "mirror gone");
+                        ctx.forget_mirror(obj.namespace.as_deref().unwrap_or_default(), &obj.name);
+                    }
+                    Err(e) => warn!(error = %e, "controller"),
+                }
             }
         })
         .await;

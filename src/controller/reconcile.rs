@@ -105,6 +105,17 @@ impl Context {
         }
     }
 
+    /// Drops what is remembered of a mirror that is gone (or going): its apply records, Service
+    /// IPs, cleanup reports, failure count and removal clock.
+    pub fn forget_mirror(&self, namespace: &str, name: &str) {
+        let k = format!("{namespace}/{name}");
+        self.cache.forget_prefix(namespace, &format!("{name}-"));
+        self.cleanup_reports.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.removal_started.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+    }
+
     /// Hands the child stores' writers to the watches (once; None after that).
     pub fn take_child_writers(&self) -> Option<ChildWriters> {
         self.writers.lock().unwrap_or_else(|e| e.into_inner()).take()
@@ -239,7 +250,6 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     let live = ctx.children.live_children(mirror);
     let mut known_services =
         ctx.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror)).unwrap_or_default();
-    known_services.retain(|name, _| !live.services.contains_key(name));
     known_services.extend(live.services.clone());
     inputs.proxy_endpoints = status::proxy_endpoints(mirror, &known_services);
     let mut fleet = match build::build(mirror, &inputs, &ctx.settings) {
@@ -499,10 +509,7 @@ async fn finalize(mirror: &RegistryMirror, ctx: &Context) -> Result<Action> {
     match node_removal(mirror, ctx, since).await? {
         Removal::Done => {
             nodes::remove_finalizer(&ctx.client, mirror).await?;
-            let ns = mirror.namespace().unwrap_or_default();
-            ctx.cache.forget_prefix(&ns, &format!("{}-", mirror.name_any()));
-            ctx.cleanup_reports.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror));
-            ctx.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&key(mirror));
+            ctx.forget_mirror(&mirror.namespace().unwrap_or_default(), &mirror.name_any());
             info!("node config removed; finalizer released");
             Ok(Action::await_change())
         }

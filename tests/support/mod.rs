@@ -430,3 +430,11 @@ impl Drop for Proc {
         }
     }
 }
+
+/// The last `n` lines of the file at `path` (empty when it cannot be read): a process log to
+/// show when a test fails.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
