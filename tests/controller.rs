@@ -35,6 +35,9 @@ const SERVICES: &str = "/v1/services";
 const CONFIGMAPS: &str = "/v1/configmaps";
 const SECRETS: &str = "/v1/secrets";
 const PODS: &str = "/v1/pods";
+const SERVICE_ACCOUNTS: &str = "/v1/serviceaccounts";
+const ROLES: &str = "rbac.authorization.k8s.io/v1/roles";
+const ROLE_BINDINGS: &str = "rbac.authorization.k8s.io/v1/rolebindings";
 const NODES: &str = "/v1/nodes";
 
 struct Harness {
@@ -141,14 +144,21 @@ impl Harness {
     }
 }
 
+fn is_apply(r: &Recorded) -> bool {
+    r.method == "PATCH" && r.content_type.as_deref().is_some_and(|c| c.starts_with("application/apply-patch"))
+}
+
 fn applies(writes: &[Recorded]) -> Vec<(String, String)> {
-    writes
-        .iter()
-        .filter(|r| {
-            r.method == "PATCH" && r.content_type.as_deref().is_some_and(|c| c.starts_with("application/apply-patch"))
-        })
-        .map(|r| (r.resource(), r.name().unwrap_or_default()))
-        .collect()
+    writes.iter().filter(|r| is_apply(r)).map(|r| (r.resource(), r.name().unwrap_or_default())).collect()
+}
+
+/// The one apply request of `plural`/`name` among `requests`.
+fn apply_of<'a>(requests: &'a [Recorded], plural: &str, name: &str) -> &'a Recorded {
+    let mut found =
+        requests.iter().filter(|r| is_apply(r) && r.resource() == plural && r.name().as_deref() == Some(name));
+    let first = found.next().unwrap_or_else(|| panic!("no apply of {plural}/{name}"));
+    assert!(found.next().is_none(), "{plural}/{name} applied twice");
+    first
 }
 
 fn child_writes(writes: &[Recorded]) -> Vec<&Recorded> {
@@ -771,6 +781,41 @@ async fn a_refused_child_shows_in_ready_and_backs_off() {
     h.reconcile(&name).await.unwrap_err();
     let writes = h.api.writes();
     assert!(writes.iter().all(|w| w.resource() == "deployments"), "{writes:#?}");
+}
+
+/// The API server writes a RoleBinding only once it can resolve the Role (the escalation check
+/// of a client without `bind`, which the chart does not grant): a binding sent while its Role was
+/// still in flight failed with NotFound on every reconcile. Roles and ServiceAccounts are answered
+/// before their bindings are sent; the rest of the wave does not wait for them.
+#[tokio::test]
+async fn role_bindings_are_sent_only_after_their_roles_are_applied() {
+    let h = harness();
+    let name = h.public();
+    // Slow enough that a binding sent in the same wave would arrive before its Role exists.
+    h.api.slow_writes(ROLES, Duration::from_millis(50));
+    h.api.slow_writes(SERVICE_ACCOUNTS, Duration::from_millis(50));
+    h.reconcile(&name).await.expect("one reconcile applies every child");
+    let requests = h.api.requests();
+    for binding in ["public-cleanup", "public-node-agent"] {
+        let rb = apply_of(&requests, "rolebindings", binding);
+        for plural in ["roles", "serviceaccounts"] {
+            let first = apply_of(&requests, plural, binding);
+            let done = first.done.unwrap_or_else(|| panic!("{plural}/{binding} never answered"));
+            assert!(
+                done < rb.sent,
+                "rolebindings/{binding} sent (#{}) before {plural}/{binding} was answered (#{done})",
+                rb.sent
+            );
+        }
+        assert!(h.api.get(ROLE_BINDINGS, NS, binding).is_some(), "rolebindings/{binding} not written");
+        assert!(h.api.get(ROLES, NS, binding).is_some());
+    }
+    let role_done = apply_of(&requests, "roles", "public-cleanup").done.unwrap();
+    for (plural, child) in [("services", "public-proxy-dockerhub"), ("secrets", "public-htpasswd")] {
+        let sent = apply_of(&requests, plural, child).sent;
+        assert!(sent < role_done, "{plural}/{child} waited for the Roles (sent #{sent}, Role answered #{role_done})");
+    }
+    assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");
 }
 
 /// The stores the reconcile reads lag behind its own writes (the watch delivers them later):

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
@@ -260,7 +261,8 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     // Apply, in two concurrent waves. Nodes reach a proxy by its Service's cluster IP, which
     // exists only once the Service does, so the first wave is everything except the node
     // config and the workloads; when a cluster IP is new, the fleet is built again with it. The
-    // second wave is the node config and the workloads, after what they read.
+    // second wave is the node config and the workloads, after what they read. Within each wave
+    // the RoleBindings wait for their Roles ([`apply_rbac`]).
     let applier = Applier::new(&ctx.client, &ns, &ctx.cache, &live);
     let node_config_name = names::node_config(mirror);
     let (early_config_maps, _): (Vec<_>, Vec<_>) = fleet
@@ -272,9 +274,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     let c = &fleet.children;
     let (applied_services, ..) = futures::try_join!(
         applier.apply(&c.services),
-        applier.apply(&c.service_accounts),
-        applier.apply(&c.roles),
-        applier.apply(&c.role_bindings),
+        apply_rbac(&applier, &c.service_accounts, &c.roles, &c.role_bindings),
         applier.apply(&c.secrets),
         applier.apply(&early_config_maps),
         applier.apply(&c.persistent_volume_claims),
@@ -300,10 +300,8 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         cron_jobs,
     } = fleet.children;
     // Objects of the first wave are skipped here unless the second build changed them.
-    let (_, _, _, _, _, _, _, applied_deployments, applied_daemon_sets, _) = futures::try_join!(
-        applier.apply(&service_accounts),
-        applier.apply(&roles),
-        applier.apply(&role_bindings),
+    let (_, _, _, _, _, applied_deployments, applied_daemon_sets, _) = futures::try_join!(
+        apply_rbac(&applier, &service_accounts, &roles, &role_bindings),
         applier.apply(&secrets),
         applier.apply(&config_maps),
         applier.apply(&persistent_volume_claims),
@@ -406,6 +404,22 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         ctx.event(mirror, EventType::Normal, "Deleted", "Delete", note).await;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// Applies ServiceAccounts and Roles, then, once the API server has answered for them, the
+/// RoleBindings that reference them. Without the `bind` verb (the chart does not grant it), the
+/// API server writes a RoleBinding only after resolving its Role to check that the controller
+/// holds every permission in it; a Role still in flight in the same wave cannot be resolved, and
+/// the binding fails with NotFound on every reconcile.
+async fn apply_rbac(
+    applier: &Applier<'_>,
+    service_accounts: &[ServiceAccount],
+    roles: &[Role],
+    role_bindings: &[RoleBinding],
+) -> Result<()> {
+    futures::try_join!(applier.apply(service_accounts), applier.apply(roles))?;
+    applier.apply(role_bindings).await?;
+    Ok(())
 }
 
 /// Writes Ready=False with the problem (and an Event when it is news) and hands the error back.

@@ -8,6 +8,12 @@
 //! resourceVersion, and `managedFields` carries one entry per manager, the status subresource's
 //! apart. Services get a cluster IP. It does not run controllers: tests set Deployment and
 //! DaemonSet status themselves.
+//!
+//! Like an API server whose client holds no `bind` verb, it writes a RoleBinding only when the
+//! Role it references exists (RBAC's escalation check resolves the Role), and answers NotFound
+//! otherwise. Writes to a resource can be made slow ([`FakeApi::slow_writes`]) and every request
+//! carries when it was sent and when it was answered ([`Recorded::sent`], [`Recorded::done`]),
+//! so tests can see the order of concurrent requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -15,6 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use kube::client::Body;
@@ -27,6 +34,10 @@ pub struct Recorded {
     pub query: String,
     pub content_type: Option<String>,
     pub body: Option<Value>,
+    /// Position of the request's arrival in the server's one sequence of arrivals and answers.
+    pub sent: u64,
+    /// Position of its answer in the same sequence (None while it is in flight).
+    pub done: Option<u64>,
 }
 
 impl Recorded {
@@ -55,6 +66,10 @@ struct State {
     unserved: Vec<String>,
     /// Resources whose writes an admission webhook refuses (422), with its message.
     refused: Vec<(String, String)>,
+    /// Resources whose writes take this long to answer.
+    slow: Vec<(String, Duration)>,
+    /// The sequence of arrivals and answers ([`Recorded::sent`], [`Recorded::done`]).
+    seq: u64,
 }
 
 #[derive(Clone, Default)]
@@ -155,6 +170,9 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+const ROLES: &str = "rbac.authorization.k8s.io/v1/roles";
+const ROLE_BINDINGS: &str = "rbac.authorization.k8s.io/v1/rolebindings";
+
 fn kind_of_list(plural: &str) -> &'static str {
     match plural {
         "deployments" => "DeploymentList",
@@ -226,6 +244,9 @@ impl State {
             if let Some((_, message)) = self.refused.iter().find(|(r, _)| *r == p.resource) {
                 return status_response(422, "Invalid", message);
             }
+        }
+        if let Some(refused) = self.unresolved_role(method, &p, body.as_ref()) {
+            return refused;
         }
         let key = |name: &str| (p.resource.clone(), p.namespace.clone(), name.to_string());
         match (method, &p.name) {
@@ -330,6 +351,21 @@ impl State {
         }
     }
 
+    /// RBAC's escalation check for a client without `bind`: a RoleBinding is written only if
+    /// the Role it references resolves. The API server then answers as for the binding itself.
+    fn unresolved_role(&self, method: &str, p: &ParsedPath, body: Option<&Value>) -> Option<Response<Body>> {
+        if !matches!(method, "POST" | "PUT" | "PATCH") || p.resource != ROLE_BINDINGS || p.subresource.is_some() {
+            return None;
+        }
+        let role_ref = &body?["roleRef"];
+        let role = role_ref["name"].as_str()?;
+        if role_ref["kind"] != "Role" || self.objects.contains_key(&(ROLES.into(), p.namespace.clone(), role.into())) {
+            return None;
+        }
+        let name = p.name.clone().or_else(|| body?["metadata"]["name"].as_str().map(str::to_string))?;
+        Some(status_response(404, "NotFound", &format!("rolebindings.rbac.authorization.k8s.io {name:?} not found")))
+    }
+
     fn finish_write(
         &mut self,
         key: &(String, String, String),
@@ -418,6 +454,11 @@ impl FakeApi {
         self.state.lock().unwrap().refused.push((resource.to_string(), message.to_string()));
     }
 
+    /// Answers every write to `resource` only after `delay`, as a slow etcd would.
+    pub fn slow_writes(&self, resource: &str, delay: Duration) {
+        self.state.lock().unwrap().slow.push((resource.to_string(), delay));
+    }
+
     /// Stops serving `resource`, as an API server without the CRD.
     pub fn unserve(&self, resource: &str) {
         self.state.lock().unwrap().unserved.push(resource.to_string());
@@ -450,15 +491,35 @@ impl tower::Service<Request<Body>> for FakeApi {
                 |h: http::header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
             let ct = header(http::header::CONTENT_TYPE);
             let accept = header(http::header::ACCEPT);
+            let (sent, delay) = {
+                let mut st = state.lock().unwrap();
+                st.seq += 1;
+                let sent = st.seq;
+                st.requests.push(Recorded {
+                    method: method.clone(),
+                    path: path.clone(),
+                    query: query.clone(),
+                    content_type: ct.clone(),
+                    body: body.clone(),
+                    sent,
+                    done: None,
+                });
+                let resource = parse_path(&path).map(|p| p.resource).unwrap_or_default();
+                let delay = st.slow.iter().find(|(r, _)| method != "GET" && *r == resource).map(|(_, d)| *d);
+                (sent, delay)
+            };
+            // Other requests go on meanwhile, as on a real API server.
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             let mut st = state.lock().unwrap();
-            st.requests.push(Recorded {
-                method: method.clone(),
-                path: path.clone(),
-                query: query.clone(),
-                content_type: ct.clone(),
-                body: body.clone(),
-            });
-            Ok(st.handle(&method, &path, &query, ct.as_deref(), accept.as_deref(), body))
+            let response = st.handle(&method, &path, &query, ct.as_deref(), accept.as_deref(), body);
+            st.seq += 1;
+            let done = st.seq;
+            if let Some(r) = st.requests.iter_mut().find(|r| r.sent == sent) {
+                r.done = Some(done);
+            }
+            Ok(response)
         })
     }
 }
