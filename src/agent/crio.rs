@@ -49,12 +49,14 @@ pub fn drop_in(mirror_ref: &str, entries: &[&NodeRegistry]) -> Result<String, St
     for e in entries {
         let (loc, insecure) = location(&e.mirror).ok_or_else(|| format!("mirror {:?} is not a URL", e.mirror))?;
         out.push_str(&format!("\n[[registry]]\nprefix = {}\n", toml_str(&e.registry)));
-        if e.fallback.is_some() {
-            out.push_str(&format!(
-                "location = {}\n\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n",
-                toml_str(&e.registry),
-                toml_str(&loc)
-            ));
+        if let Some(fallback) = &e.fallback {
+            out.push_str(&format!("location = {}\n", toml_str(&e.registry)));
+            // A plain-HTTP upstream (its remoteURL is http:// at the registry's own name, see
+            // `upstream_server`): without this the runtime speaks TLS to it and the fallback fails.
+            if fallback.starts_with("http://") {
+                out.push_str("insecure = true\n");
+            }
+            out.push_str(&format!("\n[[registry.mirror]]\nlocation = {}\ninsecure = {insecure}\n", toml_str(&loc)));
         } else {
             // Mirror only: the mirror is the registry, nothing else is tried.
             out.push_str(&format!("location = {}\ninsecure = {insecure}\n", toml_str(&loc)));
@@ -170,5 +172,22 @@ mod tests {
         assert_eq!(regs[1]["insecure"].as_bool(), Some(false));
         assert!(regs[1].get("mirror").is_none());
         assert_eq!(files::owner_of_bytes(text.as_bytes(), "ns/m"), Owner::Us);
+        // An https fallback is left to the runtime's default (TLS required).
+        assert!(regs[0].get("insecure").is_none());
+    }
+
+    #[test]
+    fn a_plain_http_fallback_is_marked_insecure_and_an_https_one_is_not() {
+        let mut plain = entry("10.200.0.1:5001", "http://10.0.0.1:5000", true);
+        plain.fallback = Some("http://10.200.0.1:5001".into());
+        let tls = entry("registry.corp:5000", "http://10.0.0.2:5000", true);
+        let text = drop_in("ns/m", &[&plain, &tls]).unwrap();
+        let doc: toml::Table = text.parse().unwrap();
+        let regs = doc["registry"].as_array().unwrap();
+        assert_eq!(regs[0]["location"].as_str(), Some("10.200.0.1:5001"));
+        assert_eq!(regs[0]["insecure"].as_bool(), Some(true), "{text}");
+        assert_eq!(regs[0]["mirror"][0]["location"].as_str(), Some("10.0.0.1:5000"));
+        assert_eq!(regs[1]["location"].as_str(), Some("registry.corp:5000"));
+        assert!(regs[1].get("insecure").is_none(), "{text}");
     }
 }

@@ -487,7 +487,10 @@ pub struct NodeConfigSpec {
     #[serde(default)]
     pub containerd: ContainerdSpec,
     /// Keep the upstream registry as the last resort. False gives mirror-only config
-    /// (air-gapped clusters): a dead mirror then fails pulls instead of bypassing it.
+    /// (air-gapped clusters): a dead mirror then fails pulls instead of bypassing it. The
+    /// upstream is `https://<registry>` (docker.io: `https://registry-1.docker.io`), except when
+    /// an upstream's `remoteURL` host[:port] is its registry name: then the remoteURL's scheme is
+    /// kept, so a plain-HTTP registry (`http://10.200.0.1:5001`) is reached over HTTP.
     #[serde(default = "default_true")]
     pub fallback_to_upstream: bool,
     /// How nodes reach the mirrors: the proxy Services' cluster IPs, or the edge hosts.

@@ -93,17 +93,44 @@ pub struct NodeRegistry {
     pub upstream: String,
     /// The mirror endpoint as nodes reach it (`http://<cluster IP>:5000` or `https://<edge host>`).
     pub mirror: String,
-    /// The upstream server containerd falls back to; `None` means mirror only (air-gapped).
+    /// The upstream server containerd falls back to ([`upstream_server`]); `None` means mirror
+    /// only (air-gapped).
     pub fallback: Option<String>,
 }
 
-/// Where nodes should pull a registry from when the mirror is bypassed.
-pub fn upstream_server(registry: &str) -> String {
+/// Where nodes should pull a registry from when the mirror is bypassed (the `hosts.toml`
+/// `server`), given the upstream's `remoteURL`.
+///
+/// containerd (like every OCI client) talks to a registry by its name over https. The one case
+/// where that is wrong and the spec says so is a registry whose `remoteURL` names the registry
+/// itself over plain HTTP (`10.200.0.1:5001` at `http://10.200.0.1:5001`, an internal
+/// `registry.corp:5000` over http): when the remoteURL's authority (host[:port]) is the registry
+/// name, its scheme is the registry's scheme too. A remoteURL elsewhere (a pull-through of
+/// `ghcr.io` from some other host) says nothing about how the registry itself answers.
+pub fn upstream_server(registry: &str, remote_url: &str) -> String {
     match registry {
         // docker.io is a name, not a host: its API lives at registry-1.docker.io.
         "docker.io" | "index.docker.io" | "registry-1.docker.io" => "https://registry-1.docker.io".into(),
-        other => format!("https://{other}"),
+        other => match remote_authority(remote_url) {
+            Some((scheme, authority)) if authority.iter().any(|a| a == other) => format!("{scheme}://{other}"),
+            _ => format!("https://{other}"),
+        },
     }
+}
+
+/// The scheme of `url` and the ways its authority can be written: `host`, `host:port` and, for a
+/// port that is the scheme's default (which URL parsing drops), `host:<default port>` as well.
+fn remote_authority(url: &str) -> Option<(String, Vec<String>)> {
+    let url = url::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    let mut forms = match url.port() {
+        Some(port) => vec![format!("{host}:{port}")],
+        None => vec![host.to_string()],
+    };
+    if let (None, Some(default)) = (url.port(), url.port_or_known_default()) {
+        forms.push(format!("{host}:{default}"));
+    }
+    Some((url.scheme().to_string(), forms))
 }
 
 pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inputs, settings: &Settings) -> NodeConfig {
@@ -129,7 +156,7 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
                 registry: u.registry.clone(),
                 upstream: u.name.clone(),
                 mirror: endpoint,
-                fallback: node.fallback_to_upstream.then(|| upstream_server(&u.registry)),
+                fallback: node.fallback_to_upstream.then(|| upstream_server(&u.registry, &u.remote_url)),
             }
         })
         .collect();
@@ -343,5 +370,71 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(upstreams: &str, node_config: &str) -> RegistryMirror {
+        serde_yaml::from_str(&format!(
+            "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: m, namespace: ns}}\n\
+             spec:\n  upstreams: {upstreams}\n  nodeConfig: {node_config}\n"
+        ))
+        .unwrap()
+    }
+
+    fn config(m: &RegistryMirror) -> NodeConfig {
+        node_config(m, m.spec.node_config.as_ref().unwrap(), &Inputs::default(), &Settings::default())
+    }
+
+    #[test]
+    fn the_fallback_keeps_a_plain_http_scheme_only_when_the_remote_is_the_registry_itself() {
+        for (registry, remote, want) in [
+            // The registry serves plain HTTP at its own name: containerd must not speak TLS to it.
+            ("10.200.0.1:5001", "http://10.200.0.1:5001", "http://10.200.0.1:5001"),
+            ("registry.corp:5000", "http://registry.corp:5000/", "http://registry.corp:5000"),
+            ("registry.corp", "http://registry.corp", "http://registry.corp"),
+            // A default port, written or not, is the same authority.
+            ("registry.corp", "http://registry.corp:80", "http://registry.corp"),
+            ("registry.corp:80", "http://registry.corp", "http://registry.corp:80"),
+            ("registry.corp:443", "https://registry.corp", "https://registry.corp:443"),
+            // https at the registry's own name: what it always was.
+            ("ghcr.io", "https://ghcr.io", "https://ghcr.io"),
+            ("registry.corp:5000", "https://registry.corp:5000", "https://registry.corp:5000"),
+            // The remote is somewhere else (a pull-through from another host, another port): it
+            // says nothing about the registry's own scheme.
+            ("ghcr.io", "http://ghcr-cache.internal:5000", "https://ghcr.io"),
+            ("registry.corp", "http://registry.corp:5000", "https://registry.corp"),
+            ("registry.corp:5000", "http://registry.corp:5001", "https://registry.corp:5000"),
+            ("registry.corp:5000", "not a url", "https://registry.corp:5000"),
+            // docker.io is a name, not a host.
+            ("docker.io", "https://registry-1.docker.io", "https://registry-1.docker.io"),
+            ("docker.io", "http://10.0.0.9:5000", "https://registry-1.docker.io"),
+        ] {
+            assert_eq!(upstream_server(registry, remote), want, "{registry} at {remote}");
+        }
+    }
+
+    #[test]
+    fn node_config_carries_the_upstreams_scheme_into_hosts_toml() {
+        let m = mirror(
+            "[{name: lab, registry: \"10.200.0.1:5001\", remoteURL: \"http://10.200.0.1:5001\"},\
+              {name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}]",
+            "{fallbackToUpstream: true}",
+        );
+        let cfg = config(&m);
+        assert_eq!(cfg.registries[0].fallback.as_deref(), Some("http://10.200.0.1:5001"));
+        assert_eq!(cfg.registries[1].fallback.as_deref(), Some("https://registry-1.docker.io"));
+        let text = hosts_toml(&cfg.mirror, &cfg.registries[0], None);
+        let doc: toml::Table = text.parse().unwrap();
+        assert_eq!(doc["server"].as_str(), Some("http://10.200.0.1:5001"), "{text}");
+
+        let air_gapped = mirror(
+            "[{name: lab, registry: \"10.200.0.1:5001\", remoteURL: \"http://10.200.0.1:5001\"}]",
+            "{fallbackToUpstream: false}",
+        );
+        assert_eq!(config(&air_gapped).registries[0].fallback, None);
     }
 }
