@@ -34,7 +34,7 @@ generate: ## Regenerate the CRD copies and the golden files from the code
 	UPDATE_DOCS=1 $(CARGO) test --locked --quiet --test docs_reference
 
 e2e: ## Cluster tests against the KUBECONFIG cluster (CRD admission; the controller end to end; node agent API watch, RBAC, annotation, Events; helm install/uninstall)
-	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test cluster_admission --test e2e --test agent_cluster --test chart_cluster -- --nocapture --test-threads=1
+	$(CARGO) test --locked --test cluster_admission --test e2e --test agent_cluster --test chart_cluster -- --ignored --nocapture --test-threads=1
 
 .PHONY: bench-cluster
 bench-cluster: ## Controller against the KUBECONFIG cluster: create->ready median of 20, API writes over BENCH_QUIET_SECONDS (600) of quiet, RSS at 100 mirrors
@@ -46,9 +46,9 @@ bench-scale: ## Controller against the KUBECONFIG cluster at N = BENCH_SCALE_N (
 
 .PHONY: e2e-faults
 e2e-faults: ## Fault injection against the KUBECONFIG cluster: operator SIGKILLed 20x mid-reconcile, leader killed, hand edits, stalled watches, kube-apiserver restart (k8s harness)
-	MIRRORFLEET_E2E=1 $(CARGO) test --locked --test e2e_faults -- --nocapture --test-threads=1 --skip api_server_restart
+	$(CARGO) test --locked --test e2e_faults -- --ignored --nocapture --test-threads=1 --skip api_server_restart
 	# Last: the cluster's own controllers take a while to catch up after the restart.
-	MIRRORFLEET_E2E=1 MIRRORFLEET_FAULTS_APISERVER=1 $(CARGO) test --locked --test e2e_faults -- --nocapture --test-threads=1 --exact api_server_restart
+	MIRRORFLEET_FAULTS_APISERVER=1 $(CARGO) test --locked --test e2e_faults -- --ignored --nocapture --test-threads=1 --exact api_server_restart
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 600

@@ -15,6 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::kubectl::require_cluster;
 
 use mirrorfleet::build::node::{node_config_checksum, APPLIED_CONFIG_ANNOTATION, NODE_CONFIG_KEY};
 use serde::Deserialize;
@@ -170,10 +171,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e"]
 fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
-    if !support::kubectl::cluster_available() {
-        return;
-    }
+    require_cluster();
     if !tools_available(&["kubectl", "docker-registry"]) {
         return;
     }
@@ -269,10 +269,9 @@ fn api_watch_moves_config_changes_to_disk_in_seconds_under_the_rendered_rbac() {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e"]
 fn client_auth_header_arrives_from_the_watched_secret_and_a_rotation_rewrites_it() {
-    if !support::kubectl::cluster_available() {
-        return;
-    }
+    require_cluster();
     if !tools_available(&["kubectl", "docker-registry"]) {
         return;
     }

@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::kubectl::{cluster_available, kubectl, kubectl_ok};
+use support::kubectl::{kubectl, kubectl_ok, require_cluster};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,11 +58,10 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e"]
 fn helm_install_runs_the_operator_with_the_charts_rbac_and_uninstall_leaves_nothing() {
-    if !cluster_available() {
-        return;
-    }
-    let Some(helm) = support::tool("helm") else { return };
+    require_cluster();
+    let helm = support::require("helm");
     let id = std::process::id();
     let (release, ns, mirrors_ns) = (format!("mfe2e{id}"), format!("mf-chart-{id}"), format!("mf-chart-mirrors-{id}"));
     let _cleanup =
@@ -214,11 +213,10 @@ fn server_dry_run(docs: Vec<Value>, what: &str) {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e"]
 fn every_values_file_passes_strict_server_side_validation() {
-    if !cluster_available() {
-        return;
-    }
-    let Some(helm) = support::tool("helm") else { return };
+    require_cluster();
+    let helm = support::require("helm");
     let ns = format!("mf-chart-dryrun-{}", std::process::id());
     let _cleanup = Cleanup { helm: helm.clone(), release: "unused".into(), namespaces: vec![ns.clone()] };
     kubectl_ok(&["create", "namespace", &ns], None);
@@ -275,7 +273,11 @@ fn every_values_file_passes_strict_server_side_validation() {
             d["metadata"]["namespace"] = Value::String(ns.clone());
             items.push(d);
         }
-        server_dry_run(items, file);
+        // A file whose every kind is unserved here (Argo CD's Application on a cluster without
+        // Argo CD) has nothing left to dry-run; `kubectl apply` would refuse an empty list.
+        if !items.is_empty() {
+            server_dry_run(items, file);
+        }
     }
     // The kustomize base too, moved into the test's namespace (a dry-run namespace does not
     // exist for the objects in it).

@@ -47,7 +47,7 @@ use support::http::get_local as http_get;
 
 use support::free_port;
 use support::kubectl::{
-    cluster_available, create_namespace, delete_test_namespace, install_crd, kubectl, kubectl_ok as must,
+    create_namespace, delete_test_namespace, install_crd, kubectl, kubectl_ok as must, require_cluster,
 };
 
 /// kubectl that may fail (the API server may be down, the object gone): the output if it worked.
@@ -707,10 +707,9 @@ fn wait_ready(op: &Operator) {
 // ---------------------------------------------------------------- scenarios
 
 #[test]
+#[ignore = "needs a cluster: make e2e-faults"]
 fn operator_killed_mid_reconcile() {
-    if !cluster_available() {
-        return;
-    }
+    require_cluster();
     let mut fleet = Fleet::new("kill");
     let mut op = Operator::start("op-0", &fleet.ns, false);
     wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
@@ -751,10 +750,9 @@ fn operator_killed_mid_reconcile() {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e-faults"]
 fn leader_killed() {
-    if !cluster_available() {
-        return;
-    }
+    require_cluster();
     let mut fleet = Fleet::new("leader");
     let mut a = Operator::start("op-a0", &fleet.ns, true);
     let mut b = Operator::start("op-b0", &fleet.ns, true);
@@ -793,10 +791,9 @@ fn leader_killed() {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e-faults"]
 fn conflicting_hand_edits() {
-    if !cluster_available() {
-        return;
-    }
+    require_cluster();
     let mut fleet = Fleet::new("edits");
     let op = Operator::start("op", &fleet.ns, false);
     wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
@@ -824,10 +821,9 @@ fn conflicting_hand_edits() {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e-faults"]
 fn watches_stalled() {
-    if !cluster_available() {
-        return;
-    }
+    require_cluster();
     let mut fleet = Fleet::new("stall");
     let op = Operator::start("op", &fleet.ns, false);
     wait_converged(&fleet.ns, "initial fleet", *CONVERGE);
@@ -850,18 +846,17 @@ fn watches_stalled() {
 }
 
 #[test]
+#[ignore = "needs a cluster: make e2e-faults"]
 fn api_server_restart() {
-    if !cluster_available() {
-        return;
-    }
+    require_cluster();
     let home = std::env::var("K8S_HARNESS_HOME")
         .unwrap_or_else(|_| format!("{}/k8s-harness", std::env::var("HOME").unwrap_or_default()));
     let pid_file = std::path::Path::new(&home).join("run/kube-apiserver.pid");
     // Restarting the API server disturbs everyone using the cluster: only when asked for.
-    if std::env::var_os("MIRRORFLEET_FAULTS_APISERVER").is_none() {
-        eprintln!("SKIP: api_server_restart runs with `make e2e-faults` (MIRRORFLEET_FAULTS_APISERVER=1)");
-        return;
-    }
+    assert!(
+        std::env::var_os("MIRRORFLEET_FAULTS_APISERVER").is_some(),
+        "api_server_restart restarts the cluster's API server: run it with `make e2e-faults` (MIRRORFLEET_FAULTS_APISERVER=1)"
+    );
     assert!(pid_file.exists(), "MIRRORFLEET_FAULTS_APISERVER is set but {} does not exist", pid_file.display());
     let mut fleet = Fleet::new("apiserver");
     let mut op = Operator::start("op", &fleet.ns, true);
