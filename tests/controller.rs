@@ -165,6 +165,15 @@ fn child_writes(writes: &[Recorded]) -> Vec<&Recorded> {
     writes.iter().filter(|r| !r.resource().starts_with("registrymirrors") && r.resource() != "events").collect()
 }
 
+/// The notes of the Events among `writes`.
+fn event_notes(writes: &[Recorded]) -> Vec<String> {
+    writes
+        .iter()
+        .filter(|r| r.method == "POST" && r.resource() == "events")
+        .filter_map(|r| r.body.as_ref()?["note"].as_str().map(str::to_string))
+        .collect()
+}
+
 fn event_reasons(writes: &[Recorded]) -> Vec<(String, String)> {
     writes
         .iter()
@@ -771,9 +780,9 @@ async fn a_refused_child_shows_in_ready_and_backs_off() {
     assert_eq!(err.reason(), "Rejected");
     assert_eq!(err.class(), ErrorClass::Transient);
     let ready = h.condition(&name, "Ready");
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Rejected"));
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ApplyFailed"));
     assert!(ready.message.contains("policy.example.com"), "{}", ready.message);
-    assert!(event_reasons(&h.api.writes()).contains(&("Warning".to_string(), "Rejected".to_string())));
+    assert!(event_reasons(&h.api.writes()).contains(&("Warning".to_string(), "ApplyFailed".to_string())));
     let policy = format!("{:?}", error_policy(Arc::new(h.mirror(&name)), &err, h.ctx.clone()));
     assert_eq!(policy, format!("{:?}", Action::requeue(Duration::from_secs(1))));
     // The same refusal again: no new status, no new Event.
@@ -816,6 +825,83 @@ async fn role_bindings_are_sent_only_after_their_roles_are_applied() {
         assert!(sent < role_done, "{plural}/{child} waited for the Roles (sent #{sent}, Role answered #{role_done})");
     }
     assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");
+}
+
+/// A child the API server will not write, for whatever reason (here an etcd timeout; on a real
+/// node it was a RoleBinding answered NotFound for minutes), keeps the mirror from converging:
+/// Ready says so at once, naming the child and quoting the API server, with a Warning Event,
+/// while the reconcile backs off and retries. Once the write goes through, Ready moves on.
+#[tokio::test]
+async fn a_child_that_cannot_be_applied_shows_in_ready_while_retries_back_off() {
+    let h = harness();
+    let name = h.public();
+    h.api.fail_writes(ROLE_BINDINGS, 500, "InternalError", "etcdserver: request timed out");
+    let err = h.reconcile(&name).await.unwrap_err();
+    assert_eq!((err.class(), err.reason()), (ErrorClass::Transient, "ApiError"));
+
+    let mirror = h.mirror(&name);
+    let generation = mirror.metadata.generation;
+    let status = mirror.status.expect("a status is written");
+    assert_eq!(status.observed_generation, generation);
+    let ready = h.condition(&name, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ApplyFailed"));
+    assert_eq!(ready.observed_generation, generation);
+    assert_eq!(
+        ready.message, "apply RoleBinding public-cleanup: etcdserver: request timed out (InternalError, 500)",
+        "names the child and quotes the API server, without a debug dump"
+    );
+    let writes = h.api.writes();
+    assert!(event_reasons(&writes).contains(&("Warning".to_string(), "ApplyFailed".to_string())), "{writes:#?}");
+    assert!(event_notes(&writes).iter().any(|n| n.contains("apply RoleBinding public-cleanup")));
+
+    // Retried with per-mirror backoff; the same failure again writes no status and no Event.
+    let delays: Vec<String> =
+        (0..2).map(|_| format!("{:?}", error_policy(Arc::new(h.mirror(&name)), &err, h.ctx.clone()))).collect();
+    let expect: Vec<String> =
+        [1, 2].iter().map(|s| format!("{:?}", Action::requeue(Duration::from_secs(*s)))).collect();
+    assert_eq!(delays, expect);
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap_err();
+    let writes = h.api.writes();
+    assert!(writes.iter().all(|w| w.resource() == "rolebindings"), "{writes:#?}");
+
+    // The API server recovers: the bindings are written and Ready says what is missing now.
+    h.api.heal(ROLE_BINDINGS);
+    h.reconcile(&name).await.unwrap();
+    assert!(h.api.get(ROLE_BINDINGS, NS, "public-cleanup").is_some());
+    assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");
+}
+
+/// The API server's answer to a Secret write reaches the status, Events and logs; an admission
+/// webhook quoting what it was sent must not carry the Secret's values there.
+#[tokio::test]
+async fn a_refused_secret_is_reported_without_its_values() {
+    let h = harness();
+    let name = h.public();
+    h.api.refuse(SECRETS, "admission webhook \"secrets.example.com\" denied the request: {body}");
+    let err = h.reconcile(&name).await.unwrap_err();
+    let requests = h.api.requests();
+    let mut values = Vec::new();
+    for sent in requests.iter().filter(|r| is_apply(r) && r.resource() == "secrets") {
+        for (_, v) in sent.body.as_ref().unwrap()["data"].as_object().unwrap() {
+            use base64::Engine;
+            let b64 = v.as_str().unwrap().to_string();
+            let plain = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(&b64).unwrap()).unwrap();
+            values.extend(plain.lines().map(str::to_string));
+            values.extend([b64, plain]);
+        }
+    }
+    assert!(values.len() >= 2, "no Secret was sent: {requests:#?}");
+    let ready = h.condition(&name, "Ready");
+    assert_eq!(ready.reason, "ApplyFailed");
+    assert!(ready.message.contains("secrets.example.com") && ready.message.contains("(redacted)"), "{}", ready.message);
+    let mut shown = vec![ready.message, err.to_string(), format!("{err:?}")];
+    shown.extend(event_notes(&h.api.writes()));
+    for text in &shown {
+        for v in &values {
+            assert!(!text.contains(v.as_str()), "a Secret value in {text:?}");
+        }
+    }
 }
 
 /// The stores the reconcile reads lag behind its own writes (the watch delivers them later):

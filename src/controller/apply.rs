@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::children::live_fingerprint;
-use super::error::{Error, Result};
+use super::error::{redact_secret_values, Error, Result};
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "mirrorfleet";
@@ -268,10 +268,10 @@ impl<'a> Applier<'a> {
             let api = api.clone();
             let params = params.clone();
             async move {
-                let applied = api
-                    .patch(&name, &params, &Patch::Apply(&body))
-                    .await
-                    .map_err(|e| Error::api("apply", K::kind(&()), name.clone(), e))?;
+                let applied = api.patch(&name, &params, &Patch::Apply(&body)).await.map_err(|e| {
+                    let e = if kind_of::<K>() == "Secret" { redact_secret_values(e, &body) } else { e };
+                    Error::child_write("apply", K::kind(&()), name.clone(), e)
+                })?;
                 Ok::<_, Error>((key, name, desired, prior_version, applied))
             }
         }))
@@ -316,7 +316,7 @@ impl<'a> Applier<'a> {
             let deleted = match api.delete(&name, &dp).await {
                 Ok(_) => true,
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => false,
-                Err(e) => return Err(Error::api("delete", K::kind(&()), name, e)),
+                Err(e) => return Err(Error::child_write("delete", K::kind(&()), name, e)),
             };
             self.cache.forget(&ChildKey {
                 kind: kind_of::<K>(),

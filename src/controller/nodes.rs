@@ -108,7 +108,7 @@ pub async fn remove_node_config(client: &Client, mirror: &RegistryMirror) -> Res
         let applied = cms
             .patch(&cm_name, &apply_params(), &Patch::Apply(&desired))
             .await
-            .map_err(|e| Error::api("apply", "ConfigMap", cm_name.clone(), e))?;
+            .map_err(|e| Error::child_write("apply", "ConfigMap", cm_name.clone(), e))?;
         applied.data.and_then(|mut d| d.remove(NODE_CONFIG_KEY)).unwrap_or_default()
     };
     let want = node::node_config_checksum(&json);

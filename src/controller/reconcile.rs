@@ -172,10 +172,11 @@ pub async fn reconcile(mirror: Arc<RegistryMirror>, ctx: Arc<Context>) -> Result
         ctx.metrics.in_flight.inc();
         let started = Instant::now();
         let mut result = reconcile_mirror(&mirror, &ctx).await;
-        // The API server refusing a child (an admission webhook, a quota, missing RBAC) will not
-        // go away by itself: say so in the status, then retry with backoff all the same.
+        // A child that cannot be written (an admission webhook, a quota, missing RBAC, an API
+        // server in trouble) keeps the mirror from converging: say so in the status, then retry
+        // with backoff all the same.
         if let Err(e) = result {
-            result = Err(if e.is_refusal() && mirror.metadata.deletion_timestamp.is_none() {
+            result = Err(if e.shows_in_ready() && mirror.metadata.deletion_timestamp.is_none() {
                 report_problem(&mirror, &ctx, e).await
             } else {
                 e
@@ -424,9 +425,9 @@ async fn apply_rbac(
 
 /// Writes Ready=False with the problem (and an Event when it is news) and hands the error back.
 async fn report_problem(mirror: &RegistryMirror, ctx: &Context, error: Error) -> Error {
-    let new_status = status::problem_status(mirror, error.reason(), &error.to_string(), &status::now());
+    let new_status = status::problem_status(mirror, error.ready_reason(), &error.ready_message(), &status::now());
     if let Err(e) = write_status(mirror, ctx, new_status).await {
-        warn!(error = %e, "could not write the status of an invalid mirror");
+        warn!(error = %e, "could not write the status of a mirror that cannot converge");
     }
     error
 }

@@ -3,11 +3,11 @@
 //! It keeps objects as JSON by resource, namespace and name, and answers the requests the
 //! controller makes: get, list (label selectors; full or metadata-only), server-side apply
 //! (main resource and status), JSON merge patch (with a resourceVersion precondition), create,
-//! and delete (with a uid precondition). It records every request so tests can count writes and
-//! look at what was sent. Like the real API server, an apply that changes nothing keeps the
-//! resourceVersion, and `managedFields` carries one entry per manager, the status subresource's
-//! apart. Services get a cluster IP. It does not run controllers: tests set Deployment and
-//! DaemonSet status themselves.
+//! and delete (with a uid precondition); writes to a resource can be made to fail. It records
+//! every request so tests can count writes and look at what was sent. Like the real API server,
+//! an apply that changes nothing keeps the resourceVersion, and `managedFields` carries one entry
+//! per manager, the status subresource's apart. Services get a cluster IP. It does not run
+//! controllers: tests set Deployment and DaemonSet status themselves.
 //!
 //! Like an API server whose client holds no `bind` verb, it writes a RoleBinding only when the
 //! Role it references exists (RBAC's escalation check resolves the Role), and answers NotFound
@@ -64,8 +64,9 @@ struct State {
     requests: Vec<Recorded>,
     /// Resources (`group/version/plural`) the server does not serve, like a CRD not installed.
     unserved: Vec<String>,
-    /// Resources whose writes an admission webhook refuses (422), with its message.
-    refused: Vec<(String, String)>,
+    /// Resources whose writes fail: (resource, code, reason, message); `{body}` in the message
+    /// stands for the body sent, as a webhook quoting its input would answer.
+    failing: Vec<(String, u16, String, String)>,
     /// Resources whose writes take this long to answer.
     slow: Vec<(String, Duration)>,
     /// The sequence of arrivals and answers ([`Recorded::sent`], [`Recorded::done`]).
@@ -241,8 +242,9 @@ impl State {
             return status_response(404, "NotFound", "the server could not find the requested resource");
         }
         if method != "GET" {
-            if let Some((_, message)) = self.refused.iter().find(|(r, _)| *r == p.resource) {
-                return status_response(422, "Invalid", message);
+            if let Some((_, code, reason, message)) = self.failing.iter().find(|f| f.0 == p.resource) {
+                let sent = body.as_ref().map(Value::to_string).unwrap_or_default();
+                return status_response(*code, reason, &message.replace("{body}", &sent));
             }
         }
         if let Some(refused) = self.unresolved_role(method, &p, body.as_ref()) {
@@ -451,7 +453,18 @@ impl FakeApi {
 
     /// Refuses every write to `resource` with 422 and `message`, as an admission webhook would.
     pub fn refuse(&self, resource: &str, message: &str) {
-        self.state.lock().unwrap().refused.push((resource.to_string(), message.to_string()));
+        self.fail_writes(resource, 422, "Invalid", message);
+    }
+
+    /// Answers every write to `resource` with `code`, `reason` and `message` (`{body}` in it
+    /// stands for the body sent), until [`FakeApi::heal`].
+    pub fn fail_writes(&self, resource: &str, code: u16, reason: &str, message: &str) {
+        self.state.lock().unwrap().failing.push((resource.into(), code, reason.into(), message.into()));
+    }
+
+    /// Writes to `resource` succeed again.
+    pub fn heal(&self, resource: &str) {
+        self.state.lock().unwrap().failing.retain(|f| f.0 != resource);
     }
 
     /// Answers every write to `resource` only after `delay`, as a slow etcd would.
