@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_api::{FakeApi, Recorded};
+use fake_api::{Exchange, FakeApi, Recorded};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
@@ -152,12 +152,12 @@ fn applies(writes: &[Recorded]) -> Vec<(String, String)> {
     writes.iter().filter(|r| is_apply(r)).map(|r| (r.resource(), r.name().unwrap_or_default())).collect()
 }
 
-/// The one apply request of `plural`/`name` among `requests`.
-fn apply_of<'a>(requests: &'a [Recorded], plural: &str, name: &str) -> &'a Recorded {
-    let mut found =
-        requests.iter().filter(|r| is_apply(r) && r.resource() == plural && r.name().as_deref() == Some(name));
-    let first = found.next().unwrap_or_else(|| panic!("no apply of {plural}/{name}"));
-    assert!(found.next().is_none(), "{plural}/{name} applied twice");
+/// When the one PATCH (here: apply) of `plural`/`name` arrived and was answered.
+fn patch_of<'a>(exchanges: &'a [Exchange], plural: &str, name: &str) -> &'a Exchange {
+    let tail = format!("/{plural}/{name}");
+    let mut found = exchanges.iter().filter(|e| e.method == "PATCH" && e.path.ends_with(&tail));
+    let first = found.next().unwrap_or_else(|| panic!("no PATCH of {plural}/{name}"));
+    assert!(found.next().is_none(), "{plural}/{name} patched twice");
     first
 }
 
@@ -804,11 +804,11 @@ async fn role_bindings_are_sent_only_after_their_roles_are_applied() {
     h.api.slow_writes(ROLES, Duration::from_millis(50));
     h.api.slow_writes(SERVICE_ACCOUNTS, Duration::from_millis(50));
     h.reconcile(&name).await.expect("one reconcile applies every child");
-    let requests = h.api.requests();
+    let exchanges = h.api.exchanges();
     for binding in ["public-cleanup", "public-node-agent"] {
-        let rb = apply_of(&requests, "rolebindings", binding);
+        let rb = patch_of(&exchanges, "rolebindings", binding);
         for plural in ["roles", "serviceaccounts"] {
-            let first = apply_of(&requests, plural, binding);
+            let first = patch_of(&exchanges, plural, binding);
             let done = first.done.unwrap_or_else(|| panic!("{plural}/{binding} never answered"));
             assert!(
                 done < rb.sent,
@@ -819,9 +819,9 @@ async fn role_bindings_are_sent_only_after_their_roles_are_applied() {
         assert!(h.api.get(ROLE_BINDINGS, NS, binding).is_some(), "rolebindings/{binding} not written");
         assert!(h.api.get(ROLES, NS, binding).is_some());
     }
-    let role_done = apply_of(&requests, "roles", "public-cleanup").done.unwrap();
+    let role_done = patch_of(&exchanges, "roles", "public-cleanup").done.unwrap();
     for (plural, child) in [("services", "public-proxy-dockerhub"), ("secrets", "public-htpasswd")] {
-        let sent = apply_of(&requests, plural, child).sent;
+        let sent = patch_of(&exchanges, plural, child).sent;
         assert!(sent < role_done, "{plural}/{child} waited for the Roles (sent #{sent}, Role answered #{role_done})");
     }
     assert_eq!(h.condition(&name, "Ready").reason, "ProxiesUnavailable");

@@ -12,8 +12,8 @@
 //! Like an API server whose client holds no `bind` verb, it writes a RoleBinding only when the
 //! Role it references exists (RBAC's escalation check resolves the Role), and answers NotFound
 //! otherwise. Writes to a resource can be made slow ([`FakeApi::slow_writes`]) and every request
-//! carries when it was sent and when it was answered ([`Recorded::sent`], [`Recorded::done`]),
-//! so tests can see the order of concurrent requests.
+//! is also kept with when it arrived and when it was answered ([`FakeApi::exchanges`]), so tests
+//! can see the order of concurrent requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,9 +34,16 @@ pub struct Recorded {
     pub query: String,
     pub content_type: Option<String>,
     pub body: Option<Value>,
-    /// Position of the request's arrival in the server's one sequence of arrivals and answers.
+}
+
+/// When one request arrived and when it was answered, as positions in the server's one sequence
+/// of arrivals and answers.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    pub method: String,
+    pub path: String,
     pub sent: u64,
-    /// Position of its answer in the same sequence (None while it is in flight).
+    /// None while the request is in flight.
     pub done: Option<u64>,
 }
 
@@ -69,8 +76,9 @@ struct State {
     failing: Vec<(String, u16, String, String)>,
     /// Resources whose writes take this long to answer.
     slow: Vec<(String, Duration)>,
-    /// The sequence of arrivals and answers ([`Recorded::sent`], [`Recorded::done`]).
+    /// The sequence of arrivals and answers, and every request's place in it.
     seq: u64,
+    exchanges: Vec<Exchange>,
 }
 
 #[derive(Clone, Default)]
@@ -414,7 +422,13 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clone()
     }
     pub fn clear_requests(&self) {
-        self.state.lock().unwrap().requests.clear();
+        let mut st = self.state.lock().unwrap();
+        st.requests.clear();
+        st.exchanges.clear();
+    }
+    /// When each request so far arrived and was answered.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.state.lock().unwrap().exchanges.clone()
     }
     pub fn writes(&self) -> Vec<Recorded> {
         self.requests().into_iter().filter(Recorded::is_write).collect()
@@ -514,9 +528,8 @@ impl tower::Service<Request<Body>> for FakeApi {
                     query: query.clone(),
                     content_type: ct.clone(),
                     body: body.clone(),
-                    sent,
-                    done: None,
                 });
+                st.exchanges.push(Exchange { method: method.clone(), path: path.clone(), sent, done: None });
                 let resource = parse_path(&path).map(|p| p.resource).unwrap_or_default();
                 let delay = st.slow.iter().find(|(r, _)| method != "GET" && *r == resource).map(|(_, d)| *d);
                 (sent, delay)
@@ -529,8 +542,8 @@ impl tower::Service<Request<Body>> for FakeApi {
             let response = st.handle(&method, &path, &query, ct.as_deref(), accept.as_deref(), body);
             st.seq += 1;
             let done = st.seq;
-            if let Some(r) = st.requests.iter_mut().find(|r| r.sent == sent) {
-                r.done = Some(done);
+            if let Some(e) = st.exchanges.iter_mut().find(|e| e.sent == sent) {
+                e.done = Some(done);
             }
             Ok(response)
         })
