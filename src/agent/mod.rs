@@ -222,7 +222,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<std::process::ExitCode> {
             None
         }
         (None, Some(cm)) => {
-            let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let client = crate::client::infer().await.context("connecting to the Kubernetes API")?;
             let namespace =
                 args.namespace.clone().context("POD_NAMESPACE (--namespace) is required with --config-map")?;
             tracing::info!(namespace, config_map = cm, auth_secret = ?args.auth_secret, "watching the node config");

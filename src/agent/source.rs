@@ -94,8 +94,10 @@ fn track<K>(state: &mut Option<Option<K>>, pending: &mut Option<K>, event: Event
     }
 }
 
-fn named(name: &str) -> watcher::Config {
-    watcher::Config::default().fields(&format!("metadata.name={name}"))
+/// The agent's watches (its node-config ConfigMap, its auth Secret): one object by name, ended by
+/// the server before the client's read timeout ([`crate::client`]).
+pub(crate) fn named(name: &str) -> watcher::Config {
+    crate::client::watch_config().fields(&format!("metadata.name={name}"))
 }
 
 /// Watches the ConfigMap (and the Secret, when given) and publishes changes.

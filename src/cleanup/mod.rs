@@ -70,9 +70,9 @@ pub fn main(args: CleanupArgs) -> ExitCode {
         }
     };
     let report = runtime.block_on(async {
-        match Client::try_default().await {
+        match crate::client::infer().await {
             Ok(client) => run(client, &args).await,
-            Err(e) => failed_before_start(&args, format!("no Kubernetes client: {e}")),
+            Err(e) => failed_before_start(&args, format!("no Kubernetes client: {e:#}")),
         }
     });
     let message = report.to_termination_message();

@@ -358,12 +358,12 @@ pub fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
 pub fn watch_meta<K>(
     client: &Client,
     ns: Option<&str>,
+    cfg: watcher::Config,
     writer: Writer<PartialObjectMeta<K>>,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Child,
 {
-    let cfg = watcher::Config::default().labels(&owned_selector());
     watcher(api::<PartialObjectMeta<K>>(client, ns), cfg)
         .backoff(watch_backoff())
         .modify(Compact::compact)

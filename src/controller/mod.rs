@@ -17,8 +17,9 @@
 //! releases the finalizer); cleanup Jobs (for `status.lastCleanup`, into a store too).
 //!
 //! Every watch restarts with backoff after an error, and every API request has a read timeout
-//! ([`API_READ_TIMEOUT`]), so a watch or request caught by an API server restart is dropped and
-//! made again instead of waiting forever on a dead connection.
+//! ([`crate::client::API_READ_TIMEOUT`]), so a watch or request caught by an API server restart
+//! is dropped and made again instead of waiting forever on a dead connection. Every watch is
+//! ended by the server before that timeout ([`WatchConfigs`]), so an idle one is never cut.
 
 pub mod admin;
 pub mod apply;
@@ -154,21 +155,52 @@ where
     ClientBuilder::new(service, namespace).with_layer(&count_layer(count)).build()
 }
 
-/// How long a response may go silent before the request is dropped and made again. Longer than
-/// the API server's watch bookmark interval (one minute), so a healthy idle watch never hits it.
-pub const API_READ_TIMEOUT: Duration = Duration::from_secs(75);
-
+/// A client with the read timeout of [`crate::client`] whose requests `count` sees.
 fn make_client(config: &kube::Config, count: CountFn) -> anyhow::Result<Client> {
-    let mut config = config.clone();
-    // kube sets no read timeout by default: a request sent while the API server shuts down can
-    // then hang on a half-closed connection for good.
-    if config.read_timeout.is_none() {
-        config.read_timeout = Some(API_READ_TIMEOUT);
-        // Counted from when the request was sent, not from when its pooled connection idled.
-        config.reset_reader_on_write = true;
-    }
+    let config = crate::client::with_read_timeout(config.clone());
     let builder = ClientBuilder::try_from(config).context("building the API client")?;
     Ok(builder.with_layer(&count_layer(count)).build())
+}
+
+/// Every watch the controller runs, configured in one place. Each starts from
+/// [`crate::client::watch_config`]: the API server ends it before the client's read timeout, so a
+/// watch of a kind nothing changes is not cut as dead every 75 s.
+#[derive(Clone, Debug)]
+pub struct WatchConfigs {
+    pub mirrors: watcher::Config,
+    /// Every Secret (metadata only), mapped to the mirrors that name it.
+    pub referenced_secrets: watcher::Config,
+    pub node_agents: watcher::Config,
+    /// Every owned kind, by the managed-by label.
+    pub owned: watcher::Config,
+    pub cleanup_jobs: watcher::Config,
+}
+
+impl Default for WatchConfigs {
+    fn default() -> Self {
+        let base = crate::client::watch_config;
+        Self {
+            mirrors: base(),
+            referenced_secrets: base(),
+            node_agents: base().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent")),
+            owned: base().labels(&children::owned_selector()),
+            cleanup_jobs: base().labels(&children::cleanup_jobs_selector()),
+        }
+    }
+}
+
+impl WatchConfigs {
+    /// Every config with what it watches. Destructured without `..`: a new one must be listed.
+    pub fn all(&self) -> Vec<(&'static str, &watcher::Config)> {
+        let Self { mirrors, referenced_secrets, node_agents, owned, cleanup_jobs } = self;
+        vec![
+            ("RegistryMirrors", mirrors),
+            ("referenced Secrets", referenced_secrets),
+            ("node-agent Pods", node_agents),
+            ("owned children", owned),
+            ("cleanup Jobs", cleanup_jobs),
+        ]
+    }
 }
 
 /// Fails with a clear message when the RegistryMirror CRD is not installed.
@@ -376,7 +408,8 @@ pub async fn run_controller(
         .combine(predicates::labels)
         .combine(predicates::annotations)
         .combine(deletion);
-    let mirror_stream = watcher(mirrors, watcher::Config::default())
+    let cfg = WatchConfigs::default();
+    let mirror_stream = watcher(mirrors, cfg.mirrors.clone())
         .backoff(children::watch_backoff())
         // managedFields are never read here (writes are server-side applies): not kept.
         .modify(|m: &mut RegistryMirror| m.metadata.managed_fields = None)
@@ -390,20 +423,17 @@ pub async fn run_controller(
         error!("the child stores are already fed by another controller; not starting");
         return;
     };
-    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), watcher::Config::default())
+    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), cfg.referenced_secrets.clone())
         .backoff(children::watch_backoff())
         .touched_objects();
     let secrets = log_errors("Secret (referenced)", secrets);
     let secret_store = store.clone();
-    let agents_cfg =
-        watcher::Config::default().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent"));
-    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), agents_cfg)
+    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), cfg.node_agents.clone())
         .backoff(children::watch_backoff())
         .touched_objects();
     let agents = log_errors("Pod (node agents)", agents);
-    let owned_cfg = || watcher::Config::default().labels(&children::owned_selector());
-    let jobs_cfg = watcher::Config::default().labels(&children::cleanup_jobs_selector());
-    let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, jobs_cfg, w.jobs));
+    let owned_cfg = || cfg.owned.clone();
+    let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, cfg.cleanup_jobs.clone(), w.jobs));
 
     let ready_store = store.clone();
     let ready_metrics = ctx.metrics.clone();
@@ -437,19 +467,25 @@ pub async fn run_controller(
             "DaemonSet",
             children::watch_full::<DaemonSet>(&client, ns, owned_cfg(), w.daemon_sets),
         ))
-        .owns_stream(log_errors("ConfigMap", children::watch_meta::<ConfigMap>(&client, ns, w.config_maps)))
-        .owns_stream(log_errors("Secret", children::watch_meta::<Secret>(&client, ns, w.secrets)))
-        .owns_stream(log_errors("CronJob", children::watch_meta::<CronJob>(&client, ns, w.cron_jobs)))
+        .owns_stream(log_errors(
+            "ConfigMap",
+            children::watch_meta::<ConfigMap>(&client, ns, owned_cfg(), w.config_maps),
+        ))
+        .owns_stream(log_errors("Secret", children::watch_meta::<Secret>(&client, ns, owned_cfg(), w.secrets)))
+        .owns_stream(log_errors("CronJob", children::watch_meta::<CronJob>(&client, ns, owned_cfg(), w.cron_jobs)))
         .owns_stream(log_errors(
             "PersistentVolumeClaim",
-            children::watch_meta::<PersistentVolumeClaim>(&client, ns, w.persistent_volume_claims),
+            children::watch_meta::<PersistentVolumeClaim>(&client, ns, owned_cfg(), w.persistent_volume_claims),
         ))
         .owns_stream(log_errors(
             "ServiceAccount",
-            children::watch_meta::<ServiceAccount>(&client, ns, w.service_accounts),
+            children::watch_meta::<ServiceAccount>(&client, ns, owned_cfg(), w.service_accounts),
         ))
-        .owns_stream(log_errors("Role", children::watch_meta::<Role>(&client, ns, w.roles)))
-        .owns_stream(log_errors("RoleBinding", children::watch_meta::<RoleBinding>(&client, ns, w.role_bindings)))
+        .owns_stream(log_errors("Role", children::watch_meta::<Role>(&client, ns, owned_cfg(), w.roles)))
+        .owns_stream(log_errors(
+            "RoleBinding",
+            children::watch_meta::<RoleBinding>(&client, ns, owned_cfg(), w.role_bindings),
+        ))
         .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
             let ns = secret.namespace();
             let name = secret.name_any();
