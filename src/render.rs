@@ -162,7 +162,26 @@ fn inputs_from_secrets(mirror: &RegistryMirror, secrets: &BTreeMap<String, Secre
         let secret = secrets.get(&format!("{ns}/{}", auth.users_secret_ref.name))?;
         Some(secret_strings(secret))
     });
-    Inputs { client_users, secret_versions: BTreeMap::new(), proxy_endpoints: opts.endpoints.clone() }
+    let edge_ca = edge_ca_input(mirror, |name| secrets.get(&format!("{ns}/{name}")));
+    Inputs { client_users, secret_versions: BTreeMap::new(), proxy_endpoints: opts.endpoints.clone(), edge_ca }
+}
+
+/// [`Inputs::edge_ca`]: the edge TLS Secret's `ca.crt`, only with `nodeConfig.via: Edge` (no other
+/// key of that Secret is read). `secret` looks a Secret up by name in the mirror's namespace.
+pub fn edge_ca_input<'a>(mirror: &RegistryMirror, secret: impl Fn(&str) -> Option<&'a Secret>) -> Option<String> {
+    let node = mirror.spec.node_config.as_ref()?;
+    if node.via != crate::api::NodeRoute::Edge {
+        return None;
+    }
+    let tls = mirror.spec.edge.as_ref()?.tls_secret_ref.as_ref()?;
+    let secret = secret(&tls.name)?;
+    let key = crate::build::node::EDGE_CA_KEY;
+    let value = match secret.string_data.as_ref().and_then(|d| d.get(key)) {
+        Some(v) => v.clone(),
+        None => String::from_utf8_lossy(&secret.data.as_ref()?.get(key)?.0).into_owned(),
+    };
+    // cert-manager leaves ca.crt empty when the issuer does not know its CA (ACME).
+    (!value.trim().is_empty()).then_some(value)
 }
 
 /// A Secret's `data` and `stringData` as strings (stringData wins, as in the API server).

@@ -97,6 +97,68 @@ fn containerd_pulls_docker_io_through_the_mirror_with_the_agents_hosts_toml() {
     assert!(ctrd.image_refs().contains(&"docker.io/library/agentimg:v1".to_string()));
 }
 
+/// `via: Edge` behind a private CA: the mirror serves TLS at `https://localhost:<port>` with a
+/// certificate no system bundle knows, and the node config carries the CA (the edge TLS Secret's
+/// `ca.crt`). containerd pulls through the mirror with the agent's own files: the CA file beside
+/// `hosts.toml` and the `ca` that names it. The same `hosts.toml` without that `ca` line fails on
+/// the certificate and never reaches the mirror, so it is the agent's CA that makes the pull work.
+#[test]
+fn containerd_pulls_through_a_tls_mirror_signed_by_a_private_ca_with_the_agents_ca_file() {
+    if !available() || !tools_available(&["openssl"]) {
+        return;
+    }
+    let upstream = Upstream::start();
+    let work = tempdir();
+    upstream.push(&build_test_image(work.path(), "tlsimg", 1, 32 * 1024), "v1");
+    upstream.push(&build_test_image(work.path(), "untrusted", 1, 32 * 1024), "v1");
+    let pki = work.path().join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let ca = support::datapath::fleet::test_ca_and_leaf(&pki, &["localhost".to_string()]);
+    let port = free_port();
+    let mirror = Registry::start(&format!(
+        "{}  tls:\n    certificate: {}\n    key: {}\nproxy:\n  remoteurl: {}\n",
+        registry_config(&format!("127.0.0.1:{port}"), &work.path().join("cache")),
+        pki.join("tls.crt").display(),
+        pki.join("tls.key").display(),
+        upstream.url()
+    ));
+    let url = format!("https://localhost:{port}");
+
+    let certs = tempdir();
+    let mut config = node_config_json(MIRROR, certs.path(), &[("docker.io", &url, Some(HUB))]);
+    config["edgeCA"] = json!(fs::read_to_string(&ca).unwrap());
+    // The agent's own bundle is the system's: only the node config's CA can make the probe pass.
+    let mut agent = NodeAgent::start("public", Some(&config), &[]);
+    let status =
+        agent.wait_status("configured over TLS", WAIT, |v| ready(v) || v["problems"].to_string().contains("withdrawn"));
+    assert!(ready(&status), "{status}");
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    let ca_file = certs.path().join("docker.io/mirrorfleet-edge-ca.crt");
+    let text = fs::read_to_string(&hosts).unwrap();
+    let ca_line = format!("  ca = \"{}\"\n", ca_file.display());
+    assert!(text.contains(&ca_line), "{text}");
+
+    let ctrd = Containerd::start();
+    let out = ctrd.pull("docker.io/library/tlsimg:v1", certs.path(), &[]);
+    assert!(out.status.success(), "{}\nhosts.toml:\n{text}", describe_output(&out));
+    assert!(
+        mirror.wait_log("GET /v2/library/tlsimg/manifests/sha256:", Duration::from_secs(10)),
+        "the pull did not go through the TLS mirror:\n{}",
+        mirror.log()
+    );
+    assert!(ctrd.image_refs().contains(&"docker.io/library/tlsimg:v1".to_string()));
+
+    // Control: the agent's hosts.toml without the `ca` line. containerd rejects the mirror's
+    // certificate, the fallback (registry-1.docker.io) is unreachable here, the pull fails.
+    let without_ca = tempdir();
+    write_hosts_toml(without_ca.path(), "docker.io", &text.replace(&ca_line, ""));
+    let out = ctrd.pull("docker.io/library/untrusted:v1", without_ca.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pulled without trusting the CA:\n{}", describe_output(&out));
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert_eq!(manifest_requests(&mirror.log(), "untrusted"), 0, "{}", mirror.log());
+}
+
 #[test]
 fn client_auth_header_is_written_0600_only_once_the_secret_is_there_and_the_mirror_accepts_it() {
     if !available() || !tools_available(&["htpasswd"]) {

@@ -12,8 +12,14 @@
 //!    mirror-only (air-gapped) entries are never withdrawn: there is nothing to fall back to;
 //! 5. otherwise the file is written if its bytes or mode differ.
 //!
-//! Afterwards every `certs.d/*/hosts.toml` carrying this mirror's marker that the config no
-//! longer lists is removed (stale after a config change or a restart).
+//! With an edge CA in the config (`via: Edge`), each entry is two files: the CA
+//! (`mirrorfleet-edge-ca.crt`, marked like the rest) and the `hosts.toml` naming it as the
+//! mirror's `ca`. The CA is written before the `hosts.toml` that needs it and removed after it,
+//! so containerd never reads a `ca` path that is not there (it would fail the pull, not skip the
+//! mirror); a CA file that is not ours is a conflict like a foreign `hosts.toml`.
+//!
+//! Afterwards every `certs.d/*/hosts.toml` (and edge CA) carrying this mirror's marker that the
+//! config no longer lists is removed (stale after a config change or a restart).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -25,7 +31,9 @@ use super::containerd::{self, ConfigPathCheck};
 use super::files::{self, Owner, Removal};
 use super::probe::Health;
 use super::{crio, docker};
-use crate::build::node::{hosts_toml, NodeConfig, NodeRegistry};
+use crate::build::node::{
+    edge_ca_certificates, edge_ca_file, edge_ca_path, hosts_toml_with_ca, NodeConfig, NodeRegistry, EDGE_CA_FILE,
+};
 
 /// What this pass did to one registry's entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -179,7 +187,9 @@ fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
         }
     }
     let mode = if header.is_some() { files::MODE_SECRET } else { files::MODE_PUBLIC };
-    Want::File { content: hosts_toml(&inputs.config.mirror, entry, header), mode }
+    let config = inputs.config;
+    let ca_path = config.edge_ca.as_ref().map(|_| edge_ca_path(&config.containerd.certs_dir, &entry.registry));
+    Want::File { content: hosts_toml_with_ca(&config.mirror, entry, header, ca_path.as_deref()), mode }
 }
 
 /// The healthy-enough entries other runtimes should route to their mirror: with a fallback only
@@ -204,13 +214,19 @@ pub fn apply(inputs: &Inputs) -> Report {
     };
     let certs = Path::new(&config.containerd.certs_dir);
     let mut listed = BTreeSet::new();
+    // The controller only sends certificates; anything else would make containerd fail every
+    // pull of the registry rather than skip the mirror, so it is never written.
+    let ca_error = config.edge_ca.as_deref().and_then(|pem| edge_ca_certificates(pem).err());
     if !config.removing {
         if let Err(e) = fs::create_dir_all(certs) {
             report.errors.push(format!("creating {}: {e}", certs.display()));
         }
         for entry in &config.registries {
             let health = inputs.health.get(&entry.mirror).cloned().unwrap_or(Health::Unknown);
-            let state = apply_entry(inputs, certs, entry, &health);
+            let state = match &ca_error {
+                Some(why) => EntryState::Failed { error: format!("the node config's edge CA {why}; nothing written") },
+                None => apply_entry(inputs, certs, entry, &health),
+            };
             if files::safe_component(&entry.registry) {
                 listed.insert(entry.registry.clone());
             }
@@ -260,12 +276,32 @@ fn apply_entry(inputs: &Inputs, certs: &Path, entry: &NodeRegistry, health: &Hea
         }
         Ok(Owner::Us | Owner::Absent) => {}
     }
+    let ca_path = dir.join(EDGE_CA_FILE);
+    // The edge CA file we want there, if any.
+    let ca_content = inputs.config.edge_ca.as_ref().map(|bundle| edge_ca_file(mirror_ref, bundle));
+    let ca_ours = match files::owner_of(&ca_path, mirror_ref) {
+        Err(e) => return EntryState::Failed { error: format!("reading {}: {e}", ca_path.display()) },
+        Ok(Owner::Us) => true,
+        Ok(Owner::Absent) => false,
+        // Someone else's file under our name: in the way only when we need to write a CA.
+        Ok(Owner::Foreign(why)) if ca_content.is_some() => {
+            return EntryState::Conflict {
+                reason: format!("{} was not written by mirrorfleet ({why}); left untouched", ca_path.display()),
+            }
+        }
+        Ok(Owner::OtherMirror(other)) if ca_content.is_some() => {
+            return EntryState::Conflict {
+                reason: format!("{} belongs to RegistryMirror {other}; left untouched", ca_path.display()),
+            }
+        }
+        Ok(_) => false,
+    };
     if let Err(e) = files::remove_stale_temp_files(&dir, mirror_ref) {
         return EntryState::Failed { error: format!("cleaning temp files in {}: {e}", dir.display()) };
     }
     match want_for(inputs, entry, health) {
         Want::Keep { reason } => EntryState::Pending { reason },
-        Want::Absent { reason } => match files::remove_if_ours(&path, mirror_ref, true) {
+        Want::Absent { reason } => match remove_entry(&dir, mirror_ref) {
             Ok(Removal::Removed | Removal::Absent) => EntryState::Withdrawn { reason },
             // Lost a race with someone writing the file between our checks.
             Ok(Removal::Kept(_)) => {
@@ -274,16 +310,53 @@ fn apply_entry(inputs: &Inputs, certs: &Path, entry: &NodeRegistry, health: &Hea
             Err(e) => EntryState::Failed { error: format!("removing {}: {e}", path.display()) },
         },
         Want::File { content, mode } => {
-            if files::is_current(&path, content.as_bytes(), mode) {
+            let ca_current = match &ca_content {
+                Some(ca) => files::is_current(&ca_path, ca.as_bytes(), files::MODE_PUBLIC),
+                None => !ca_ours,
+            };
+            if ca_current && files::is_current(&path, content.as_bytes(), mode) {
                 return EntryState::Unchanged;
             }
-            let result = fs::create_dir_all(&dir).and_then(|()| files::write_atomic(&path, content.as_bytes(), mode));
+            // The CA first: the hosts.toml that names it must never be there without it.
+            let result = fs::create_dir_all(&dir)
+                .and_then(|()| match &ca_content {
+                    Some(ca) if !ca_current => files::write_atomic(&ca_path, ca.as_bytes(), files::MODE_PUBLIC),
+                    _ => Ok(()),
+                })
+                .and_then(|()| {
+                    if files::is_current(&path, content.as_bytes(), mode) {
+                        Ok(())
+                    } else {
+                        files::write_atomic(&path, content.as_bytes(), mode)
+                    }
+                })
+                // A CA the config no longer carries goes once no hosts.toml names it.
+                .and_then(|()| match (&ca_content, ca_ours) {
+                    (None, true) => files::remove_if_ours(&ca_path, mirror_ref, false).map(drop),
+                    _ => Ok(()),
+                });
             match result {
                 Ok(()) => EntryState::Written,
                 Err(e) => EntryState::Failed { error: format!("writing {}: {e}", path.display()) },
             }
         }
     }
+}
+
+/// Removes our `hosts.toml` in `dir`, then our edge CA (never before the file that names it),
+/// then `dir` itself if that left it empty (a `certs.d/<registry>` dir the agent created; anything
+/// else living there, an admin's `ca.crt`, keeps it). Returns what became of the `hosts.toml`.
+fn remove_entry(dir: &Path, mirror_ref: &str) -> std::io::Result<Removal> {
+    let hosts = files::remove_if_ours(&dir.join("hosts.toml"), mirror_ref, false)?;
+    if matches!(hosts, Removal::Kept(_)) {
+        // Someone else's hosts.toml may name the CA file; leave both.
+        return Ok(hosts);
+    }
+    let ca = files::remove_if_ours(&dir.join(EDGE_CA_FILE), mirror_ref, false)?;
+    if hosts == Removal::Removed || ca == Removal::Removed {
+        let _ = fs::remove_dir(dir);
+    }
+    Ok(hosts)
 }
 
 /// Removes this mirror's `hosts.toml` from every `certs.d` subdirectory not in `listed`.
@@ -305,7 +378,7 @@ fn remove_unlisted(certs: &Path, mirror_ref: &str, listed: &BTreeSet<String>, re
         if let Err(e) = files::remove_stale_temp_files(&entry.path(), mirror_ref) {
             report.errors.push(format!("cleaning temp files in {}: {e}", entry.path().display()));
         }
-        match files::remove_if_ours(&path, mirror_ref, true) {
+        match remove_entry(&entry.path(), mirror_ref) {
             Ok(Removal::Removed) => {
                 if report.removing {
                     report.registries.push(RegistryOutcome {
@@ -327,7 +400,7 @@ fn remove_unlisted(certs: &Path, mirror_ref: &str, listed: &BTreeSet<String>, re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::node::ContainerdConfig;
+    use crate::build::node::{edge_ca_file, hosts_toml, ContainerdConfig, TEST_CA_PEM};
     use std::os::unix::fs::PermissionsExt;
 
     const ME: &str = "mirrors/public";
@@ -354,6 +427,7 @@ mod tests {
             removing: false,
             crio: None,
             docker: None,
+            edge_ca: None,
         }
     }
 
@@ -484,6 +558,105 @@ mod tests {
         let removed: Vec<&str> = r.registries.iter().map(|o| o.registry.as_str()).collect();
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0, "nothing of ours left");
+    }
+
+    /// `config` with https edge mirrors and the test CA, as the controller sends it for `via: Edge`.
+    fn edge_config(certs: &Path, fallback: bool) -> NodeConfig {
+        let mut cfg = config(certs, fallback);
+        for (e, host) in cfg.registries.iter_mut().zip(["https://hub.mirror.test", "https://ghcr.mirror.test"]) {
+            e.mirror = host.into();
+        }
+        cfg.edge_ca = Some(TEST_CA_PEM.into());
+        cfg
+    }
+
+    fn edge_health(h: Health) -> BTreeMap<String, Health> {
+        ["https://hub.mirror.test", "https://ghcr.mirror.test"].iter().map(|e| (e.to_string(), h.clone())).collect()
+    }
+
+    #[test]
+    fn the_edge_ca_is_written_beside_hosts_toml_and_named_as_the_mirrors_ca() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = edge_config(d.path(), true);
+        let r = run(&cfg, None, &edge_health(Health::Up));
+        assert!(r.applied() && r.problems().is_empty(), "{r:?}");
+        let ca = d.path().join("docker.io/mirrorfleet-edge-ca.crt");
+        assert_eq!(fs::read_to_string(&ca).unwrap(), edge_ca_file(ME, TEST_CA_PEM));
+        assert_eq!(files::owner_of(&ca, ME).unwrap(), Owner::Us);
+        assert_eq!(fs::metadata(&ca).unwrap().permissions().mode() & 0o777, 0o644);
+        let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+        let doc: toml::Table = text.parse().unwrap();
+        assert_eq!(doc["host"]["https://hub.mirror.test"]["ca"].as_str(), Some(ca.to_str().unwrap()), "{text}");
+        let r = run(&cfg, None, &edge_health(Health::Up));
+        assert!(r.registries.iter().all(|o| o.state == EntryState::Unchanged), "{r:?}");
+
+        // A CA rotation rewrites the CA file; the hosts.toml is already right.
+        let mut rotated = cfg.clone();
+        rotated.edge_ca = Some(format!("{TEST_CA_PEM}{TEST_CA_PEM}"));
+        let r = run(&rotated, None, &edge_health(Health::Up));
+        assert!(r.registries.iter().all(|o| o.state == EntryState::Written), "{r:?}");
+        assert_eq!(fs::read_to_string(&ca).unwrap(), edge_ca_file(ME, &format!("{TEST_CA_PEM}{TEST_CA_PEM}")));
+
+        // The config stops carrying a CA (the key left the Secret): hosts.toml first, then the CA.
+        let mut plain = cfg.clone();
+        plain.edge_ca = None;
+        run(&plain, None, &edge_health(Health::Up));
+        assert!(!ca.exists());
+        assert!(!fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap().contains("ca ="));
+    }
+
+    #[test]
+    fn the_edge_ca_goes_with_its_hosts_toml_on_withdrawal_staleness_and_removal() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = edge_config(d.path(), true);
+        run(&cfg, None, &edge_health(Health::Up));
+        let r = run(&cfg, None, &edge_health(Health::Down { reason: "refused".into() }));
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })), "{r:?}");
+        assert!(!d.path().join("docker.io").exists(), "hosts.toml, CA and the directory we created are gone");
+        run(&cfg, None, &edge_health(Health::Up));
+        assert!(d.path().join("ghcr.io/mirrorfleet-edge-ca.crt").exists());
+        // An admin's file in the same directory keeps it (and is never touched).
+        fs::write(d.path().join("docker.io/ca.crt"), "admin's").unwrap();
+        cfg.registries.pop();
+        let r = run(&cfg, None, &edge_health(Health::Up));
+        assert_eq!(r.removed_stale, vec!["ghcr.io".to_string()]);
+        assert!(!d.path().join("ghcr.io").exists());
+        cfg.removing = true;
+        run(&cfg, None, &BTreeMap::new());
+        let left: Vec<_> = fs::read_dir(d.path().join("docker.io")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["ca.crt"]);
+    }
+
+    #[test]
+    fn a_foreign_file_under_the_ca_name_is_a_conflict_and_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = edge_config(d.path(), true);
+        fs::create_dir_all(d.path().join("docker.io")).unwrap();
+        let foreign = d.path().join("docker.io/mirrorfleet-edge-ca.crt");
+        fs::write(&foreign, "someone's PEM\n").unwrap();
+        let r = run(&cfg, None, &edge_health(Health::Up));
+        assert!(matches!(r.registries[0].state, EntryState::Conflict { .. }), "{r:?}");
+        assert_eq!(r.registries[1].state, EntryState::Written);
+        assert!(!d.path().join("docker.io/hosts.toml").exists(), "no hosts.toml naming a CA we did not write");
+        // Without a CA in the config the file is not in our way, and still not ours to touch.
+        let mut plain = cfg.clone();
+        plain.edge_ca = None;
+        let r = run(&plain, None, &edge_health(Health::Up));
+        assert_eq!(r.registries[0].state, EntryState::Written, "{r:?}");
+        plain.removing = true;
+        run(&plain, None, &BTreeMap::new());
+        assert_eq!(fs::read_to_string(&foreign).unwrap(), "someone's PEM\n");
+    }
+
+    #[test]
+    fn an_edge_ca_that_is_no_certificate_is_never_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = edge_config(d.path(), true);
+        cfg.edge_ca = Some("not a certificate".into());
+        let r = run(&cfg, None, &edge_health(Health::Up));
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Failed { .. })), "{r:?}");
+        assert!(!r.applied());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -36,10 +36,7 @@ pub fn set_abort_before_rename(on: bool) {
     ABORT_BEFORE_RENAME.store(on, Ordering::SeqCst);
 }
 
-/// The first line of every file the agent owns.
-pub fn marker_line(mirror_ref: &str) -> String {
-    format!("{MANAGED_MARKER} (RegistryMirror {mirror_ref}); this file is rewritten and removed by mirrorfleet.")
-}
+pub use crate::build::node::marker_line;
 
 /// Who a file belongs to, judged by its first line only.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -312,7 +312,9 @@ impl Agent {
             self.finish(desired, None, vec![problem], None, false).await;
             return None;
         }
-        self.prober.set_endpoints(config.registries.iter().filter(|_| !config.removing).map(|r| r.mirror.as_str()));
+        let edge_ca = config.edge_ca.as_deref();
+        self.prober
+            .set_endpoints(config.registries.iter().filter(|_| !config.removing).map(|r| (r.mirror.as_str(), edge_ca)));
         if self.args.once && !config.removing && config.registries.iter().any(|r| !health.contains_key(&r.mirror)) {
             return None;
         }

@@ -7,6 +7,10 @@
 //! lost packet does not withdraw a working mirror and one lucky answer does not restore a flapping
 //! one. The first result decides at once: a restarted agent should not wait to confirm what the
 //! files already say.
+//!
+//! https mirrors are verified against the agent's CA bundle (the image's, or `SSL_CERT_FILE`) plus,
+//! for `via: Edge`, the edge CA the node config carries: the same CA the agent names in the
+//! mirror's `hosts.toml`, so the probe trusts exactly what containerd will.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,6 +23,8 @@ use hyper_util::client::legacy::Client;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::build::node::edge_ca_certificates;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "camelCase")]
@@ -117,40 +123,51 @@ impl Tracker {
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
+/// A probe client, or why there cannot be one (an edge CA that does not parse).
+type ClientResult = Result<HttpsClient, String>;
+
 /// Dials each mirror endpoint on its own schedule and publishes every endpoint's health.
 pub struct Prober {
     settings: ProbeSettings,
-    client: HttpsClient,
-    tasks: BTreeMap<String, JoinHandle<()>>,
+    /// One client per extra CA (`None`: the agent's own bundle only).
+    clients: BTreeMap<Option<String>, ClientResult>,
+    /// Per endpoint: the extra CA its task probes with, and the task.
+    tasks: BTreeMap<String, (Option<String>, JoinHandle<()>)>,
     health: watch::Sender<BTreeMap<String, Health>>,
 }
 
-fn client(settings: &ProbeSettings) -> HttpsClient {
+/// A client trusting the agent's CA bundle and, when given, the certificates of `extra_ca`.
+fn client(settings: &ProbeSettings, extra_ca: Option<&str>) -> ClientResult {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(settings.timeout));
     http.set_nodelay(true);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let tls = match builder.with_provider_and_native_roots(provider.clone()) {
-        Ok(b) => b,
-        Err(e) => {
-            // Without a CA bundle in the image, https mirrors probe as Down (unknown issuer),
-            // which withdraws them: loud in the log rather than silently trusted.
-            tracing::warn!(error = %e, "no CA certificates found; https mirrors will fail their probes");
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(pem) = extra_ca {
+        for cert in edge_ca_certificates(pem).map_err(|e| format!("the edge CA in the node config {e}"))? {
+            roots.add(cert).map_err(|e| format!("the edge CA in the node config: {e}"))?;
         }
-    };
-    let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
+    }
+    if roots.is_empty() {
+        // Without a CA bundle in the image, https mirrors probe as Down (unknown issuer), which
+        // withdraws them: loud in the log rather than silently trusted.
+        tracing::warn!("no CA certificates found; https mirrors will fail their probes");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(hyper_util::rt::TokioExecutor::new())
         // A pooled connection would outlive the mirror pod it was dialed to.
         .pool_max_idle_per_host(0)
-        .build(connector)
+        .build(connector))
 }
 
 /// `GET <endpoint>/v2/`: Ok when it answers 200 or 401 within `timeout`.
@@ -185,34 +202,43 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 impl Prober {
     pub fn new(settings: ProbeSettings) -> (Self, watch::Receiver<BTreeMap<String, Health>>) {
         let (tx, rx) = watch::channel(BTreeMap::new());
-        (Self { client: client(&settings), settings, tasks: BTreeMap::new(), health: tx }, rx)
+        (Self { clients: BTreeMap::new(), settings, tasks: BTreeMap::new(), health: tx }, rx)
     }
 
-    /// Probes exactly `endpoints` from now on: new ones start at once, dropped ones stop.
-    pub fn set_endpoints<'a>(&mut self, endpoints: impl IntoIterator<Item = &'a str>) {
-        let wanted: std::collections::BTreeSet<String> = endpoints.into_iter().map(str::to_string).collect();
-        self.tasks.retain(|endpoint, task| {
-            let keep = wanted.contains(endpoint);
+    /// Probes exactly `endpoints` from now on, each trusting its extra CA (PEM) besides the agent's
+    /// bundle: new ones start at once, dropped ones stop, one whose CA changed starts over (its
+    /// last health stands until the new first probe decides).
+    pub fn set_endpoints<'a>(&mut self, endpoints: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) {
+        let wanted: BTreeMap<String, Option<String>> =
+            endpoints.into_iter().map(|(e, ca)| (e.to_string(), ca.map(str::to_string))).collect();
+        self.tasks.retain(|endpoint, (ca, task)| {
+            let keep = wanted.get(endpoint) == Some(ca);
             if !keep {
                 task.abort();
             }
             keep
         });
+        self.clients.retain(|ca, _| wanted.values().any(|w| w == ca));
         self.health.send_if_modified(|h| {
             let before = h.len();
-            h.retain(|e, _| wanted.contains(e));
+            h.retain(|e, _| wanted.contains_key(e));
             before != h.len()
         });
-        for endpoint in wanted {
+        for (endpoint, ca) in wanted {
             if self.tasks.contains_key(&endpoint) {
                 continue;
             }
-            let (client, settings, tx) = (self.client.clone(), self.settings, self.health.clone());
+            let settings = self.settings;
+            let client = self.clients.entry(ca.clone()).or_insert_with(|| client(&settings, ca.as_deref())).clone();
+            let tx = self.health.clone();
             let e = endpoint.clone();
             let task = tokio::spawn(async move {
                 let mut tracker = Tracker::default();
                 loop {
-                    let result = probe_once(&client, &e, settings.timeout).await;
+                    let result = match &client {
+                        Ok(client) => probe_once(client, &e, settings.timeout).await,
+                        Err(why) => Err(why.clone()),
+                    };
                     if let Err(reason) = &result {
                         tracing::debug!(endpoint = %e, %reason, "probe failed");
                     }
@@ -230,14 +256,14 @@ impl Prober {
                     tokio::time::sleep(settings.next_delay()).await;
                 }
             });
-            self.tasks.insert(endpoint, task);
+            self.tasks.insert(endpoint, (ca, task));
         }
     }
 }
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        for task in self.tasks.values() {
+        for (_, task) in self.tasks.values() {
             task.abort();
         }
     }
@@ -307,7 +333,7 @@ mod tests {
             format!("http://{addr}")
         }
         let settings = ProbeSettings::default();
-        let c = client(&settings);
+        let c = client(&settings, None).unwrap();
         assert_eq!(probe_once(&c, &serve("401 Unauthorized").await, settings.timeout).await, Ok(()));
         assert_eq!(probe_once(&c, &serve("200 OK").await, settings.timeout).await, Ok(()));
         assert!(probe_once(&c, &serve("404 Not Found").await, settings.timeout).await.is_err());
@@ -323,7 +349,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let settings = ProbeSettings { timeout: Duration::from_millis(300), ..Default::default() };
         let started = std::time::Instant::now();
-        let r = probe_once(&client(&settings), &format!("http://{addr}"), settings.timeout).await;
+        let r = probe_once(&client(&settings, None).unwrap(), &format!("http://{addr}"), settings.timeout).await;
         assert!(r.unwrap_err().contains("no answer"));
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(l);

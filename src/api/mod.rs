@@ -365,7 +365,9 @@ pub struct EdgeSpec {
     #[schemars(regex(pattern = HOST_NAME))]
     pub domain: String,
     /// kubernetes.io/tls Secret with the certificate for the edge hosts. Without it the edge
-    /// serves plain HTTP only.
+    /// serves plain HTTP only. With `nodeConfig.via: Edge`, its optional `ca.crt` (cert-manager's
+    /// key for the issuing CA) is the CA the nodes trust for the edge hosts, on top of their own:
+    /// certificates only are passed on, never `tls.key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_ref: Option<SecretRef>,
     /// Redirect plain HTTP to HTTPS; defaults to true when TLS is configured.
@@ -572,7 +574,8 @@ pub enum NodeRoute {
     /// `http://<cluster IP>:5000` of each proxy Service (nodes have no cluster DNS).
     #[default]
     Service,
-    /// `https://<edge host>` (needs edge with TLS and node-resolvable DNS for the hosts).
+    /// `https://<edge host>` (needs edge with TLS and node-resolvable DNS for the hosts). A
+    /// private CA reaches the nodes as the edge TLS Secret's `ca.crt`.
     Edge,
 }
 

@@ -49,6 +49,9 @@ pub struct Inputs {
     pub secret_versions: BTreeMap<String, String>,
     /// Upstream name -> `http://<cluster IP>:5000` of its proxy Service.
     pub proxy_endpoints: BTreeMap<String, String>,
+    /// The `ca.crt` of the edge TLS Secret as it is there, read only for `nodeConfig.via: Edge`:
+    /// the CA nodes then trust for the edge hosts. A certificate, not a credential.
+    pub edge_ca: Option<String>,
 }
 
 /// Every child object of one RegistryMirror. The apply step destructures this without `..`, so
@@ -115,6 +118,20 @@ pub fn validate_inputs(mirror: &RegistryMirror, inputs: &Inputs) -> Result<(), I
                     }
                 }
             }
+        }
+    }
+    let via_edge = mirror.spec.node_config.as_ref().is_some_and(|n| n.via == crate::api::NodeRoute::Edge);
+    let tls = mirror.spec.edge.as_ref().and_then(|e| e.tls_secret_ref.as_ref());
+    if let (true, Some(pem), Some(tls)) = (via_edge, &inputs.edge_ca, tls) {
+        if let Err(why) = node::edge_ca_bundle(pem) {
+            problems.push(Problem {
+                path: "spec.edge.tlsSecretRef".into(),
+                message: format!(
+                    "key {:?} of Secret {:?} {why}; nodes would be told to trust it (remove the key or fix it)",
+                    node::EDGE_CA_KEY,
+                    tls.name
+                ),
+            });
         }
     }
     if problems.is_empty() {
@@ -216,9 +233,14 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         c.role_bindings.push(rbac::role_binding(mirror, name, Component::NodeAgent));
         c.daemon_sets.push(node::node_agent_daemon_set(mirror, node, settings));
         for entry in &config.registries {
+            let dir = format!("nodes/containerd/certs.d/{}", entry.registry);
+            let ca_file = config.edge_ca.as_ref().map(|bundle| {
+                files.insert(format!("{dir}/{}", node::EDGE_CA_FILE), node::edge_ca_file(&config.mirror, bundle));
+                node::edge_ca_path(&config.containerd.certs_dir, &entry.registry)
+            });
             files.insert(
-                format!("nodes/containerd/certs.d/{}/hosts.toml", entry.registry),
-                node::hosts_toml(&config.mirror, entry, None),
+                format!("{dir}/hosts.toml"),
+                node::hosts_toml_with_ca(&config.mirror, entry, None, ca_file.as_deref()),
             );
         }
     }

@@ -2,8 +2,14 @@
 //! node-config ConfigMap, and the node-agent DaemonSet that writes them on every selected node.
 //!
 //! The ConfigMap holds structured data, not finished files: the agent renders each file with
-//! [`hosts_toml`] so it can add the Authorization header from its Secret (credentials never sit in
-//! a ConfigMap) and withdraw entries whose mirror is unreachable.
+//! [`hosts_toml_with_ca`] so it can add the Authorization header from its Secret (credentials never
+//! sit in a ConfigMap) and withdraw entries whose mirror is unreachable.
+//!
+//! With `via: Edge`, the `ca.crt` of the edge TLS Secret (cert-manager's key for the issuing CA),
+//! when there is one, travels in the ConfigMap too: certificates only ([`edge_ca_bundle`]), never
+//! `tls.key`. The agent writes it next to each `hosts.toml` ([`EDGE_CA_FILE`]) and names it as the
+//! mirror host's `ca`, so containerd trusts that CA for the edge hosts only, on top of the node's
+//! own CAs; the agent's probe trusts it the same way.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,6 +39,10 @@ pub const STATUS_DIR: &str = "/run/mirrorfleet";
 pub const BINARY: &str = "/usr/local/bin/mirrorfleet";
 /// Where the agent sees the directory of containerd's config file (read-only).
 pub const CONTAINERD_CONFIG_MOUNT: &str = "/host/containerd";
+/// The key of the edge TLS Secret that holds the issuing CA (cert-manager's convention).
+pub const EDGE_CA_KEY: &str = "ca.crt";
+/// The file the agent writes the edge CA to, next to `hosts.toml` in `<certsDir>/<registry>/`.
+pub const EDGE_CA_FILE: &str = "mirrorfleet-edge-ca.crt";
 /// Annotation each agent puts on its own Pod: the [`node_config_checksum`] of the node config it
 /// has written to disk. The controller compares it with the ConfigMap's to know which nodes are
 /// done (needed before the finalizer is released).
@@ -64,6 +74,11 @@ pub struct NodeConfig {
     /// Docker daemon.json, when enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerConfig>,
+    /// PEM certificates the nodes trust for the mirrors (`via: Edge` with a `ca.crt` in the edge
+    /// TLS Secret): the agent writes them to [`EDGE_CA_FILE`] beside each `hosts.toml`, names that
+    /// file as the mirror host's `ca`, and probes the mirrors with them.
+    #[serde(default, rename = "edgeCA", skip_serializing_if = "Option::is_none")]
+    pub edge_ca: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -168,25 +183,100 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
         removing: false,
         crio: node.crio.as_ref().map(|c| CrioConfig { drop_in_dir: c.drop_in_dir.clone() }),
         docker: node.docker.as_ref().map(|d| DockerConfig { daemon_json: d.daemon_json.clone() }),
+        // Only the edge hosts are signed by the edge's CA. A ca.crt that holds no certificate is
+        // refused before this (validate_inputs).
+        edge_ca: match node.via {
+            NodeRoute::Edge => inputs.edge_ca.as_deref().and_then(|pem| edge_ca_bundle(pem).ok()),
+            NodeRoute::Service => None,
+        },
     }
+}
+
+/// The certificates in `pem` (the edge Secret's `ca.crt`), each checked to parse as a trust
+/// anchor and written out again as PEM. Only `CERTIFICATE` blocks are ever copied, so nothing
+/// else that sits in the key (a private key pasted by mistake) reaches a ConfigMap or a node.
+pub fn edge_ca_bundle(pem: &str) -> Result<String, String> {
+    use base64::Engine;
+    let certs = edge_ca_certificates(pem)?;
+    let mut out = String::new();
+    for cert in &certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    Ok(out)
+}
+
+/// The certificates of a PEM bundle; an error when there is none or one does not parse.
+pub fn edge_ca_certificates(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| format!("certificate {} does not parse: {e}", i + 1))?;
+    }
+    Ok(certs)
+}
+
+/// Where the agent writes the edge CA for `registry` (a host path: the agent mounts `certsDir` at
+/// the same path).
+pub fn edge_ca_path(certs_dir: &str, registry: &str) -> String {
+    Path::new(certs_dir).join(registry).join(EDGE_CA_FILE).display().to_string()
+}
+
+/// The first line of every file the agent owns.
+pub fn marker_line(mirror_ref: &str) -> String {
+    format!("{MANAGED_MARKER} (RegistryMirror {mirror_ref}); this file is rewritten and removed by mirrorfleet.")
+}
+
+/// The edge CA file: the ownership marker as a comment line, then the PEM bundle (PEM readers,
+/// containerd's and openssl's included, skip text outside the BEGIN/END lines).
+pub fn edge_ca_file(mirror_ref: &str, bundle: &str) -> String {
+    format!("{}\n{bundle}", marker_line(mirror_ref))
 }
 
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// [`hosts_toml_with_ca`] for a mirror the node's own CAs verify (or a plain-HTTP one).
+pub fn hosts_toml(mirror_ref: &str, entry: &NodeRegistry, authorization: Option<&str>) -> String {
+    hosts_toml_with_ca(mirror_ref, entry, authorization, None)
+}
+
 /// The containerd `hosts.toml` for one registry. With a fallback, the mirror is a `[host]` tried
 /// first and `server` is the real registry. Mirror-only makes the mirror the `server` as well, so
 /// containerd has nothing else to try. Either way there is a `[host]` table: containerd 1.6
 /// ignores a hosts.toml without one (logging only an error) and silently pulls upstream.
-pub fn hosts_toml(mirror_ref: &str, entry: &NodeRegistry, authorization: Option<&str>) -> String {
+///
+/// `ca_file` (the edge CA, [`edge_ca_path`]) is the mirror host's `ca`: containerd adds it to the
+/// system pool for that host only. Mirror-only, the `server` is the mirror too and gets it as well.
+pub fn hosts_toml_with_ca(
+    mirror_ref: &str,
+    entry: &NodeRegistry,
+    authorization: Option<&str>,
+    ca_file: Option<&str>,
+) -> String {
     let server = entry.fallback.as_deref().unwrap_or(&entry.mirror);
     let host = format!("host.{}", toml_str(&entry.mirror));
-    let mut out = format!(
-        "{MANAGED_MARKER} (RegistryMirror {mirror_ref}); this file is rewritten and removed by mirrorfleet.\n\
-         server = {}\n\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n",
-        toml_str(server)
-    );
+    let mut out = format!("{}\nserver = {}\n", marker_line(mirror_ref), toml_str(server));
+    let ca = ca_file.map(|f| format!("ca = {}\n", toml_str(f)));
+    if let (Some(ca), None) = (&ca, &entry.fallback) {
+        out.push_str(ca);
+    }
+    out.push_str(&format!("\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n"));
+    if let Some(ca) = &ca {
+        out.push_str(&format!("  {ca}"));
+    }
     if let Some(a) = authorization {
         out.push_str(&format!("\n[{host}.header]\n  Authorization = {}\n", toml_str(a)));
     }
@@ -373,6 +463,22 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
     }
 }
 
+/// A CA certificate for unit tests (public part only; its key was thrown away).
+#[cfg(test)]
+pub(crate) const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBrjCCAVOgAwIBAgIURP2fMDZ8+DAcCS4RRNMIzEFda1gwCgYIKoZIzj0EAwIw
+IzEhMB8GA1UEAwwYbWlycm9yZmxlZXQgdW5pdC10ZXN0IENBMCAXDTI2MTIwMjA3
+NTcyOVoYDzIxMjYxMTA4MDc1NzI5WjAjMSEwHwYDVQQDDBhtaXJyb3JmbGVldCB1
+bml0LXRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAARfd4bOic6r36p7
+SCdNMGkeB3gEobb1i/7rLcjDheoPjUi4wtLFzYtE1Ev1D7w7Xq505wG8FfW+CvJY
+QXZNJjgRo2MwYTAdBgNVHQ4EFgQU0gAcTnYk4uTdIpEYyvFgWrswi0QwHwYDVR0j
+BBgwFoAU0gAcTnYk4uTdIpEYyvFgWrswi0QwDwYDVR0TAQH/BAUwAwEB/zAOBgNV
+HQ8BAf8EBAMCAgQwCgYIKoZIzj0EAwIDSQAwRgIhAJk7E6LROw2cTYKVMJ58AQRC
+RWR+yxVTNoGE0I1RSBzvAiEA03kOmzGp4Q/9Vn0aFPlHMEFRq5J3GtXbXmoRgAcY
+pok=
+-----END CERTIFICATE-----
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,5 +542,116 @@ mod tests {
             "{fallbackToUpstream: false}",
         );
         assert_eq!(config(&air_gapped).registries[0].fallback, None);
+    }
+
+    fn edge_mirror(node_config: &str) -> RegistryMirror {
+        serde_yaml::from_str(&format!(
+            "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: m, namespace: ns}}\n\
+             spec:\n  upstreams: [{{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}}]\n  \
+             edge: {{domain: mirror.example.com, tlsSecretRef: {{name: edge-tls}}}}\n  nodeConfig: {node_config}\n"
+        ))
+        .unwrap()
+    }
+
+    fn entry(fallback: Option<&str>) -> NodeRegistry {
+        NodeRegistry {
+            registry: "docker.io".into(),
+            upstream: "hub".into(),
+            mirror: "https://hub.mirror.example.com".into(),
+            fallback: fallback.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn hosts_toml_names_the_edge_ca_for_the_mirror_host_only() {
+        let ca = edge_ca_path("/etc/containerd/certs.d", "docker.io");
+        assert_eq!(ca, "/etc/containerd/certs.d/docker.io/mirrorfleet-edge-ca.crt");
+        let text = hosts_toml_with_ca("ns/m", &entry(Some("https://registry-1.docker.io")), Some("Basic x"), Some(&ca));
+        let doc: toml::Table = text.parse().unwrap();
+        let host = &doc["host"]["https://hub.mirror.example.com"];
+        assert_eq!(host["ca"].as_str(), Some(ca.as_str()), "{text}");
+        assert_eq!(host["header"]["Authorization"].as_str(), Some("Basic x"));
+        // The upstream is verified with the node's own CAs, not the edge's.
+        assert!(doc.get("ca").is_none(), "{text}");
+        assert_eq!(text.lines().next(), Some(marker_line("ns/m").as_str()));
+
+        // Mirror-only: the server is the mirror, so it trusts the CA too.
+        let text = hosts_toml_with_ca("ns/m", &entry(None), None, Some(&ca));
+        let doc: toml::Table = text.parse().unwrap();
+        assert_eq!(doc["server"].as_str(), Some("https://hub.mirror.example.com"));
+        assert_eq!(doc["ca"].as_str(), Some(ca.as_str()), "{text}");
+        assert_eq!(doc["host"]["https://hub.mirror.example.com"]["ca"].as_str(), Some(ca.as_str()));
+
+        // Without a CA the file is byte for byte what it always was.
+        let e = entry(Some("https://registry-1.docker.io"));
+        assert_eq!(hosts_toml_with_ca("ns/m", &e, None, None), hosts_toml("ns/m", &e, None));
+        assert!(!hosts_toml("ns/m", &e, None).contains("ca ="));
+    }
+
+    #[test]
+    fn the_edge_ca_bundle_keeps_certificates_only() {
+        let key = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+        let bundle = edge_ca_bundle(&format!("# issuer\n{TEST_CA_PEM}{key}{TEST_CA_PEM}")).unwrap();
+        assert_eq!(bundle, format!("{TEST_CA_PEM}{TEST_CA_PEM}"));
+        assert!(!bundle.contains("PRIVATE KEY"));
+        assert!(edge_ca_bundle("").unwrap_err().contains("no PEM certificate"));
+        assert!(edge_ca_bundle(key).unwrap_err().contains("no PEM certificate"));
+        let garbage = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n";
+        assert!(edge_ca_bundle(garbage).unwrap_err().contains("does not parse"), "{:?}", edge_ca_bundle(garbage));
+        // The file the agent writes: our marker first, then PEM any reader accepts.
+        let file = edge_ca_file("ns/m", &bundle);
+        assert_eq!(file.lines().next(), Some(marker_line("ns/m").as_str()));
+        assert_eq!(edge_ca_certificates(&file).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn via_edge_passes_the_edge_secrets_ca_to_the_nodes_and_via_service_does_not() {
+        let inputs = Inputs { edge_ca: Some(format!("{TEST_CA_PEM}\n")), ..Inputs::default() };
+        let edge = edge_mirror("{via: Edge}");
+        let cfg = node_config(&edge, edge.spec.node_config.as_ref().unwrap(), &inputs, &Settings::default());
+        assert_eq!(cfg.edge_ca.as_deref(), Some(TEST_CA_PEM));
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(json["edgeCA"].as_str(), Some(TEST_CA_PEM));
+        let service = edge_mirror("{via: Service}");
+        let cfg = node_config(&service, service.spec.node_config.as_ref().unwrap(), &inputs, &Settings::default());
+        assert_eq!(cfg.edge_ca, None);
+        assert!(serde_json::to_value(&cfg).unwrap().get("edgeCA").is_none(), "no key without a CA");
+        // Without ca.crt: nothing, and the node trusts only its own CAs (a public CA's edge).
+        let cfg = node_config(&edge, edge.spec.node_config.as_ref().unwrap(), &Inputs::default(), &Settings::default());
+        assert_eq!(cfg.edge_ca, None);
+    }
+
+    #[test]
+    fn render_reads_only_ca_crt_of_the_edge_secret_and_writes_the_ca_beside_hosts_toml() {
+        use crate::render::{render_str, RenderOptions};
+        let secret = |ca: &str| {
+            format!(
+                "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: edge-tls, namespace: ns}}\n\
+                 stringData:\n  tls.crt: cert\n  tls.key: THE-PRIVATE-KEY\n  ca.crt: {ca}\n---\n"
+            )
+        };
+        let spec = "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {name: m, namespace: ns}\n\
+                    spec:\n  upstreams: [{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}]\n  \
+                    edge: {domain: mirror.example.com, tlsSecretRef: {name: edge-tls}}\n  nodeConfig: {via: Edge}\n";
+        let pem = serde_json::to_string(TEST_CA_PEM).unwrap();
+        let r = render_str(&format!("{}{spec}", secret(&pem)), &RenderOptions::default()).unwrap().remove(0);
+        let files = &r.fleet.files;
+        let ca_file = &files["nodes/containerd/certs.d/docker.io/mirrorfleet-edge-ca.crt"];
+        assert_eq!(ca_file, &edge_ca_file("ns/m", TEST_CA_PEM));
+        let hosts = &files["nodes/containerd/certs.d/docker.io/hosts.toml"];
+        assert!(hosts.contains("  ca = \"/etc/containerd/certs.d/docker.io/mirrorfleet-edge-ca.crt\"\n"), "{hosts}");
+        let cm = r.fleet.children.config_maps.iter().find(|c| c.metadata.name.as_deref() == Some("m-node-config"));
+        let json = &cm.unwrap().data.as_ref().unwrap()[NODE_CONFIG_KEY];
+        assert!(json.contains("edgeCA") && !json.contains("THE-PRIVATE-KEY") && !json.contains("tls.key"), "{json}");
+
+        // A ca.crt that is no certificate is refused with the field path, not passed on.
+        let Err(err) = render_str(&format!("{}{spec}", secret("not-a-cert")), &RenderOptions::default()) else {
+            panic!("a ca.crt without a certificate was accepted");
+        };
+        let msg = err.to_string();
+        assert!(msg.contains("spec.edge.tlsSecretRef") && msg.contains("ca.crt"), "{msg}");
+        // cert-manager's empty ca.crt (ACME) means: no private CA.
+        let r = render_str(&format!("{}{spec}", secret("\"\"")), &RenderOptions::default()).unwrap().remove(0);
+        assert!(!r.fleet.files.keys().any(|k| k.ends_with(EDGE_CA_FILE)));
     }
 }

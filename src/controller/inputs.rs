@@ -1,7 +1,9 @@
 //! The validate step's cluster half: the Secrets a mirror names must exist and hold the keys the
-//! spec needs. Reads the client users (to write htpasswd) and every referenced Secret's
+//! spec needs. Reads the client users (to write htpasswd), the edge CA nodes trust with
+//! `via: Edge` (`ca.crt` of the edge TLS Secret, a certificate) and every referenced Secret's
 //! resourceVersion (so a rotation rolls the pods that read it). Values never leave this step
-//! except as `Inputs::client_users`; errors name Secrets and keys, never values.
+//! except as `Inputs::client_users` and `Inputs::edge_ca`; errors name Secrets and keys, never
+//! values.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use super::error::{Error, Result};
 use crate::api::RegistryMirror;
 use crate::build::Inputs;
-use crate::render::secret_strings;
+use crate::render::{edge_ca_input, secret_strings};
 
 /// One Secret the spec references: where, which, and the keys it must have.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,5 +97,6 @@ pub async fn read_inputs(client: &Client, mirror: &RegistryMirror) -> Result<Inp
     if let Some(auth) = &mirror.spec.client_auth {
         inputs.client_users = fetched.get(&auth.users_secret_ref.name).and_then(Option::as_ref).map(secret_strings);
     }
+    inputs.edge_ca = edge_ca_input(mirror, |name| fetched.get(name).and_then(Option::as_ref));
     Ok(inputs)
 }
