@@ -8,7 +8,9 @@
 //! 3. client auth is on but the node-auth Secret is not there yet: nothing is written (a mirror
 //!    that answers 401 only costs every pull a round trip);
 //! 4. with a fallback, a mirror probed Down is withdrawn (our file removed) so pulls go straight
-//!    upstream instead of waiting on a dead dial; an unprobed mirror leaves the file as it is;
+//!    upstream instead of waiting on a dead dial — for a plain-HTTP upstream the file is rewritten
+//!    to name the upstream alone, since without one containerd would speak TLS to it; an unprobed
+//!    mirror leaves the file as it is;
 //!    mirror-only (air-gapped) entries are never withdrawn: there is nothing to fall back to;
 //! 5. otherwise the file is written if its bytes or mode differ.
 //!
@@ -32,7 +34,8 @@ use super::files::{self, Owner, Removal};
 use super::probe::Health;
 use super::{crio, docker};
 use crate::build::node::{
-    edge_ca_certificates, edge_ca_file, edge_ca_path, hosts_toml_with_ca, NodeConfig, NodeRegistry, EDGE_CA_FILE,
+    edge_ca_certificates, edge_ca_file, edge_ca_path, hosts_toml_upstream_only, hosts_toml_with_ca, NodeConfig,
+    NodeRegistry, EDGE_CA_FILE,
 };
 
 /// What this pass did to one registry's entry.
@@ -161,9 +164,18 @@ pub struct Inputs<'a> {
 
 /// What the file for `entry` should be, or why there is none.
 enum Want {
-    File { content: String, mode: u32 },
-    Absent { reason: String },
-    Keep { reason: String },
+    /// `withdrawn`: the file names the upstream only, because the mirror is down (the reason).
+    File {
+        content: String,
+        mode: u32,
+        withdrawn: Option<String>,
+    },
+    Absent {
+        reason: String,
+    },
+    Keep {
+        reason: String,
+    },
 }
 
 fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
@@ -178,9 +190,15 @@ fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
     if entry.fallback.is_some() {
         match health {
             Health::Down { reason } => {
-                return Want::Absent {
-                    reason: format!("mirror {} unreachable ({reason}); pulls go upstream", entry.mirror),
-                }
+                let reason = format!("mirror {} unreachable ({reason}); pulls go upstream", entry.mirror);
+                return match entry.fallback.as_deref() {
+                    Some(upstream) if upstream.starts_with("http://") => Want::File {
+                        content: hosts_toml_upstream_only(&inputs.config.mirror, upstream),
+                        mode: files::MODE_PUBLIC,
+                        withdrawn: Some(reason),
+                    },
+                    _ => Want::Absent { reason },
+                };
             }
             Health::Unknown => return Want::Keep { reason: format!("mirror {} not probed yet", entry.mirror) },
             Health::Up => {}
@@ -189,7 +207,7 @@ fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
     let mode = if header.is_some() { files::MODE_SECRET } else { files::MODE_PUBLIC };
     let config = inputs.config;
     let ca_path = config.edge_ca.as_ref().map(|_| edge_ca_path(&config.containerd.certs_dir, &entry.registry));
-    Want::File { content: hosts_toml_with_ca(&config.mirror, entry, header, ca_path.as_deref()), mode }
+    Want::File { content: hosts_toml_with_ca(&config.mirror, entry, header, ca_path.as_deref()), mode, withdrawn: None }
 }
 
 /// The healthy-enough entries other runtimes should route to their mirror: with a fallback only
@@ -309,13 +327,16 @@ fn apply_entry(inputs: &Inputs, certs: &Path, entry: &NodeRegistry, health: &Hea
             }
             Err(e) => EntryState::Failed { error: format!("removing {}: {e}", path.display()) },
         },
-        Want::File { content, mode } => {
+        Want::File { content, mode, withdrawn } => {
             let ca_current = match &ca_content {
                 Some(ca) => files::is_current(&ca_path, ca.as_bytes(), files::MODE_PUBLIC),
                 None => !ca_ours,
             };
             if ca_current && files::is_current(&path, content.as_bytes(), mode) {
-                return EntryState::Unchanged;
+                return match withdrawn {
+                    Some(reason) => EntryState::Withdrawn { reason },
+                    None => EntryState::Unchanged,
+                };
             }
             // The CA first: the hosts.toml that names it must never be there without it.
             let result = fs::create_dir_all(&dir)
@@ -335,9 +356,10 @@ fn apply_entry(inputs: &Inputs, certs: &Path, entry: &NodeRegistry, health: &Hea
                     (None, true) => files::remove_if_ours(&ca_path, mirror_ref, false).map(drop),
                     _ => Ok(()),
                 });
-            match result {
-                Ok(()) => EntryState::Written,
-                Err(e) => EntryState::Failed { error: format!("writing {}: {e}", path.display()) },
+            match (result, withdrawn) {
+                (Ok(()), Some(reason)) => EntryState::Withdrawn { reason },
+                (Ok(()), None) => EntryState::Written,
+                (Err(e), _) => EntryState::Failed { error: format!("writing {}: {e}", path.display()) },
             }
         }
     }
@@ -488,6 +510,32 @@ mod tests {
         let r = run(&only, None, &down);
         assert!(r.registries.iter().all(|o| o.state == EntryState::Written), "{r:?}");
         assert!(r.problems().iter().any(|p| p.contains("mirror-only")));
+    }
+
+    #[test]
+    fn down_mirror_of_a_plain_http_upstream_leaves_a_file_naming_the_upstream_alone() {
+        // Without a file containerd would try https://10.200.0.1:5001, which a plain-HTTP
+        // registry answers with "server gave HTTP response to HTTPS client" (seen on a real node).
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        cfg.registries[0].registry = "10.200.0.1:5001".into();
+        cfg.registries[0].fallback = Some("http://10.200.0.1:5001".into());
+        cfg.authenticate = true;
+        run(&cfg, Some("Basic bm9kZXM6cHc="), &all(Health::Up));
+        let path = d.path().join("10.200.0.1:5001/hosts.toml");
+        assert!(fs::read_to_string(&path).unwrap().contains("[host.\"http://10.0.0.1:5000\"]"));
+        let r = run(&cfg, Some("Basic bm9kZXM6cHc="), &all(Health::Down { reason: "refused".into() }));
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })), "{r:?}");
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text, hosts_toml_upstream_only(ME, "http://10.200.0.1:5001"));
+        assert!(text.contains("server = \"http://10.200.0.1:5001\""), "{text}");
+        assert!(!text.contains("10.0.0.1") && !text.contains("Authorization"), "no mirror, no header: {text}");
+        assert!(!d.path().join("docker.io").exists(), "https fallbacks are still withdrawn by removal");
+        // Steady while down; the mirror back restores the entry.
+        let again = run(&cfg, Some("Basic bm9kZXM6cHc="), &all(Health::Down { reason: "refused".into() }));
+        assert!(again.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })));
+        run(&cfg, Some("Basic bm9kZXM6cHc="), &all(Health::Up));
+        assert!(fs::read_to_string(&path).unwrap().contains("[host.\"http://10.0.0.1:5000\"]"), "restored");
     }
 
     #[test]

@@ -283,6 +283,17 @@ pub fn hosts_toml_with_ca(
     out
 }
 
+/// The `hosts.toml` of a withdrawn entry whose upstream speaks plain HTTP: the upstream alone.
+/// Without a file containerd would try `https://<registry>`, which a plain-HTTP registry cannot
+/// answer; an https fallback needs no file, so its withdrawn entry is removed instead.
+pub fn hosts_toml_upstream_only(mirror_ref: &str, fallback: &str) -> String {
+    format!(
+        "{}\nserver = {fallback}\n\n[host.{fallback}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        marker_line(mirror_ref),
+        fallback = toml_str(fallback)
+    )
+}
+
 pub fn node_config_map(mirror: &RegistryMirror, config: &NodeConfig) -> ConfigMap {
     ConfigMap {
         metadata: meta::object_meta(mirror, names::node_config(mirror), Component::NodeAgent, None),
