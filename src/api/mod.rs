@@ -214,7 +214,8 @@ pub struct ProxySpec {
     #[serde(default = "default_ttl")]
     #[schemars(regex(pattern = GO_DURATION))]
     pub ttl: String,
-    /// Container resources of each proxy pod.
+    /// Container resources of each proxy pod (and of its `cache-cleanup` init container, which
+    /// runs in its place). Unset: requests of 100m CPU and 128Mi memory, no limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Node selector for the proxy pods.
@@ -384,7 +385,8 @@ pub struct EdgeSpec {
     /// The edge Service.
     #[serde(default)]
     pub service: EdgeServiceSpec,
-    /// Container resources of each Envoy pod.
+    /// Container resources of each Envoy pod. Unset: requests of 50m CPU and 64Mi memory, no
+    /// limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
@@ -449,6 +451,11 @@ pub struct CleanupSpec {
     /// Pause the schedule.
     #[serde(default)]
     pub suspend: bool,
+    /// Container resources of the cleanup Job's pod (it rolls the proxies and waits; each
+    /// proxy's own `cache-cleanup` init container does the cleaning, with the proxy's
+    /// resources). Unset: requests of 50m CPU and 64Mi memory, no limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 fn default_schedule() -> String {

@@ -65,7 +65,7 @@ use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
 use super::meta::{self, names, Component};
-use super::proxy::STORAGE_DIR;
+use super::proxy::{PROXY_REQUESTS, STORAGE_DIR};
 use super::{pod, Settings};
 use crate::api::{CleanupSpec, RegistryMirror, StorageSpec};
 
@@ -74,6 +74,8 @@ use crate::api::{CleanupSpec, RegistryMirror, StorageSpec};
 pub const CLEANUP_REQUEST_ANNOTATION: &str = "mirrorfleet.io/cleanup-request";
 /// Name of the proxies' init container that cleans the cache.
 pub const CLEANUP_INIT_CONTAINER: &str = "cache-cleanup";
+/// Requests of the cleanup Job's container without `cleanup.resources`.
+pub const CLEANUP_REQUESTS: pod::Requests = pod::Requests { cpu: "50m", memory: "64Mi" };
 /// Name of the cleanup Job's container (whose termination message is the [`CleanupReport`]).
 pub const CLEANUP_CONTAINER: &str = "cleanup";
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
@@ -208,7 +210,8 @@ pub fn cleanup_init_container(mirror: &RegistryMirror, settings: &Settings, cach
             }),
             ..Default::default()
         }]),
-        resources: mirror.spec.proxy.resources.clone(),
+        // In the proxy's place, before it starts: the proxy's resources.
+        resources: Some(pod::resources(mirror.spec.proxy.resources.as_ref(), PROXY_REQUESTS)),
         security_context: Some(pod::restricted_container_security()),
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
         termination_message_policy: Some("File".into()),
@@ -239,6 +242,7 @@ pub fn cleanup_cron_job(mirror: &RegistryMirror, cleanup: &CleanupSpec, settings
         name: CLEANUP_CONTAINER.into(),
         image: Some(settings.operator_image.clone()),
         args: Some(args),
+        resources: Some(pod::resources(cleanup.resources.as_ref(), CLEANUP_REQUESTS)),
         security_context: Some(pod::restricted_container_security()),
         // The CleanupReport the controller reads; a crash leaves the log tail instead.
         termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),

@@ -35,6 +35,8 @@ pub const TLS_DIR: &str = "/etc/envoy/tls";
 pub const BOOTSTRAP_FILE: &str = "envoy.yaml";
 pub const LDS_FILE: &str = "lds.yaml";
 pub const CDS_FILE: &str = "cds.yaml";
+/// Requests of the Envoy container without `edge.resources`.
+pub const ENVOY_REQUESTS: pod::Requests = pod::Requests { cpu: "50m", memory: "64Mi" };
 
 /// The three Envoy files, rendered once and shared by the ConfigMap, the Deployment's checksum
 /// and `render -o`.
@@ -338,7 +340,7 @@ pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFi
         ports: Some(ports),
         readiness_probe: Some(probe.clone()),
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), failure_threshold: Some(6), ..probe }),
-        resources: edge.resources.clone(),
+        resources: Some(pod::resources(edge.resources.as_ref(), ENVOY_REQUESTS)),
         security_context: Some(pod::restricted_container_security()),
         volume_mounts: Some(mounts),
         ..Default::default()

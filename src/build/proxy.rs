@@ -31,6 +31,9 @@ pub const DRAIN_SECONDS: i64 = 30;
 /// How long a terminating proxy pod keeps accepting new connections before SIGTERM, while its
 /// removal from the Service's endpoints reaches every node.
 pub const PRE_STOP_SECONDS: i64 = 5;
+/// Requests of the registry container (and its cleanup init container) without
+/// `proxy.resources`.
+pub const PROXY_REQUESTS: pod::Requests = pod::Requests { cpu: "100m", memory: "128Mi" };
 
 /// The Distribution `config.yml` for one upstream's proxy. Secrets are not in it: upstream and
 /// S3 credentials reach the registry as `REGISTRY_PROXY_*` / `REGISTRY_STORAGE_S3_*` env vars.
@@ -287,7 +290,7 @@ pub fn proxy_deployment(
         }),
         readiness_probe: Some(probe(2, 5, 3)),
         liveness_probe: Some(probe(10, 10, 6)),
-        resources: spec.proxy.resources.clone(),
+        resources: Some(pod::resources(spec.proxy.resources.as_ref(), PROXY_REQUESTS)),
         security_context: Some(pod::restricted_container_security()),
         volume_mounts: Some(mounts),
         ..Default::default()
