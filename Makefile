@@ -61,6 +61,20 @@ IMAGE ?= ghcr.io/mirrorfleet/mirrorfleet:$(shell sed -n 's/^version = "\(.*\)"/\
 image: ## Build the operator image (Dockerfile; also runs the node agent and cleanup jobs); IMAGE=... to rename
 	docker build --pull -t $(IMAGE) .
 
+# The same image without Docker: the release binary with its debug info split off (the image ships
+# the stripped binary; target/image/mirrorfleet.debug keeps the symbols: `objcopy
+# --add-gnu-debuglink` or gdb's `symbol-file` reads them), the shared libraries it links, CA
+# certificates, user 65532, entrypoint /usr/local/bin/mirrorfleet: what the Dockerfile's distroless
+# image holds (tests/image_oci.rs compares the two).
+.PHONY: image-oci
+image-oci: ## Build the operator image as an OCI archive with umoci (no Docker): target/image/mirrorfleet-oci.tar
+	$(CARGO) build --release --locked --bin mirrorfleet
+	mkdir -p target/image
+	objcopy --only-keep-debug target/release/mirrorfleet target/image/mirrorfleet.debug
+	objcopy --strip-all target/release/mirrorfleet target/image/mirrorfleet
+	hack/oci-image.sh --out target/image/mirrorfleet-oci.tar --ref $(IMAGE) --user 65532:65532 \
+	  --entrypoint /usr/local/bin/mirrorfleet --cmd --help --bin target/image/mirrorfleet:/usr/local/bin/mirrorfleet
+
 bench: ## Benchmarks: rendering a large fleet; pulls through proxy and edge (cold, warm, edge/direct ratio); medians
 	$(CARGO) bench --locked --bench render
 	$(CARGO) bench --locked --bench datapath
