@@ -7,7 +7,7 @@
 //! in what Envoy and the proxy's debug listener (`metrics` port, /metrics) serve.
 //!
 //! Distribution here is Debian's 2.8; the `registry_proxy_*` hit/miss/bytes counters exist only
-//! in Distribution 3 (the image the operator deploys by default, registry:3.0.0), so they are
+//! in Distribution 3 (the image the operator deploys by default, registry:3.1.1), so they are
 //! checked against the list below, not against a running 2.8, and the test says so.
 
 mod support;

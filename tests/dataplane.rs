@@ -203,19 +203,21 @@ fn generated_envoy_config_validates_routes_by_host_and_reloads() {
     }
     let curl = tool("curl").unwrap();
     let tmp = tempdir();
-    let (hub_backend, ghcr_backend) = (Upstream::start(), Upstream::start());
-    let spec = |ghcr_host: Option<&str>| {
+    let (hub_backend, ghcr_backend, quay_backend) = (Upstream::start(), Upstream::start(), Upstream::start());
+    let spec_with = |ghcr_host: Option<&str>, quay: bool| {
         let ghcr = match ghcr_host {
             Some(h) => format!(", host: {h}"),
             None => String::new(),
         };
+        let quay = if quay { "- {name: quay, registry: quay.io, remoteURL: \"https://quay.io\"}\n  " } else { "" };
         format!(
             "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: dp, namespace: mirrors}}\nspec:\n  \
              upstreams:\n  - {{name: dockerhub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}}\n  \
-             - {{name: ghcr, registry: ghcr.io, remoteURL: \"https://ghcr.io\"{ghcr}}}\n  \
+             - {{name: ghcr, registry: ghcr.io, remoteURL: \"https://ghcr.io\"{ghcr}}}\n  {quay}\
              edge: {{domain: mirror.test, tlsSecretRef: {{name: tls}}}}\n"
         )
     };
+    let spec = |ghcr_host: Option<&str>| spec_with(ghcr_host, false);
     let r = render(&spec(None), &[]);
     let (bootstrap, lds, cds) =
         (&r.fleet.files["edge/envoy.yaml"], &r.fleet.files["edge/lds.yaml"], &r.fleet.files["edge/cds.yaml"]);
@@ -226,11 +228,15 @@ fn generated_envoy_config_validates_routes_by_host_and_reloads() {
         backends: BTreeMap::from([
             ("dp-proxy-dockerhub.mirrors.svc.cluster.local".to_string(), hub_backend.addr().to_string()),
             ("dp-proxy-ghcr.mirrors.svc.cluster.local".to_string(), ghcr_backend.addr().to_string()),
+            ("dp-proxy-quay.mirrors.svc.cluster.local".to_string(), quay_backend.addr().to_string()),
         ]),
     };
     let tls_dir = tmp.path().join("tls");
     fs::create_dir_all(&tls_dir).unwrap();
-    let (crt, _key) = self_signed_cert(&tls_dir, &["dockerhub.mirror.test", "ghcr.mirror.test", "hub2.mirror.test"]);
+    let (crt, _key) = self_signed_cert(
+        &tls_dir,
+        &["dockerhub.mirror.test", "ghcr.mirror.test", "hub2.mirror.test", "quay.mirror.test"],
+    );
     let config_dir = tmp.path().join("config");
     let localize = |yaml: &str| {
         let y = local.rewrite(yaml);
@@ -294,6 +300,29 @@ fn generated_envoy_config_validates_routes_by_host_and_reloads() {
         (code == 404 && ghcr_backend.log().contains("moved")).then_some(())
     });
     assert!(served.is_some(), "the new host routes to ghcr's backend after the reload");
+
+    // An added upstream whose route (lds.yaml) reaches Envoy before its cluster (cds.yaml), as
+    // happens on a real node where the kubelet swaps both files at once and Envoy reads them in
+    // either order: the listener must not be rejected for the unknown cluster, or the new host
+    // stays unrouted until some later change (seen on a real node, tests/e2e_node.rs).
+    let added = render(&spec_with(Some("hub2.mirror.test"), true), &[]);
+    let (lds_added, cds_added) =
+        (localize(&added.fleet.files["edge/lds.yaml"]), localize(&added.fleet.files["edge/cds.yaml"]));
+    let lds_ok = envoy.stat("listener_manager.lds.update_success").unwrap();
+    let cds_before = localize(&changed.fleet.files["edge/cds.yaml"]);
+    cm.update(&[("envoy.yaml", &bootstrap), ("lds.yaml", &lds_added), ("cds.yaml", &cds_before)]);
+    assert!(
+        envoy.wait_stat_at_least("listener_manager.lds.update_success", lds_ok + 1, LOG_WAIT),
+        "the listener naming a cluster Envoy does not have yet was rejected:\n{}",
+        envoy.log()
+    );
+    cm.update(&[("envoy.yaml", &bootstrap), ("lds.yaml", &lds_added), ("cds.yaml", &cds_added)]);
+    let served = wait_until(LOG_WAIT, || {
+        let (code, _) =
+            curl_status(&curl, &url("quay.mirror.test", "/v2/added/tags/list"), &resolve("quay.mirror.test"), &crt);
+        (code == 404 && quay_backend.log().contains("added")).then_some(())
+    });
+    assert!(served.is_some(), "the added upstream's host routes to its backend once its cluster arrives");
     assert_eq!(envoy.pid(), pid, "Envoy was not restarted");
 }
 

@@ -292,7 +292,7 @@ fn storage() -> BoxedStrategy<Value> {
 fn proxy() -> BoxedStrategy<Value> {
     (
         proptest::option::of(prop::sample::select(vec![
-            "docker.io/library/registry:3.0.0",
+            "docker.io/library/registry:3.1.1",
             "docker.io/library/registry:2.8.3",
             "registry@sha256:0000000000000000000000000000000000000000000000000000000000000000",
             "localhost:5000/x/y:z",

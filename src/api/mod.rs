@@ -198,7 +198,8 @@ pub struct SecretRef {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxySpec {
-    /// Distribution registry image. Tested with 2.8 and 3.0 (`proxy.ttl` needs 3.x).
+    /// Distribution registry image. The default, 3.1.1, and Debian's 2.8.2 are the versions the
+    /// real-node tests run (`proxy.ttl` needs 3.x).
     #[serde(default = "default_proxy_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
@@ -241,7 +242,7 @@ impl Default for ProxySpec {
 }
 
 pub fn default_proxy_image() -> String {
-    "docker.io/library/registry:3.0.0".into()
+    "docker.io/library/registry:3.1.1".into()
 }
 fn default_replicas() -> i32 {
     2
@@ -374,7 +375,7 @@ pub struct EdgeSpec {
     /// Redirect plain HTTP to HTTPS; defaults to true when TLS is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_redirect: Option<bool>,
-    /// Envoy image.
+    /// Envoy image. The default is the version the tests run (1.40.0).
     #[serde(default = "default_envoy_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
@@ -401,7 +402,7 @@ impl EdgeSpec {
 }
 
 pub fn default_envoy_image() -> String {
-    "docker.io/envoyproxy/envoy:v1.36.2".into()
+    "docker.io/envoyproxy/envoy:v1.40.0".into()
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]

@@ -158,7 +158,12 @@ fn connection_manager(stat_prefix: &str, virtual_hosts: Vec<Value>) -> Value {
             "request_timeout": "0s",
             "stream_idle_timeout": "300s",
             "common_http_protocol_options": {"idle_timeout": "3600s", "headers_with_underscores_action": "REJECT_REQUEST"},
-            "route_config": {"name": stat_prefix, "virtual_hosts": null},
+            // Envoy reads lds.yaml and cds.yaml in no fixed order when the ConfigMap changes:
+            // with the default validation an added upstream's route reaches it before its
+            // cluster, the whole listener update is rejected ("unknown cluster") and never
+            // retried, because the file does not change again (seen on a real node). Unvalidated,
+            // the route answers 503 for the moment until the cluster is there.
+            "route_config": {"name": stat_prefix, "validate_clusters": false, "virtual_hosts": null},
             "http_filters": [router()],
             "access_log": stdout_access_log(),
         },

@@ -419,9 +419,12 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(name),
-                    // Probing the mirror from the host's network is what containerd will see.
+                    // Probing the mirror from the host's network, through the node's own resolver
+                    // (`Default`: the node's resolv.conf and hosts file), is what containerd sees:
+                    // an edge host that only cluster DNS knows would pass the probe and fail the
+                    // pulls. Service endpoints are cluster IPs and the API is reached by IP.
                     host_network: Some(true),
-                    dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    dns_policy: Some("Default".into()),
                     enable_service_links: Some(false),
                     node_selector: (!node.node_selector.is_empty()).then(|| node.node_selector.clone()),
                     tolerations: Some(tolerations),

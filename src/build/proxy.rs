@@ -175,7 +175,10 @@ pub fn proxy_deployment(
     let name = names::proxy(mirror, &upstream.name);
     let selector = meta::selector_labels(mirror, Component::Proxy, Some(&upstream.name));
 
-    let mut env = Vec::new();
+    // Distribution 3 exports OpenTelemetry traces to localhost:4318 unless told otherwise, and
+    // logs a failed export every 5 s in a pod with no collector (seen on a real node); 2.8
+    // ignores the variable.
+    let mut env = vec![EnvVar { name: "OTEL_TRACES_EXPORTER".into(), value: Some("none".into()), value_from: None }];
     let mut secret_versions = Vec::new();
     if let Some(creds) = &upstream.credentials_secret_ref {
         env.push(secret_env("REGISTRY_PROXY_USERNAME", &creds.name, &creds.username_key));

@@ -273,7 +273,9 @@ pub struct CleanupReplicaArgs {
 /// Entry point of `mirrorfleet cleanup-replica`: always exits 0 (a failed cleanup must not keep
 /// the proxy from starting); the report says what happened.
 pub fn main(args: CleanupReplicaArgs) -> std::process::ExitCode {
-    let _ = tracing_subscriber::fmt().with_writer(io::stderr).with_target(false).try_init();
+    // Pod logs are files, not terminals: no colour escapes in them.
+    let ansi = std::io::IsTerminal::is_terminal(&io::stderr());
+    let _ = tracing_subscriber::fmt().with_writer(io::stderr).with_ansi(ansi).with_target(false).try_init();
     let report = clean_replica(&args.storage_root, &args.request, Duration::from_secs(args.min_age_seconds));
     let message = serde_json::to_string(&report).expect("report serializes");
     println!("{message}");

@@ -61,7 +61,9 @@ pub struct CleanupArgs {
 
 /// Entry point of the subcommand: runs the cleanup, writes the report, exits 0 only on success.
 pub fn main(args: CleanupArgs) -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+    // Pod logs are files, not terminals: no colour escapes in them.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi).with_target(false).init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
