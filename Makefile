@@ -44,6 +44,16 @@ bench-cluster: ## Controller against the KUBECONFIG cluster: create->ready media
 bench-scale: ## Controller against the KUBECONFIG cluster at N = BENCH_SCALE_N (10,100,500) mirrors x 5 upstreams: create and update-all -> converged/Ready, CPU, peak RSS, requests by verb
 	$(CARGO) bench --locked --bench cluster_scale
 
+# The real-node tier: the k8s harness with REAL_NODE=1 and node-up.sh (see README "Tests"); source
+# $$K8S_HARNESS_HOME/node/node.env first. With MIRRORFLEET_REGISTRY_V3 (a Distribution 3.x registry
+# binary), the steps run a second time with a proxy image built from it.
+.PHONY: e2e-node
+e2e-node: image-oci ## Real-node tier: helm install, a full RegistryMirror, the node's containerd pulling through it (KUBECONFIG + node.env of the k8s harness's real node)
+	$(CARGO) test --locked --test e2e_node -- --ignored --nocapture --test-threads=1
+	if [ -n "$$MIRRORFLEET_REGISTRY_V3" ]; then \
+	  MIRRORFLEET_E2E_NODE_PROXY=v3 $(CARGO) test --locked --test e2e_node -- --ignored --nocapture --test-threads=1; \
+	else echo "e2e-node: MIRRORFLEET_REGISTRY_V3 not set: ran with the Distribution 2.8 proxy image only"; fi
+
 .PHONY: e2e-faults
 e2e-faults: ## Fault injection against the KUBECONFIG cluster: operator SIGKILLed 20x mid-reconcile, leader killed, hand edits, stalled watches, kube-apiserver restart (k8s harness)
 	$(CARGO) test --locked --test e2e_faults -- --ignored --nocapture --test-threads=1 --skip api_server_restart

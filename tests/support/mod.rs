@@ -26,6 +26,7 @@ pub mod envoy;
 pub mod http;
 pub mod image;
 pub mod kubectl;
+pub mod node;
 pub mod registry;
 pub mod skopeo;
 
@@ -164,6 +165,13 @@ pub fn free_port() -> u16 {
 /// `127.0.0.1:<free port>`.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
+}
+
+/// `IP:PORT` with a port free on `ip` (an address of this machine other than loopback, e.g. the
+/// real node's), for servers that pods must reach.
+pub fn free_addr_on(ip: &str) -> String {
+    let port = TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("bind IP:0").port();
+    format!("{ip}:{port}")
 }
 
 /// A fresh temp dir (removed on drop). Set `MIRRORFLEET_KEEP_TMP=1` to keep

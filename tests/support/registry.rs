@@ -49,9 +49,14 @@ impl Registry {
         let bin = require("docker-registry");
         let cfg: Value = serde_yaml::from_str(config_yaml).expect("registry config is not YAML");
         let addr = yaml_str(&cfg, &["http", "addr"]).expect("registry config lacks http.addr");
+        // Loopback, or the real node's address (the harness's NODE_IP: pods reach it, nothing
+        // off this machine does).
+        let node_ip = std::env::var("NODE_IP").ok().filter(|ip| !ip.is_empty()).map(|ip| format!("{ip}:"));
         assert!(
-            addr.starts_with("127.0.0.1:") || addr.starts_with("localhost:"),
-            "http.addr {addr:?} is not a loopback address; use patch_registry_config"
+            addr.starts_with("127.0.0.1:")
+                || addr.starts_with("localhost:")
+                || node_ip.as_deref().is_some_and(|ip| addr.starts_with(ip)),
+            "http.addr {addr:?} is not a loopback address (or $NODE_IP); use patch_registry_config"
         );
         // Guard against configs rendered for pods touching the host.
         assert_ne!(

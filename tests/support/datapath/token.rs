@@ -16,7 +16,7 @@
 //! Every token request is recorded (user, scope, granted), so tests can prove *whose*
 //! credentials reached the upstream.
 
-use crate::support::{free_addr, registry_config, require, run_ok, tempdir, Registry};
+use crate::support::{free_addr, free_addr_on, registry_config, require, run_ok, tempdir, Registry};
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
@@ -64,8 +64,13 @@ pub struct TokenServer {
 }
 
 impl TokenServer {
-    /// Starts the token service on a free port; only `users` get tokens.
+    /// Starts the token service on a free port of 127.0.0.1; only `users` get tokens.
     pub fn start(users: &[(&str, &str)]) -> TokenServer {
+        TokenServer::start_on("127.0.0.1", users)
+    }
+
+    /// [`TokenServer::start`] on `ip` (the real node's address, so pods reach the realm).
+    pub fn start_on(ip: &str, users: &[(&str, &str)]) -> TokenServer {
         let openssl = require("openssl");
         let dir = tempdir();
         let (key_pem, key_der, cert_pem) =
@@ -107,7 +112,7 @@ impl TokenServer {
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
+        let listener = TcpListener::bind((ip, 0)).expect("bind token server");
         let addr = listener.local_addr().unwrap().to_string();
         let worker = shared.clone();
         let thread = std::thread::spawn(move || {
@@ -285,9 +290,16 @@ pub struct AuthUpstream {
 impl AuthUpstream {
     /// `user`/`password` are the only credentials that get tokens.
     pub fn start(user: &str, password: &str) -> AuthUpstream {
-        let token = TokenServer::start(&[(user, password)]);
+        AuthUpstream::start_on("127.0.0.1", user, password)
+    }
+
+    /// [`AuthUpstream::start`] with the registry and its token realm on `ip`: the real node's
+    /// address, which pods reach (the harness lets pods talk to it and to nothing else off-node).
+    pub fn start_on(ip: &str, user: &str, password: &str) -> AuthUpstream {
+        let token = TokenServer::start_on(ip, &[(user, password)]);
         let storage = tempdir();
-        let config = format!("{}{}", registry_config(&free_addr(), storage.path()), token.registry_auth_section());
+        let addr = if ip == "127.0.0.1" { free_addr() } else { free_addr_on(ip) };
+        let config = format!("{}{}", registry_config(&addr, storage.path()), token.registry_auth_section());
         let registry = Registry::start(&config);
         AuthUpstream { registry, token, storage, user: (user.into(), password.into()) }
     }

@@ -1,0 +1,934 @@
+//! Real-node tier (`make e2e-node`): the fleet as a user runs it, every child a real pod on the
+//! k8s harness's real node (kubelet, containerd, runc, CNI, kube-proxy), and the node's own
+//! containerd pulling through it.
+//!
+//! Set-up (once, by the first step that needs it): the images — the operator's from
+//! `make image-oci`, a registry-proxy image from Debian's Distribution 2.8 binary (or the 3.x
+//! binary `MIRRORFLEET_REGISTRY_V3` names, with `MIRRORFLEET_E2E_NODE_PROXY=v3`), an Envoy image
+//! from pip's binary, and test images that exist nowhere else — are built with umoci and imported
+//! into the node; two private upstream registries (Distribution with Bearer-token auth) run on the
+//! node's address, each holding a test image; `helm install` of the chart with the local operator
+//! image into a namespace enforcing the `restricted` Pod Security Standard; one RegistryMirror
+//! with two upstreams, credentials, client auth, a TLS edge, cleanup and node config pointed at the
+//! real containerd.
+//!
+//! The steps run in order (`--test-threads=1`; libtest runs them sorted by name) and each fails
+//! when its part is broken. The last one deletes the mirror and tears everything down.
+//!
+//! Names: the upstream registries are `NODE_IP:PORT` (the harness's node address, which pods reach
+//! and nothing off this machine answers); the edge hosts are `<upstream>.mirror.test`, resolved on
+//! the machine through marked `/etc/hosts` lines (the node's containerd and the hostNetwork agent
+//! read it; the lines go at the end).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::datapath::token::AuthUpstream;
+use support::kubectl::{kubectl, kubectl_ok, require_cluster};
+use support::node::{app_image, envoy_image, registry_image, EtcHosts, RealNode};
+use support::{describe_output, run, tempdir};
+
+const SYSTEM_NS: &str = "mf-node-system";
+const NS: &str = "mf-node-e2e";
+const RELEASE: &str = "mirrorfleet";
+const MIRROR: &str = "fleet";
+const DOMAIN: &str = "mirror.test";
+const OPERATOR_IMAGE: &str = "localhost/mirrorfleet/mirrorfleet:e2e";
+const ENVOY_IMAGE: &str = "localhost/mirrorfleet-e2e/envoy:e2e";
+/// Client users of the mirror, and the upstreams' own credentials.
+const CI_USER: (&str, &str) = ("ci", "ci-password");
+const NODE_USER: &str = "nodes";
+const NODE_PASSWORDS: [&str; 2] = ["nodes-password", "nodes-password-rotated"];
+const UPSTREAM_CREDS: [(&str, &str, &str); 3] = [
+    ("alpha", "alpha-user", "alpha-secret"),
+    ("beta", "beta-user", "beta-secret"),
+    ("gamma", "gamma-user", "gamma-secret"),
+];
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+struct Fixture {
+    node: RealNode,
+    etc_hosts: EtcHosts,
+    upstreams: BTreeMap<String, AuthUpstream>,
+    proxy_image: String,
+    tmp: tempfile::TempDir,
+    figures: Vec<String>,
+}
+
+impl Fixture {
+    fn registry(&self, upstream: &str) -> String {
+        self.upstreams[upstream].addr().to_string()
+    }
+
+    /// The test image held by `upstream` only.
+    fn app(&self, upstream: &str) -> String {
+        format!("{}/e2e/{upstream}-app:1", self.registry(upstream))
+    }
+
+    fn figure(&mut self, line: String) {
+        eprintln!("e2e-node FIGURE: {line}");
+        self.figures.push(line);
+    }
+}
+
+static FIXTURE: OnceLock<Mutex<Option<Fixture>>> = OnceLock::new();
+
+/// The shared fleet, set up by the first step that asks for it.
+fn fixture() -> MutexGuard<'static, Option<Fixture>> {
+    require_cluster();
+    let mut guard = FIXTURE.get_or_init(|| Mutex::new(None)).lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        // The upstreams are child processes that die with the thread that spawned them
+        // (PDEATHSIG, see support::Proc), and each test runs on its own thread: set up on one
+        // that lives as long as the test binary.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::panic::catch_unwind(set_up));
+            loop {
+                std::thread::park();
+            }
+        });
+        *guard = Some(rx.recv().unwrap().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+    }
+    guard
+}
+
+fn proxy_variant() -> (String, PathBuf) {
+    match std::env::var("MIRRORFLEET_E2E_NODE_PROXY").as_deref() {
+        Ok("v3") => {
+            let bin = std::env::var("MIRRORFLEET_REGISTRY_V3").expect(
+                "MIRRORFLEET_E2E_NODE_PROXY=v3 needs MIRRORFLEET_REGISTRY_V3 (a Distribution 3.x registry binary)",
+            );
+            let version = version_of(&[&bin, "--version"]);
+            eprintln!("e2e-node: proxy image from {bin} ({version})");
+            ("localhost/mirrorfleet-e2e/registry:v3".into(), bin.into())
+        }
+        _ => {
+            let bin = support::require("docker-registry");
+            eprintln!(
+                "e2e-node: proxy image from {} ({})",
+                bin.display(),
+                version_of(&[bin.to_str().unwrap(), "--version"])
+            );
+            ("localhost/mirrorfleet-e2e/registry:v2".into(), bin)
+        }
+    }
+}
+
+fn version_of(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().expect("run for version");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn set_up() -> Fixture {
+    let node = RealNode::from_env();
+    let helm = support::require("helm");
+    tear_down_cluster_objects(&helm, &node);
+    let etc_hosts = EtcHosts::new("mirrorfleet-e2e-node");
+    let tmp = tempdir();
+
+    // Images: nothing here may be fetched from off this machine.
+    let operator_tar = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/image/mirrorfleet-oci.tar");
+    assert!(operator_tar.exists(), "{} is missing: run `make image-oci` (make e2e-node does)", operator_tar.display());
+    node.import(OPERATOR_IMAGE, &operator_tar);
+    let (proxy_image, registry_bin) = proxy_variant();
+    node.import(&proxy_image, &registry_image(tmp.path(), &proxy_image, &registry_bin));
+    let envoy = support::require("envoy");
+    eprintln!(
+        "e2e-node: Envoy image from {} ({})",
+        envoy.display(),
+        version_of(&[envoy.to_str().unwrap(), "--version"])
+    );
+    node.import(ENVOY_IMAGE, &envoy_image(tmp.path(), ENVOY_IMAGE, &envoy));
+
+    // Private upstreams on the node's address, each with an image nobody else has.
+    let mut upstreams = BTreeMap::new();
+    for (name, user, password) in UPSTREAM_CREDS {
+        let up = AuthUpstream::start_on(&node.ip, user, password);
+        let image = format!("localhost/e2e/{name}-app:1");
+        let tar = app_image(tmp.path(), &image, &format!("{name} {}", std::process::id()));
+        let dst = format!("docker://{}/e2e/{name}-app:1", up.addr());
+        let creds = format!("{user}:{password}");
+        let out = support::Skopeo::new().copy(
+            &format!("oci-archive:{}", tar.display()),
+            &dst,
+            &["--dest-tls-verify=false", "--dest-creds", &creds],
+        );
+        assert!(out.status.success(), "push {dst}: {}", describe_output(&out));
+        upstreams.insert(name.to_string(), up);
+    }
+
+    // The operator, as a user installs it.
+    for (ns, level) in [(SYSTEM_NS, "restricted"), (NS, "privileged")] {
+        kubectl_ok(&["create", "namespace", ns], None);
+        kubectl_ok(&["label", "namespace", ns, &format!("pod-security.kubernetes.io/enforce={level}")], None);
+    }
+    let started = Instant::now();
+    let out = run(
+        Command::new(&helm)
+            .args(["install", RELEASE, concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mirrorfleet")])
+            .args([
+                "-n",
+                SYSTEM_NS,
+                "--set",
+                "image.repository=localhost/mirrorfleet/mirrorfleet",
+                "--set",
+                "image.tag=e2e",
+                "--set",
+                &format!("watchNamespace={NS}"),
+                "--set",
+                "logging.level=info\\,mirrorfleet=debug\\,kube=warn",
+                "--wait",
+                "--timeout",
+                "240s",
+            ]),
+        Duration::from_secs(300),
+    );
+    assert!(out.status.success(), "helm install: {}\n{}", describe_output(&out), describe(SYSTEM_NS));
+    eprintln!("e2e-node: helm install --wait: {:.1}s", started.elapsed().as_secs_f64());
+
+    let mut fx = Fixture { node, etc_hosts, upstreams, proxy_image, tmp, figures: Vec::new() };
+    apply_mirror(&fx, &["alpha", "beta"], NODE_PASSWORDS[0]);
+    let started = Instant::now();
+    wait_for("the mirror Ready", TIMEOUT, || (condition("Ready").as_deref() == Some("True")).then_some(()));
+    fx.figure(format!(
+        "create -> Ready on the real node (2 upstreams, edge, node agent): {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
+    fx
+}
+
+fn mirror_yaml(fx: &Fixture, upstreams: &[&str], via: &str, proxy_node_selector: &str) -> String {
+    let ups: Vec<String> = upstreams
+        .iter()
+        .map(|u| {
+            let addr = fx.registry(u);
+            format!(
+                "  - {{name: {u}, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: {u}-creds}}}}\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: {MIRROR}, namespace: {NS}}}\nspec:\n\
+         \x20 upstreams:\n{ups}\
+         \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 1Gi}}}}, nodeSelector: {{{proxy_node_selector}}}}}\n\
+         \x20 clientAuth: {{usersSecretRef: {{name: users}}, nodeUser: {NODE_USER}}}\n\
+         \x20 edge: {{image: \"{ENVOY_IMAGE}\", domain: {DOMAIN}, tlsSecretRef: {{name: edge-tls}}}}\n\
+         \x20 cleanup: {{schedule: \"0 3 * * 0\", policy: garbageCollect}}\n\
+         \x20 nodeConfig:\n\
+         \x20   via: {via}\n\
+         \x20   containerd: {{certsDir: \"{certs}\", configFile: \"{config}\"}}\n",
+        ups = ups.concat(),
+        proxy = fx.proxy_image,
+        certs = fx.node.certs_dir.display(),
+        config = fx.node.containerd_config.display(),
+    )
+}
+
+/// The Secrets and the mirror (two upstreams at first).
+fn apply_mirror(fx: &Fixture, upstreams: &[&str], node_password: &str) {
+    let mut secrets = String::new();
+    for (name, user, password) in UPSTREAM_CREDS {
+        secrets += &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}-creds, namespace: {NS}}}\n\
+             stringData: {{username: {user}, password: {password}}}\n---\n"
+        );
+    }
+    secrets += &users_secret(node_password);
+    // Edge TLS from a test CA for every upstream's edge host; ca.crt as cert-manager writes it.
+    let tls = fx.tmp.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let hosts: Vec<String> = UPSTREAM_CREDS.iter().map(|(n, _, _)| format!("{n}.{DOMAIN}")).collect();
+    let ca = support::datapath::fleet::test_ca_and_leaf(&tls, &hosts);
+    kubectl_ok(&["apply", "-f", "-"], Some(&secrets));
+    let mut create = Command::new("kubectl");
+    create.args(["-n", NS, "create", "secret", "generic", "edge-tls", "--type=kubernetes.io/tls"]);
+    create.arg(format!("--from-file=tls.crt={}", tls.join("tls.crt").display()));
+    create.arg(format!("--from-file=tls.key={}", tls.join("tls.key").display()));
+    create.arg(format!("--from-file=ca.crt={}", ca.display()));
+    let out = run(&mut create, Duration::from_secs(30));
+    assert!(out.status.success(), "create edge-tls: {}", describe_output(&out));
+    kubectl_ok(&["apply", "-f", "-"], Some(&mirror_yaml(fx, upstreams, "Service", "")));
+}
+
+fn users_secret(node_password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: users, namespace: {NS}}}\n\
+         stringData: {{{}: {}, {NODE_USER}: {node_password}}}\n",
+        CI_USER.0, CI_USER.1
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster helpers
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&kubectl_ok(args, None)).unwrap()
+}
+
+fn mirror() -> Value {
+    json(&["-n", NS, "get", "registrymirror", MIRROR, "-o", "json"])
+}
+
+fn condition(type_: &str) -> Option<String> {
+    let m = mirror();
+    let c = m["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
+    Some(c["status"].as_str()?.to_string())
+}
+
+fn pods(ns: &str, selector: &str) -> Vec<Value> {
+    json(&["-n", ns, "get", "pods", "-l", selector, "-o", "json"])["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn selector(component: &str) -> String {
+    format!("app.kubernetes.io/instance={MIRROR},app.kubernetes.io/component={component}")
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p["status"]["phase"] == "Running"
+        && p["metadata"]["deletionTimestamp"].is_null()
+        && p["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            eprintln!("e2e-node: {what}: {:.1}s", start.elapsed().as_secs_f64());
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("e2e-node: timed out after {timeout:?} waiting for: {what}\n{}", describe(NS));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What a person would look at when a step times out.
+fn describe(ns: &str) -> String {
+    let mut out = String::new();
+    for args in [
+        vec!["get", "registrymirrors,deploy,ds,pods,svc,jobs", "-o", "wide"],
+        vec!["get", "registrymirrors", "-o", "yaml"],
+        vec!["get", "events", "--sort-by=.lastTimestamp"],
+    ] {
+        let mut a = vec!["-n", ns];
+        a.extend(args);
+        let o = kubectl(&a, None);
+        out += &format!(
+            "$ kubectl {}\n{}{}\n",
+            a.join(" "),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    out
+}
+
+fn logs(ns: &str, selector: &str, container: &str) -> String {
+    let o = kubectl(
+        &["-n", ns, "logs", "-l", selector, "-c", container, "--tail=-1", "--prefix", "--max-log-requests=10"],
+        None,
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn proxy_log(upstream: &str) -> String {
+    logs(NS, &format!("{},mirrorfleet.io/upstream={upstream}", selector("proxy")), "registry")
+}
+
+/// Access-log lines of a Distribution log (combined format) for `path_part`: (remote IP, line).
+fn access_lines(log: &str, path_part: &str) -> Vec<(String, String)> {
+    log.lines()
+        .filter(|l| l.contains(" HTTP/1.1\"") && l.contains(path_part))
+        .map(|l| {
+            // `kubectl logs --prefix` puts `[pod/...] ` first.
+            let l = if l.starts_with("[pod/") { l.split_once("] ").map_or(l, |(_, rest)| rest) } else { l };
+            (l.split_whitespace().next().unwrap_or_default().to_string(), l.to_string())
+        })
+        .collect()
+}
+
+fn upstream_blob_gets(fx: &Fixture, upstream: &str, repo: &str) -> Vec<(String, String)> {
+    access_lines(&fx.upstreams[upstream].log(), &format!("\"GET /v2/{repo}/blobs/"))
+}
+
+/// A Pod running `image` on the node; returns the kubelet's pull time when it pulled.
+fn run_pod(name: &str, image: &str) -> Option<f64> {
+    let _ = kubectl(&["-n", NS, "delete", "pod", name, "--ignore-not-found", "--wait=true", "--grace-period=1"], None);
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {"e2e-node": "app"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "app", "image": image, "imagePullPolicy": "IfNotPresent",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    });
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod.to_string()));
+    wait_for(&format!("pod {name} ({image}) Running"), TIMEOUT, || {
+        let p = json(&["-n", NS, "get", "pod", name, "-o", "json"]);
+        let waiting = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+        if let Some(reason) = waiting["reason"].as_str() {
+            assert!(
+                !matches!(reason, "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName"),
+                "pod {name}: {reason}: {}\n{}",
+                waiting["message"],
+                describe(NS)
+            );
+        }
+        pod_ready(&p).then_some(())
+    });
+    let events = json(&[
+        "-n",
+        NS,
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name},reason=Pulled"),
+        "-o",
+        "json",
+    ]);
+    let out = kubectl_ok(&["-n", NS, "delete", "pod", name, "--wait=true", "--grace-period=1"], None);
+    let _ = out;
+    events["items"].as_array()?.iter().rev().find_map(|e| pull_seconds(e["message"].as_str()?))
+}
+
+/// "Successfully pulled image \"x\" in 1.234s (1.234s including waiting)..." -> 1.234
+fn pull_seconds(message: &str) -> Option<f64> {
+    let rest = message.split(" in ").nth(1)?;
+    let d = rest.split_whitespace().next()?;
+    parse_go_duration(d)
+}
+
+fn parse_go_duration(d: &str) -> Option<f64> {
+    if let Some(ms) = d.strip_suffix("ms") {
+        return ms.parse::<f64>().ok().map(|v| v / 1000.0);
+    }
+    let (m, s) = match d.split_once('m') {
+        Some((m, s)) => (m.parse::<f64>().ok()?, s),
+        None => (0.0, d),
+    };
+    Some(m * 60.0 + s.strip_suffix('s')?.parse::<f64>().ok()?)
+}
+
+fn cluster_ip(service: &str) -> String {
+    json(&["-n", NS, "get", "svc", service, "-o", "json"])["spec"]["clusterIP"].as_str().unwrap().to_string()
+}
+
+fn tear_down_cluster_objects(helm: &std::path::Path, node: &RealNode) {
+    if kubectl(&["get", "namespace", NS], None).status.success() {
+        let _ = kubectl(&["-n", NS, "delete", "registrymirrors", "--all", "--wait=false"], None);
+        // No operator may be left to release the finalizer.
+        let _ = kubectl(
+            &["-n", NS, "patch", "registrymirror", MIRROR, "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
+            None,
+        );
+    }
+    let _ = Command::new(helm).args(["uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout", "120s"]).output();
+    for ns in [NS, SYSTEM_NS] {
+        let _ = kubectl(&["delete", "namespace", ns, "--ignore-not-found", "--wait=true", "--timeout=180s"], None);
+    }
+    // A run killed half-way leaves its agents' files behind (no agent is left to remove them):
+    // only files marked as this test namespace's.
+    if let Ok(dirs) = std::fs::read_dir(node.certs_dir.as_path()) {
+        for dir in dirs.flatten() {
+            let dir = dir.path();
+            let marked = std::fs::read_to_string(dir.join("hosts.toml"))
+                .is_ok_and(|t| t.starts_with(&format!("# managed-by: mirrorfleet (RegistryMirror {NS}/")));
+            if marked {
+                eprintln!("e2e-node: removing {} left by an earlier run", dir.display());
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The steps
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step01_helm_installed_operator_runs_ready_from_the_local_image() {
+    let _fx = fixture();
+    let ps = pods(SYSTEM_NS, "app.kubernetes.io/name=mirrorfleet");
+    assert!(!ps.is_empty(), "no operator pods\n{}", describe(SYSTEM_NS));
+    for p in &ps {
+        assert!(pod_ready(p), "operator pod not Running/Ready: {}", p["status"]);
+        assert_eq!(p["spec"]["containers"][0]["image"], OPERATOR_IMAGE);
+        assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0, "the operator restarted");
+    }
+    // Pods really run: the operator answers its own probes and logs its leadership.
+    let log = logs(SYSTEM_NS, "app.kubernetes.io/name=mirrorfleet", "operator");
+    assert!(!log.contains("forbidden"), "the operator hit RBAC refusals:\n{log}");
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step02_every_child_pod_is_ready_by_its_own_probes_and_status_tells_the_truth() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    for component in ["proxy", "edge", "node-agent"] {
+        let ps = pods(NS, &selector(component));
+        assert!(!ps.is_empty(), "no {component} pods\n{}", describe(NS));
+        for p in &ps {
+            assert!(pod_ready(p), "{component} pod {} not Running/Ready\n{}", p["metadata"]["name"], describe(NS));
+            for c in p["spec"]["containers"].as_array().unwrap() {
+                assert!(!c["readinessProbe"].is_null(), "{component} container {} has no readiness probe", c["name"]);
+                assert!(
+                    !c["resources"]["requests"].is_null(),
+                    "{component} container {} has no resource requests",
+                    c["name"]
+                );
+            }
+            for c in p["status"]["containerStatuses"].as_array().unwrap() {
+                assert_eq!(c["ready"], true, "{component} container {} not ready", c["name"]);
+            }
+        }
+    }
+    let m = mirror();
+    let status = &m["status"];
+    assert_eq!(status["observedGeneration"], m["metadata"]["generation"]);
+    for u in status["upstreams"].as_array().unwrap() {
+        let name = u["name"].as_str().unwrap();
+        let ready = pods(NS, &format!("{},mirrorfleet.io/upstream={name}", selector("proxy")))
+            .iter()
+            .filter(|p| pod_ready(p))
+            .count();
+        assert_eq!(u["readyReplicas"], ready as i64, "status.upstreams[{name}].readyReplicas vs pods");
+        let ip = cluster_ip(&format!("{MIRROR}-proxy-{name}"));
+        assert_eq!(u["endpoint"], format!("http://{ip}:5000"));
+        assert_eq!(u["registry"], fx.registry(name));
+    }
+    let agents = pods(NS, &selector("node-agent")).iter().filter(|p| pod_ready(p)).count();
+    assert_eq!(status["nodes"]["configured"], agents as i64);
+    assert_eq!(status["nodes"]["desired"], 1);
+    // What `kubectl get regmirror` prints.
+    let table = kubectl_ok(&["-n", NS, "get", "regmirror", MIRROR, "--no-headers"], None);
+    let cols: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(&cols[..4], &[MIRROR, "True", "2/2", "1/1"], "kubectl get regmirror: {table}");
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step03_node_agent_wrote_hosts_toml_into_the_real_containerd_config_path() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    for u in ["alpha", "beta"] {
+        let toml = fx.node.hosts_toml(&fx.registry(u)).unwrap_or_else(|| panic!("no hosts.toml for {u}"));
+        assert!(toml.starts_with("# managed-by: mirrorfleet"), "{toml}");
+        let ip = cluster_ip(&format!("{MIRROR}-proxy-{u}"));
+        assert!(toml.contains(&format!("[host.\"http://{ip}:5000\"]")), "{u}: mirror host missing:\n{toml}");
+        assert!(toml.contains(&format!("server = \"http://{}\"", fx.registry(u))), "{u}: fallback:\n{toml}");
+        assert!(toml.contains("Authorization = \"Basic "), "{u}: no client auth header");
+    }
+    // The agent's report (what `kubectl exec <agent> -- cat /run/mirrorfleet/status.json` would
+    // print, if the image had a `cat`): read from the Pod's emptyDir on the node.
+    let agent = &pods(NS, &selector("node-agent"))[0];
+    let status = fx.node.pod_volume_file(agent["metadata"]["uid"].as_str().unwrap(), "status", "status.json");
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["ready"], true, "{status}");
+    let check = &status["report"]["containerd"];
+    assert!(
+        check["state"] == "effective" && check["config_path"] == fx.node.certs_dir.display().to_string(),
+        "the agent did not report the real containerd's config_path as effective: {status:#}"
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04_a_pod_whose_image_is_only_upstream_starts_through_the_proxy_then_from_its_cache() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let image = fx.app("alpha");
+    let repo = "e2e/alpha-app";
+    assert!(!fx.node.has_image(&image), "{image} is on the node before the test");
+    let cold = run_pod("cold", &image).expect("the kubelet pulled");
+    let proxy_ips: Vec<String> = pods(NS, &format!("{},mirrorfleet.io/upstream=alpha", selector("proxy")))
+        .iter()
+        .map(|p| p["status"]["podIP"].as_str().unwrap().to_string())
+        .collect();
+    let plog = proxy_log("alpha");
+    assert!(
+        !access_lines(&plog, &format!("/v2/{repo}/manifests/1")).is_empty(),
+        "the proxy served no manifest:\n{plog}"
+    );
+    let up = upstream_blob_gets(fx, "alpha", repo);
+    assert!(!up.is_empty(), "the upstream served no blob");
+    for (ip, line) in &up {
+        assert!(proxy_ips.contains(ip) || ip.starts_with("10.244."), "the upstream saw {ip}, not the proxy: {line}");
+        assert_ne!(ip, &fx.node.ip, "the node pulled from the upstream directly: {line}");
+    }
+    let tokens = fx.upstreams["alpha"].token_server().requests();
+    assert!(
+        tokens.iter().any(|t| t.granted && t.user.as_deref() == Some("alpha-user")),
+        "the proxy used no upstream credentials"
+    );
+
+    // Warm: the image gone from the node, pulled again, served from the mirror's cache.
+    fx.node.remove_image(&image);
+    let before = upstream_blob_gets(fx, "alpha", repo).len();
+    let warm = run_pod("warm", &image).expect("the kubelet pulled again");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(upstream_blob_gets(fx, "alpha", repo).len(), before, "the warm pull fetched blobs from the upstream");
+    fx.node.remove_image(&image);
+
+    // Direct, for comparison: the same image from the upstream with no mirror in between.
+    let direct_dir = fx.tmp.path().join("direct-certs");
+    let reg = fx.registry("alpha");
+    std::fs::create_dir_all(direct_dir.join(&reg)).unwrap();
+    // containerd 1.6 refuses a hosts.toml without a [host] table ("invalid `host` tree").
+    std::fs::write(
+        direct_dir.join(&reg).join("hosts.toml"),
+        format!("server = \"http://{reg}\"\n\n[host.\"http://{reg}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut cmd = Command::new("ctr");
+    cmd.arg("-a").arg(&fx.node.containerd_sock).args(["-n", "k8s.io", "images", "pull", "--hosts-dir"]);
+    cmd.arg(&direct_dir).args(["--user", "alpha-user:alpha-secret", &image]);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let direct = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "direct pull: {}", describe_output(&out));
+    fx.node.remove_image(&image);
+    fx.figure(format!(
+        "node pull of {image} (kubelet's 'Pulled' time): cold through the mirror {cold:.3}s, warm from its cache {warm:.3}s; direct from the upstream (ctr pull) {direct:.3}s"
+    ));
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step05_a_dead_proxy_is_withdrawn_and_the_node_pulls_upstream_then_it_is_restored() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let reg = fx.registry("alpha");
+    let image = fx.app("alpha");
+    let sel = format!("{},mirrorfleet.io/upstream=alpha", selector("proxy"));
+    // Proxies that cannot come back: a node selector no node has, and the old ReplicaSet gone
+    // (the Deployment keeps an old pod while the new one cannot start).
+    let old_rs: Vec<String> = json(&["-n", NS, "get", "rs", "-l", &sel, "-o", "json"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&mirror_yaml(fx, &["alpha", "beta"], "Service", "e2e-node/nowhere: \"true\"")),
+    );
+    // Whatever happens below, the next steps get schedulable proxies back.
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = kubectl(&["apply", "-f", "-"], Some(&self.0));
+        }
+    }
+    let restore = Restore(mirror_yaml(fx, &["alpha", "beta"], "Service", ""));
+    wait_for("a new proxy ReplicaSet", TIMEOUT, || {
+        let rs = json(&["-n", NS, "get", "rs", "-l", &sel, "-o", "json"]);
+        rs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| !old_rs.contains(&r["metadata"]["name"].as_str().unwrap().to_string()))
+            .then_some(())
+    });
+    let dead_at = Instant::now();
+    for rs in &old_rs {
+        kubectl_ok(&["-n", NS, "delete", "rs", rs, "--wait=false"], None);
+    }
+    // A pull right away, before the agent had time to react. The upstream is private: a node
+    // that bypasses the mirror needs the upstream's credentials (an imagePullSecret), given here.
+    let creds = Some("alpha-user:alpha-secret");
+    let started = Instant::now();
+    let out = fx.node.pull_as(&image, creds);
+    let before_withdrawal = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "pull with a dead mirror: {}", describe_output(&out));
+    fx.node.remove_image(&image);
+    let mirror_host = format!("[host.\"http://{}:5000\"]", cluster_ip(&format!("{MIRROR}-proxy-alpha")));
+    let withdrawn = wait_for("the agent withdrew the dead mirror", Duration::from_secs(30), || {
+        // A plain-HTTP upstream keeps a file naming the upstream alone (else containerd would
+        // try https); an https one would have no file.
+        let toml = fx.node.hosts_toml(&reg);
+        (!toml.is_some_and(|t| t.contains(&mirror_host))).then(|| dead_at.elapsed().as_secs_f64())
+    });
+    assert!(withdrawn < 10.0, "withdrawal took {withdrawn:.1}s (> 10 s)");
+    let direct_before = upstream_direct_lines(fx, "alpha");
+    let started = Instant::now();
+    let out = fx.node.pull_as(&image, creds);
+    let after_withdrawal = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "pull after withdrawal: {}", describe_output(&out));
+    // Distribution writes its access line after the response: give it a moment.
+    let went_upstream = support::wait_until(Duration::from_secs(5), || {
+        (upstream_direct_lines(fx, "alpha") > direct_before).then_some(())
+    });
+    assert!(went_upstream.is_some(), "the node did not go to the upstream");
+    fx.node.remove_image(&image);
+    fx.figure(format!(
+        "dead mirror (pods gone): withdrawn after {withdrawn:.1}s; a node pull took {before_withdrawal:.3}s before the withdrawal, {after_withdrawal:.3}s after (straight upstream)"
+    ));
+
+    drop(restore);
+    let ip = cluster_ip(&format!("{MIRROR}-proxy-alpha"));
+    wait_for("the mirror entry restored", TIMEOUT, || {
+        fx.node.hosts_toml(&reg).filter(|t| t.contains(&format!("[host.\"http://{ip}:5000\"]"))).map(|_| ())
+    });
+    wait_for("the mirror Ready again", TIMEOUT, || (condition("Ready").as_deref() == Some("True")).then_some(()));
+}
+
+/// Upstream requests that came from the node itself (a pull that bypassed the mirror).
+fn upstream_direct_lines(fx: &Fixture, upstream: &str) -> usize {
+    // HEAD too: a pull whose blobs are still in the node's content store only resolves the tag.
+    access_lines(&fx.upstreams[upstream].log(), " /v2/").iter().filter(|(ip, _)| ip == &fx.node.ip).count()
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step06_a_rotated_client_password_rolls_the_proxies_and_nodes_keep_pulling() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    let reg = fx.registry("beta");
+    let image = fx.app("beta");
+    let sel = format!("{},mirrorfleet.io/upstream=beta", selector("proxy"));
+    let before: Vec<String> =
+        pods(NS, &sel).iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    kubectl_ok(&["apply", "-f", "-"], Some(&users_secret(NODE_PASSWORDS[1])));
+    use base64::Engine;
+    let header = base64::engine::general_purpose::STANDARD.encode(format!("{NODE_USER}:{}", NODE_PASSWORDS[1]));
+    wait_for("the node's header rotated", TIMEOUT, || {
+        fx.node.hosts_toml(&reg).filter(|t| t.contains(&header)).map(|_| ())
+    });
+    wait_for("the proxies rolled and Ready", TIMEOUT, || {
+        let now = pods(NS, &sel);
+        (now.iter().all(pod_ready)
+            && !now.is_empty()
+            && now.iter().all(|p| !before.contains(&p["metadata"]["name"].as_str().unwrap().to_string())))
+        .then_some(())
+    });
+    wait_for("the mirror Ready", TIMEOUT, || (condition("Ready").as_deref() == Some("True")).then_some(()));
+    run_pod("after-rotation", &image).expect("pulled");
+    let plog = proxy_log("beta");
+    assert!(!access_lines(&plog, "/v2/e2e/beta-app/manifests/1").is_empty(), "beta's proxy served nothing:\n{plog}");
+    fx.node.remove_image(&image);
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step07_an_added_upstream_is_served_by_envoy_without_a_restart() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    let edge_before = pods(NS, &selector("edge"));
+    kubectl_ok(&["apply", "-f", "-"], Some(&mirror_yaml(fx, &["alpha", "beta", "gamma"], "Service", "")));
+    wait_for("gamma's proxy Ready", TIMEOUT, || {
+        pods(NS, &format!("{},mirrorfleet.io/upstream=gamma", selector("proxy"))).iter().any(pod_ready).then_some(())
+    });
+    let edge_ip = cluster_ip(&format!("{MIRROR}-edge"));
+    let ca = fx.tmp.path().join("tls/ca.crt");
+    wait_for("Envoy serves gamma.mirror.test", TIMEOUT, || {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert"])
+            .arg(&ca)
+            .args([
+                "--resolve",
+                &format!("gamma.{DOMAIN}:443:{edge_ip}"),
+                "-u",
+                &format!("{}:{}", CI_USER.0, CI_USER.1),
+            ])
+            .arg(format!("https://gamma.{DOMAIN}/v2/e2e/gamma-app/manifests/1"))
+            .args(["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
+    });
+    let edge_after = pods(NS, &selector("edge"));
+    let ids = |ps: &[Value]| -> Vec<(String, i64)> {
+        ps.iter()
+            .map(|p| {
+                (
+                    p["metadata"]["uid"].as_str().unwrap().to_string(),
+                    p["status"]["containerStatuses"][0]["restartCount"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(ids(&edge_before), ids(&edge_after), "the Envoy pods were replaced or restarted");
+    wait_for("the mirror Ready with 3 upstreams", TIMEOUT, || {
+        (condition("Ready").as_deref() == Some("True") && mirror()["status"]["upstreamsReady"] == "3/3").then_some(())
+    });
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step08_via_edge_the_node_pulls_over_tls_through_envoy_trusting_the_edge_ca() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    let edge_ip = cluster_ip(&format!("{MIRROR}-edge"));
+    let names: Vec<String> = ["alpha", "beta", "gamma"].iter().map(|u| format!("{u}.{DOMAIN}")).collect();
+    fx.etc_hosts.set(&edge_ip, &names);
+    // The kubelet copies the node's /etc/hosts into a hostNetwork pod when it starts it, so the
+    // agent sees these names only once restarted (a real edge domain is in DNS, which it reads
+    // live, as containerd does).
+    kubectl_ok(&["-n", NS, "delete", "pod", "-l", &selector("node-agent"), "--wait=true"], None);
+    kubectl_ok(&["apply", "-f", "-"], Some(&mirror_yaml(fx, &["alpha", "beta", "gamma"], "Edge", "")));
+    let reg = fx.registry("gamma");
+    wait_for("hosts.toml points at the edge", TIMEOUT, || {
+        fx.node.hosts_toml(&reg).filter(|t| t.contains(&format!("[host.\"https://gamma.{DOMAIN}\"]"))).map(|_| ())
+    });
+    wait_for("the mirror Ready via the edge", TIMEOUT, || {
+        (condition("Ready").as_deref() == Some("True")).then_some(())
+    });
+    let image = fx.app("gamma");
+    let before = access_lines(&logs(NS, &selector("edge"), "envoy"), "/v2/e2e/gamma-app/manifests/1").len();
+    run_pod("via-edge", &image).expect("pulled via the edge");
+    let edge_lines = access_lines(&logs(NS, &selector("edge"), "envoy"), "/v2/e2e/gamma-app/manifests/1").len();
+    let plog = proxy_log("gamma");
+    assert!(!access_lines(&plog, "/v2/e2e/gamma-app/manifests/1").is_empty(), "gamma's proxy served nothing:\n{plog}");
+    assert!(
+        edge_lines > before || logs(NS, &selector("edge"), "envoy").contains("gamma-app"),
+        "Envoy logged no request for the image"
+    );
+    fx.node.remove_image(&image);
+    // Back to the Services for the steps after this one.
+    kubectl_ok(&["apply", "-f", "-"], Some(&mirror_yaml(fx, &["alpha", "beta", "gamma"], "Service", "")));
+    wait_for("hosts.toml back on the Service", TIMEOUT, || {
+        fx.node.hosts_toml(&reg).filter(|t| t.contains("[host.\"http://")).map(|_| ())
+    });
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step09_a_cleanup_job_from_the_cronjob_completes_while_pulls_keep_working() {
+    let fx = fixture();
+    let fx = fx.as_ref().unwrap();
+    let image = fx.app("alpha");
+    // Something in the cache to clean.
+    let out = fx.node.pull(&image);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let _ = kubectl(&["-n", NS, "delete", "job", "cleanup-now", "--ignore-not-found"], None);
+    kubectl_ok(&["-n", NS, "create", "job", "cleanup-now", &format!("--from=cronjob/{MIRROR}-cleanup")], None);
+    let started = Instant::now();
+    let mut pulls = 0;
+    let done = loop {
+        fx.node.remove_image(&image);
+        let out = fx.node.pull(&image);
+        assert!(out.status.success(), "a pull during the cleanup failed: {}\n{}", describe_output(&out), describe(NS));
+        pulls += 1;
+        let job = json(&["-n", NS, "get", "job", "cleanup-now", "-o", "json"]);
+        if job["status"]["succeeded"].as_i64() == Some(1) {
+            break started.elapsed();
+        }
+        assert!(job["status"]["failed"].as_i64().unwrap_or(0) == 0, "the cleanup Job failed\n{}", describe(NS));
+        assert!(started.elapsed() < TIMEOUT, "the cleanup Job did not complete\n{}", describe(NS));
+    };
+    fx.node.remove_image(&image);
+    eprintln!("e2e-node: cleanup Job completed in {:.1}s with {pulls} pulls meanwhile, all served", done.as_secs_f64());
+    let last = wait_for("status.lastCleanup", TIMEOUT, || {
+        let m = mirror();
+        let l = m["status"]["lastCleanup"].clone();
+        (l["result"] == "Succeeded").then_some(l)
+    });
+    eprintln!("e2e-node: status.lastCleanup = {last}");
+    // An emptyDir cache is cleaned by replacing the replicas (each new one starts empty and
+    // reports what it holds after its own clean-up); the old replicas' usage is not measured,
+    // so bytesBefore is absent by design (src/cleanup/rollout.rs), bytesAfter is there.
+    assert!(last["bytesAfter"].is_i64(), "lastCleanup without bytesAfter: {last}");
+    assert!(last["bytesBefore"].is_null(), "an emptyDir cleanup cannot know bytesBefore: {last}");
+    let job_log = logs(NS, "job-name=cleanup-now", "cleanup");
+    assert!(!job_log.contains('\u{1b}'), "colour escapes in the Job's log:\n{job_log}");
+    // The pods rolled by the cleanup are all back.
+    wait_for("the mirror Ready after the cleanup", TIMEOUT, || {
+        (condition("Ready").as_deref() == Some("True")).then_some(())
+    });
+}
+
+/// The figure the README quotes: a second mirror shaped like the public sample (five upstreams,
+/// edge, client auth, cleanup, node config), from `kubectl apply` to Ready, on the real node.
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step10_a_five_upstream_mirror_goes_ready_and_is_deleted_cleanly() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let remote = fx.registry("alpha");
+    let ups: String = (1..=5)
+        .map(|i| format!("  - {{name: up{i}, registry: \"up{i}.five.test\", remoteURL: \"http://{remote}\", credentialsSecretRef: {{name: alpha-creds}}}}\n"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: five, namespace: {NS}}}\nspec:\n\
+         \x20 upstreams:\n{ups}\
+         \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 1Gi}}}}}}\n\
+         \x20 clientAuth: {{usersSecretRef: {{name: users}}, nodeUser: {NODE_USER}}}\n\
+         \x20 edge: {{image: \"{ENVOY_IMAGE}\", domain: five.test, tlsSecretRef: {{name: edge-tls}}}}\n\
+         \x20 cleanup: {{schedule: \"0 3 * * 0\", policy: garbageCollect}}\n\
+         \x20 nodeConfig:\n\
+         \x20   containerd: {{certsDir: \"{certs}\", configFile: \"{config}\"}}\n",
+        proxy = fx.proxy_image,
+        certs = fx.node.certs_dir.display(),
+        config = fx.node.containerd_config.display(),
+    );
+    let started = Instant::now();
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    wait_for("five Ready", TIMEOUT, || {
+        let m = json(&["-n", NS, "get", "registrymirror", "five", "-o", "json"]);
+        let ready = m["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        ready.then_some(())
+    });
+    let took = started.elapsed().as_secs_f64();
+    fx.figure(format!(
+        "create -> Ready on the real node, 5 upstreams + edge + client auth + cleanup + node agent: {took:.1}s"
+    ));
+    assert!(fx.node.hosts_toml("up1.five.test").is_some(), "five's node config not written");
+    kubectl_ok(&["-n", NS, "delete", "registrymirror", "five", "--wait=true", "--timeout=240s"], None);
+    for i in 1..=5 {
+        assert!(fx.node.hosts_toml(&format!("up{i}.five.test")).is_none(), "up{i}.five.test/hosts.toml left behind");
+    }
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step11_deleting_the_mirror_removes_the_nodes_files_and_every_child() {
+    let mut guard = fixture();
+    let fx = guard.take().unwrap();
+    let registries: Vec<String> = ["alpha", "beta", "gamma"].iter().map(|u| fx.registry(u)).collect();
+    kubectl_ok(&["-n", NS, "delete", "registrymirror", MIRROR, "--wait=false"], None);
+    wait_for("the mirror gone (finalizer released)", TIMEOUT, || {
+        (!kubectl(&["-n", NS, "get", "registrymirror", MIRROR], None).status.success()).then_some(())
+    });
+    for r in &registries {
+        assert!(fx.node.hosts_toml(r).is_none(), "{r}/hosts.toml left on the node");
+    }
+    wait_for("no child left", TIMEOUT, || {
+        let left = kubectl_ok(
+            &[
+                "-n",
+                NS,
+                "get",
+                "deploy,ds,svc,cm,secret,cronjob,job,sa,role,rolebinding",
+                "-l",
+                &format!("app.kubernetes.io/instance={MIRROR}"),
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        left.trim().is_empty().then_some(())
+    });
+    for f in &fx.figures {
+        eprintln!("e2e-node FIGURE: {f}");
+    }
+    let helm = support::require("helm");
+    tear_down_cluster_objects(&helm, &fx.node);
+    drop(fx);
+}
