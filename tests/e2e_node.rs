@@ -62,8 +62,10 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// The upstream's name as clients write it: its front on the node's address, where the
+    /// registry and its token realm share one host:port.
     fn registry(&self, upstream: &str) -> String {
-        self.upstreams[upstream].addr().to_string()
+        self.upstreams[upstream].public_addr().to_string()
     }
 
     /// The test image held by `upstream` only.
@@ -357,8 +359,10 @@ fn access_lines(log: &str, path_part: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Blob GETs the upstream served: (client IP, request line), as its front recorded them.
 fn upstream_blob_gets(fx: &Fixture, upstream: &str, repo: &str) -> Vec<(String, String)> {
-    access_lines(&fx.upstreams[upstream].log(), &format!("\"GET /v2/{repo}/blobs/"))
+    let prefix = format!("GET /v2/{repo}/blobs/");
+    fx.upstreams[upstream].front_requests().into_iter().filter(|(_, line)| line.starts_with(&prefix)).collect()
 }
 
 /// A Pod running `image` on the node; returns the kubelet's pull time when it pulled.
@@ -690,7 +694,11 @@ fn step05_a_dead_proxy_is_withdrawn_and_the_node_pulls_upstream_then_it_is_resto
 /// Upstream requests that came from the node itself (a pull that bypassed the mirror).
 fn upstream_direct_lines(fx: &Fixture, upstream: &str) -> usize {
     // HEAD too: a pull whose blobs are still in the node's content store only resolves the tag.
-    access_lines(&fx.upstreams[upstream].log(), " /v2/").iter().filter(|(ip, _)| ip == &fx.node.ip).count()
+    fx.upstreams[upstream]
+        .front_requests()
+        .iter()
+        .filter(|(ip, line)| ip == &fx.node.ip && line.contains(" /v2/"))
+        .count()
 }
 
 #[test]

@@ -148,11 +148,19 @@ impl TokenServer {
 
     /// The `auth:` section for a Distribution config that trusts this service.
     pub fn registry_auth_section(&self) -> String {
+        self.registry_auth_section_with_realm(&self.realm())
+    }
+
+    /// [`TokenServer::registry_auth_section`] announcing `realm` (a [`Front`]'s `/token`).
+    pub fn registry_auth_section_with_realm(&self, realm: &str) -> String {
         format!(
             "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {cert}\n",
-            realm = self.realm(),
             cert = self.cert_path.display()
         )
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 }
 
@@ -285,23 +293,99 @@ pub struct AuthUpstream {
     token: TokenServer,
     storage: TempDir,
     user: (String, String),
+    front: Option<Front>,
+}
+
+/// One host:port for a registry and its token service: `/token...` goes to the token service,
+/// everything else to the registry, one request per connection (the front answers
+/// `Connection: close`), and every request is recorded with the client's IP, which the registry
+/// behind it no longer sees. Requests with a body are not supported (push to the registry).
+pub struct Front {
+    addr: String,
+    log: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Front {
+    pub fn start(public: &str, registry: &str, token: &str) -> Front {
+        let listener = TcpListener::bind(public).expect("bind the front");
+        let log: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let (registry, token, record) = (registry.to_string(), token.to_string(), log.clone());
+        eprintln!("front for {registry} and {token} on {public}");
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (registry, token, record) = (registry.clone(), token.clone(), record.clone());
+                std::thread::spawn(move || {
+                    let _ = forward(stream, &registry, &token, &record);
+                });
+            }
+        });
+        Front { addr: public.to_string(), log }
+    }
+}
+
+fn forward(client: TcpStream, registry: &str, token: &str, log: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let peer = client.peer_addr()?.ip().to_string();
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut head = request_line.clone();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            head.push_str(&line);
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let path = request_line.split_whitespace().nth(1).unwrap_or_default();
+    log.lock().unwrap().push((peer, request_line.trim_end().to_string()));
+    let mut backend = TcpStream::connect(if path.starts_with("/token") { token } else { registry })?;
+    backend.write_all(head.as_bytes())?;
+    let mut client = client;
+    std::io::copy(&mut backend, &mut client)?;
+    client.shutdown(std::net::Shutdown::Both)
 }
 
 impl AuthUpstream {
     /// `user`/`password` are the only credentials that get tokens.
     pub fn start(user: &str, password: &str) -> AuthUpstream {
-        AuthUpstream::start_on("127.0.0.1", user, password)
+        let token = TokenServer::start(&[(user, password)]);
+        let storage = tempdir();
+        let config = format!("{}{}", registry_config(&free_addr(), storage.path()), token.registry_auth_section());
+        let registry = Registry::start(&config);
+        AuthUpstream { registry, token, storage, user: (user.into(), password.into()), front: None }
     }
 
-    /// [`AuthUpstream::start`] with the registry and its token realm on `ip`: the real node's
-    /// address, which pods reach (the harness lets pods talk to it and to nothing else off-node).
+    /// [`AuthUpstream::start`] behind a [`Front`] on `ip` (the real node's address, which pods
+    /// reach): the registry and its token realm on one host:port, as Docker Hub's, GHCR's and
+    /// Harbor's are. Distribution 3.1 proxies send upstream credentials to no other realm when
+    /// the upstream is an IP literal.
     pub fn start_on(ip: &str, user: &str, password: &str) -> AuthUpstream {
-        let token = TokenServer::start_on(ip, &[(user, password)]);
+        let token = TokenServer::start(&[(user, password)]);
         let storage = tempdir();
-        let addr = if ip == "127.0.0.1" { free_addr() } else { free_addr_on(ip) };
-        let config = format!("{}{}", registry_config(&addr, storage.path()), token.registry_auth_section());
+        let public = free_addr_on(ip);
+        let realm = format!("http://{public}/token");
+        let config = format!(
+            "{}{}",
+            registry_config(&free_addr(), storage.path()),
+            token.registry_auth_section_with_realm(&realm)
+        );
         let registry = Registry::start(&config);
-        AuthUpstream { registry, token, storage, user: (user.into(), password.into()) }
+        let front = Front::start(&public, registry.addr(), token.addr());
+        AuthUpstream { registry, token, storage, user: (user.into(), password.into()), front: Some(front) }
+    }
+
+    /// The address clients use: the [`Front`]'s when there is one, else the registry's.
+    pub fn public_addr(&self) -> &str {
+        self.front.as_ref().map_or(self.registry.addr(), |f| f.addr.as_str())
+    }
+
+    /// Requests that came through the [`Front`]: (client IP, request line), in order.
+    pub fn front_requests(&self) -> Vec<(String, String)> {
+        self.front.as_ref().map(|f| f.log.lock().unwrap().clone()).unwrap_or_default()
     }
 
     pub fn token_server(&self) -> &TokenServer {
