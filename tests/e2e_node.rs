@@ -300,18 +300,12 @@ fn pod_ready(p: &Value) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            eprintln!("e2e-node: {what}: {:.1}s", start.elapsed().as_secs_f64());
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("e2e-node: timed out after {timeout:?} waiting for: {what}\n{}", describe(NS));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let v = support::wait_until(timeout, f)
+        .unwrap_or_else(|| panic!("e2e-node: timed out after {timeout:?} waiting for: {what}\n{}", describe(NS)));
+    eprintln!("e2e-node: {what}: {:.1}s", start.elapsed().as_secs_f64());
+    v
 }
 
 /// What a person would look at when a step times out.
@@ -404,8 +398,7 @@ fn run_pod(name: &str, image: &str) -> Option<f64> {
         "-o",
         "json",
     ]);
-    let out = kubectl_ok(&["-n", NS, "delete", "pod", name, "--wait=true", "--grace-period=1"], None);
-    let _ = out;
+    kubectl_ok(&["-n", NS, "delete", "pod", name, "--wait=true", "--grace-period=1"], None);
     events["items"].as_array()?.iter().rev().find_map(|e| pull_seconds(e["message"].as_str()?))
 }
 
@@ -599,10 +592,7 @@ fn step04_a_pod_whose_image_is_only_upstream_starts_through_the_proxy_then_from_
     )
     .unwrap();
     let started = Instant::now();
-    let mut cmd = Command::new("ctr");
-    cmd.arg("-a").arg(&fx.node.containerd_sock).args(["-n", "k8s.io", "images", "pull", "--hosts-dir"]);
-    cmd.arg(&direct_dir).args(["--user", "alpha-user:alpha-secret", &image]);
-    let out = run(&mut cmd, Duration::from_secs(120));
+    let out = fx.node.pull_with(&image, &direct_dir, Some("alpha-user:alpha-secret"));
     let direct = started.elapsed().as_secs_f64();
     assert!(out.status.success(), "direct pull: {}", describe_output(&out));
     fx.node.remove_image(&image);
@@ -797,14 +787,22 @@ fn step08_via_edge_the_node_pulls_over_tls_through_envoy_trusting_the_edge_ca() 
         (condition("Ready").as_deref() == Some("True")).then_some(())
     });
     let image = fx.app("gamma");
-    let before = access_lines(&logs(NS, &selector("edge"), "envoy"), "/v2/e2e/gamma-app/manifests/1").len();
+    // Requests for the image that containerd (not step 7's curl) sent through Envoy.
+    let from_node = || {
+        let log = logs(NS, &selector("edge"), "envoy");
+        log.lines().filter(|l| l.contains("/v2/e2e/gamma-app/manifests/1") && l.contains("\"containerd/")).count()
+    };
+    let before = from_node();
     run_pod("via-edge", &image).expect("pulled via the edge");
-    let edge_lines = access_lines(&logs(NS, &selector("edge"), "envoy"), "/v2/e2e/gamma-app/manifests/1").len();
+    let edge_lines = wait_for("Envoy's access log of the node's pull", Duration::from_secs(10), || {
+        let n = from_node();
+        (n > before).then_some(n)
+    });
+    assert!(edge_lines > before);
     let plog = proxy_log("gamma");
-    assert!(!access_lines(&plog, "/v2/e2e/gamma-app/manifests/1").is_empty(), "gamma's proxy served nothing:\n{plog}");
     assert!(
-        edge_lines > before || logs(NS, &selector("edge"), "envoy").contains("gamma-app"),
-        "Envoy logged no request for the image"
+        plog.lines().any(|l| l.contains("/v2/e2e/gamma-app/manifests/1") && l.contains("\"containerd/")),
+        "gamma's proxy served the node's pull through Envoy nothing:\n{plog}"
     );
     fx.node.remove_image(&image);
     // Back to the Services for the steps after this one.

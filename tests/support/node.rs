@@ -91,9 +91,14 @@ impl RealNode {
     /// imagePullSecret gives the kubelet: what a private upstream needs when the node pulls from
     /// it directly.
     pub fn pull_as(&self, image: &str, user: Option<&str>) -> Output {
+        self.pull_with(image, &self.certs_dir, user)
+    }
+
+    /// [`RealNode::pull_as`] with another registry config directory (e.g. one without mirrors).
+    pub fn pull_with(&self, image: &str, hosts_dir: &Path, user: Option<&str>) -> Output {
         let mut cmd = Command::new(require("ctr"));
         cmd.arg("-a").arg(&self.containerd_sock).args(["-n", "k8s.io", "images", "pull", "--hosts-dir"]);
-        cmd.arg(&self.certs_dir);
+        cmd.arg(hosts_dir);
         if let Some(u) = user {
             cmd.args(["--user", u]);
         }
