@@ -691,6 +691,15 @@ fn logs_of(ops: &[&Operator]) -> Vec<std::path::PathBuf> {
     ops.iter().map(|o| o.log.clone()).collect()
 }
 
+/// How long the fleet may take to converge once a restarted API server is back
+/// (`FAULTS_RESTART_CONVERGE_SECONDS`, 30): the watches relist within seconds, and a relist
+/// triggers the reconciles that repair what changed while they were down.
+static AFTER_RESTART: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    Duration::from_secs(
+        std::env::var("FAULTS_RESTART_CONVERGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30),
+    )
+});
+
 /// How long a scenario may take to converge after its fault (`FAULTS_CONVERGE_SECONDS`, 180).
 static CONVERGE: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
     Duration::from_secs(std::env::var("FAULTS_CONVERGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(180))
@@ -871,9 +880,16 @@ fn api_server_restart() {
         assert!(out.status.success(), "restarting the API server failed");
         // The operator survives the outage (it may lose and regain the Lease meanwhile).
         assert!(op.alive(), "the operator exited during the API server outage:\n{}", op.tail());
+        // The script returns once the server answers /readyz again: from here on, the clock.
+        let back = Instant::now();
         fleet.mutate();
-        fleet.hand_edit();
-        wait_converged(&fleet.ns, &format!("round {round} after the API server came back"), *CONVERGE);
+        let edit = fleet.hand_edit();
+        eprintln!("faults: round {round}: after the restart, {edit}");
+        wait_converged(&fleet.ns, &format!("round {round} after the API server came back"), *AFTER_RESTART);
+        eprintln!(
+            "faults: round {round}: converged {:.1}s after the API server was back",
+            back.elapsed().as_secs_f64()
+        );
         let start = Instant::now();
         while !op.leader() {
             assert!(start.elapsed() < Duration::from_secs(30), "the operator did not lead again:\n{}", op.tail());

@@ -13,8 +13,18 @@
 //!
 //! A store can lag behind what a reconcile just wrote: [`super::apply`] keeps the version it saw
 //! before each write, so an old version still in the store is recognised as old, not as drift.
+//!
+//! What a watch triggers ([`triggers`]): every object an event touched, like kube-runtime's
+//! `touched_objects`, except after a relist (a new watch's first list, or the list after the API
+//! server answered "too old resource version", as after its restart). kube-runtime yields a
+//! relist's objects one by one while the store still shows the state from before it (the store
+//! takes the relist whole at its end), and never yields the objects the relist no longer has. A
+//! child deleted or edited while the watch was down then triggered its mirror's reconcile only
+//! against the stale store, which still showed it as applied, and nothing triggered one after the
+//! store caught up: the mirror waited for the periodic requeue (5 minutes) to repair it. Here a
+//! relist triggers once the store holds it, and the objects that vanished in it trigger too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +39,7 @@ use k8s_openapi::Resource as _;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -353,8 +363,49 @@ pub fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
     ResetTimerBackoff::new(WatchBackoff::default(), Duration::from_secs(60))
 }
 
-/// A metadata watch of one owned kind, feeding `writer`; yields every object it sees (the
-/// controller maps them to their owner).
+/// What the events of a watch feeding `store` trigger (see the module doc): every object an
+/// Apply or Delete event carries, at once; after a relist, once the store holds it, every object
+/// it listed and every object the store held before that it no longer lists.
+pub fn triggers<K, S>(events: S, store: Store<K>) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default + Send + Sync,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    use futures::StreamExt as _;
+    // The store's contents when the relist began (it keeps them until the relist is done).
+    let mut before: Option<Vec<Arc<K>>> = None;
+    events
+        .map(move |event| {
+            let out: Vec<Result<K, watcher::Error>> = match event {
+                Err(e) => vec![Err(e)],
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => vec![Ok(o)],
+                Ok(watcher::Event::Init) => {
+                    before = Some(store.state());
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitApply(_)) => Vec::new(),
+                Ok(watcher::Event::InitDone) => {
+                    let now = store.state();
+                    let listed: HashSet<ObjectRef<K>> = now.iter().map(|o| ObjectRef::from_obj(&**o)).collect();
+                    let mut vanished: Vec<Arc<K>> = before.take().unwrap_or_default();
+                    vanished.retain(|o| !listed.contains(&ObjectRef::from_obj(&**o)));
+                    // In name order, listed first: the same relist triggers in the same order.
+                    let by_name =
+                        |a: &Arc<K>, b: &Arc<K>| (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any()));
+                    let (mut now, mut vanished) = (now, vanished);
+                    now.sort_by(by_name);
+                    vanished.sort_by(by_name);
+                    now.into_iter().chain(vanished).map(|o| Ok((*o).clone())).collect()
+                }
+            };
+            futures::stream::iter(out)
+        })
+        .flatten()
+}
+
+/// A metadata watch of one owned kind, feeding `writer`; yields what it triggers ([`triggers`];
+/// the controller maps the objects to their owner).
 pub fn watch_meta<K>(
     client: &Client,
     ns: Option<&str>,
@@ -364,14 +415,15 @@ pub fn watch_meta<K>(
 where
     K: Child,
 {
-    watcher(api::<PartialObjectMeta<K>>(client, ns), cfg)
+    let store = writer.as_reader();
+    let events = watcher(api::<PartialObjectMeta<K>>(client, ns), cfg)
         .backoff(watch_backoff())
         .modify(Compact::compact)
-        .reflect(writer)
-        .touched_objects()
+        .reflect(writer);
+    triggers(events, store)
 }
 
-/// A watch of one owned kind kept whole (compacted), feeding `writer`.
+/// A watch of one owned kind kept whole (compacted), feeding `writer`; yields what it triggers.
 pub fn watch_full<K>(
     client: &Client,
     ns: Option<&str>,
@@ -381,11 +433,9 @@ pub fn watch_full<K>(
 where
     K: Child + Compact,
 {
-    watcher(api::<K>(client, ns), cfg)
-        .backoff(watch_backoff())
-        .modify(Compact::compact)
-        .reflect(writer)
-        .touched_objects()
+    let store = writer.as_reader();
+    let events = watcher(api::<K>(client, ns), cfg).backoff(watch_backoff()).modify(Compact::compact).reflect(writer);
+    triggers(events, store)
 }
 
 async fn relist_meta<K: Child>(client: &Client, ns: &str) -> Result<Vec<PartialObjectMeta<K>>> {
@@ -446,5 +496,73 @@ impl ChildWriters {
         replace(&mut self.daemon_sets, daemon_sets);
         replace(&mut self.jobs, jobs);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn cm(name: &str, version: &str) -> ConfigMap {
+        let mut c = ConfigMap::default();
+        c.metadata.name = Some(name.into());
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.resource_version = Some(version.into());
+        c
+    }
+
+    fn names(store: &Store<ConfigMap>) -> Vec<String> {
+        let mut n: Vec<String> = store.state().iter().map(|c| c.name_any()).collect();
+        n.sort();
+        n
+    }
+
+    /// Every object a relist triggers is yielded once the store holds the relist, never before;
+    /// the objects that vanished in it are yielded too; Apply, Delete and errors pass at once.
+    #[tokio::test]
+    async fn a_relist_triggers_once_the_store_holds_it_and_for_what_vanished() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let events: Vec<Result<watcher::Event<ConfigMap>, watcher::Error>> = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(cm("a", "1"))),
+            Ok(watcher::Event::InitApply(cm("b", "1"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(cm("c", "2"))),
+            Err(watcher::Error::NoResourceVersion),
+            // The watch is down; b is deleted and a edited meanwhile; the relist:
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(cm("a", "5"))),
+            Ok(watcher::Event::InitApply(cm("c", "2"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Delete(cm("c", "6"))),
+        ];
+        let mut out = Box::pin(triggers(futures::stream::iter(events).reflect(writer), store.clone()));
+        let mut seen = Vec::new();
+        while let Some(item) = out.next().await {
+            match item {
+                Ok(c) => {
+                    // What the reconcile it triggers reads: the store as of this object's event.
+                    seen.push(format!("{}@{} store={:?}", c.name_any(), c.resource_version().unwrap(), names(&store)))
+                }
+                Err(e) => seen.push(format!("error: {e}")),
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                r#"a@1 store=["a", "b"]"#,
+                r#"b@1 store=["a", "b"]"#,
+                r#"c@2 store=["a", "b", "c"]"#,
+                "error: no metadata.resourceVersion in watch result (does resource support watch?)",
+                r#"a@5 store=["a", "c"]"#,
+                r#"c@2 store=["a", "c"]"#,
+                // Deleted while the watch was down: yielded as the store held it last.
+                r#"b@1 store=["a", "c"]"#,
+                r#"c@6 store=["a"]"#,
+            ]
+            .map(|s| s.to_string())
+            .to_vec(),
+        );
     }
 }

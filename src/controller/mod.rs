@@ -388,6 +388,18 @@ where
     })
 }
 
+/// What a watch without a store of the controller's triggers ([`children::triggers`]), through
+/// a store kept for that alone.
+fn triggered_by<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    children::triggers(events.reflect(writer), store)
+}
+
 /// A predicate that changes when the mirror starts being deleted.
 fn deletion(mirror: &RegistryMirror) -> Option<u64> {
     Some(u64::from(mirror.metadata.deletion_timestamp.is_some()))
@@ -411,13 +423,13 @@ pub async fn run_controller(
         .combine(predicates::annotations)
         .combine(deletion);
     let cfg = WatchConfigs::default();
-    let mirror_stream = watcher(mirrors, cfg.mirrors.clone())
+    let mirror_events = watcher(mirrors, cfg.mirrors.clone())
         .backoff(children::watch_backoff())
         // managedFields are never read here (writes are server-side applies): not kept.
         .modify(|m: &mut RegistryMirror| m.metadata.managed_fields = None)
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(changed, Default::default());
+        .reflect(writer);
+    // After a relist, the reconcile must read the relisted spec, not the one from before it.
+    let mirror_stream = children::triggers(mirror_events, store.clone()).predicate_filter(changed, Default::default());
     let mirror_stream = log_errors("RegistryMirror", mirror_stream);
     let controller = Controller::for_stream(mirror_stream, store.clone());
 
@@ -425,14 +437,20 @@ pub async fn run_controller(
         error!("the child stores are already fed by another controller; not starting");
         return;
     };
-    let secrets = watcher(api::<PartialObjectMeta<Secret>>(&client, ns), cfg.referenced_secrets.clone())
-        .backoff(children::watch_backoff())
-        .touched_objects();
+    // Stores of their own only so that a relist also triggers for what vanished in it (a
+    // referenced Secret or an agent Pod deleted while the watch was down).
+    let secrets = triggered_by(
+        watcher(api::<PartialObjectMeta<Secret>>(&client, ns), cfg.referenced_secrets.clone())
+            .backoff(children::watch_backoff())
+            .modify(children::Compact::compact),
+    );
     let secrets = log_errors("Secret (referenced)", secrets);
     let secret_store = store.clone();
-    let agents = watcher(api::<PartialObjectMeta<Pod>>(&client, ns), cfg.node_agents.clone())
-        .backoff(children::watch_backoff())
-        .touched_objects();
+    let agents = triggered_by(
+        watcher(api::<PartialObjectMeta<Pod>>(&client, ns), cfg.node_agents.clone())
+            .backoff(children::watch_backoff())
+            .modify(children::Compact::compact),
+    );
     let agents = log_errors("Pod (node agents)", agents);
     let owned_cfg = || cfg.owned.clone();
     let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, cfg.cleanup_jobs.clone(), w.jobs));
