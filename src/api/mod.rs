@@ -128,6 +128,11 @@ pub struct RegistryMirrorSpec {
 /// One upstream registry and its pull-through cache.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.auth) || !has(self.auth.type) || self.auth.type != 'None' || !has(self.credentialsSecretRef)",
+     "message": "auth type None sends no credentials: remove credentialsSecretRef or describe the token realm",
+     "fieldPath": ".auth.type"}
+]))]
 pub struct Upstream {
     /// Short name, a DNS-1123 label; names the proxy's Deployment, Service and ConfigMap.
     #[schemars(length(min = 1, max = 40), regex(pattern = DNS1123_LABEL))]
@@ -155,12 +160,81 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<CredentialsSecretRef>,
 
+    /// How the upstream authenticates, which the proxy's Envoy sidecar must know to answer the
+    /// registry's `/v2/` ping itself (so the proxy starts, and bounds its waits, while the
+    /// upstream is down). Known for `registry-1.docker.io`, `ghcr.io` and `quay.io`. Unset on
+    /// another upstream: the registry talks to it directly, without the sidecar (unbounded waits
+    /// on a dead upstream, as Distribution alone has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<UpstreamAuth>,
+
     /// Virtual host on the edge for this upstream; defaults to `<name>.<edge.domain>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 253))]
     #[schemars(regex(pattern = HOST_NAME))]
     pub host: Option<String>,
 }
+
+/// The challenge an upstream answers on `/v2/`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.type) || self.type == 'Bearer' ? (has(self.realm) && has(self.service)) : (!has(self.realm) && !has(self.service))",
+     "message": "type Bearer needs realm and service; type None takes neither"}
+]))]
+pub struct UpstreamAuth {
+    /// `Bearer`: token auth (Docker Hub, GHCR, Quay, Harbor, Distribution with `auth: token`).
+    /// `None`: the upstream answers `/v2/` with 200 and needs no token.
+    #[serde(default, rename = "type")]
+    pub type_: UpstreamAuthType,
+    /// The token realm of the upstream's `WWW-Authenticate: Bearer realm=...` challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 8, max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != '' && !self.contains('?') && !self.contains('#')",
+         "message": "realm must be an absolute http:// or https:// URL without query or fragment"}
+    ]))]
+    pub realm: Option<String>,
+    /// The `service` of that challenge (Docker Hub: `registry.docker.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r#"^[^"\\\s]+$"#))]
+    pub service: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum UpstreamAuthType {
+    #[default]
+    Bearer,
+    None,
+}
+
+impl UpstreamAuth {
+    pub fn bearer(realm: &str, service: &str) -> Self {
+        Self { type_: UpstreamAuthType::Bearer, realm: Some(realm.into()), service: Some(service.into()) }
+    }
+}
+
+impl Upstream {
+    /// The upstream's challenge: the spec's `auth`, else the known one of a public registry
+    /// (by the remote URL's host), else `None` (unknown: no sidecar).
+    pub fn effective_auth(&self) -> Option<UpstreamAuth> {
+        if let Some(auth) = &self.auth {
+            return Some(auth.clone());
+        }
+        let host = url::Url::parse(&self.remote_url).ok()?.host_str()?.to_ascii_lowercase();
+        KNOWN_UPSTREAM_AUTH
+            .iter()
+            .find(|(h, _, _)| *h == host)
+            .map(|(_, realm, service)| UpstreamAuth::bearer(realm, service))
+    }
+}
+
+/// Token realms and services of public registries, by the remote URL's host.
+pub const KNOWN_UPSTREAM_AUTH: [(&str, &str, &str); 3] = [
+    ("registry-1.docker.io", "https://auth.docker.io/token", "registry.docker.io"),
+    ("ghcr.io", "https://ghcr.io/token", "ghcr.io"),
+    ("quay.io", "https://quay.io/v2/auth", "quay.io"),
+];
 
 /// A Secret holding a username and a password under the given keys.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -174,6 +174,9 @@ fn validate_upstreams(mirror_name: &str, spec: &RegistryMirrorSpec, p: &mut Prob
         if let Some(creds) = &u.credentials_secret_ref {
             secret_name(&creds.name, &at("credentialsSecretRef.name"), p);
         }
+        if let Some(auth) = &u.auth {
+            validate_upstream_auth(u, auth, &at("auth"), p);
+        }
         if let Some(host) = &u.host {
             if !RE_HOST.is_match(host) || host.len() > 253 {
                 p.add(at("host"), format!("{host:?} is not a DNS host name with at least two labels"));
@@ -183,6 +186,53 @@ fn validate_upstreams(mirror_name: &str, spec: &RegistryMirrorSpec, p: &mut Prob
             let host = effective_host(u, edge);
             if let Some(first) = hosts.insert(host.clone(), i) {
                 p.add(at("host"), format!("edge host {host:?} is already used by upstreams[{first}]"));
+            }
+        }
+    }
+}
+
+fn validate_upstream_auth(u: &Upstream, auth: &UpstreamAuth, at: &str, p: &mut Problems) {
+    match auth.type_ {
+        UpstreamAuthType::Bearer => {
+            match auth.realm.as_deref().map(|r| (r, url::Url::parse(r))) {
+                None => p.add(format!("{at}.realm"), "is required for type Bearer"),
+                Some((_, Ok(u)))
+                    if !matches!(u.scheme(), "http" | "https") || u.host_str().unwrap_or("").is_empty() =>
+                {
+                    p.add(format!("{at}.realm"), "must be an absolute http:// or https:// URL")
+                }
+                Some((r, Ok(_))) if r.contains('?') || r.contains('#') || r.len() > 2048 => {
+                    p.add(format!("{at}.realm"), "must not carry a query or fragment, at most 2048 characters")
+                }
+                Some((_, Ok(_))) => {}
+                Some((r, Err(e))) => p.add(format!("{at}.realm"), format!("{r:?} is not an absolute URL: {e}")),
+            }
+            match auth.service.as_deref() {
+                None => p.add(format!("{at}.service"), "is required for type Bearer"),
+                Some(s)
+                    if s.is_empty()
+                        || s.len() > 253
+                        || s.contains('"')
+                        || s.contains('\\')
+                        || s.contains(char::is_whitespace) =>
+                {
+                    p.add(
+                        format!("{at}.service"),
+                        format!("{s:?} must be 1-253 characters without quotes, backslashes or spaces"),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        UpstreamAuthType::None => {
+            if auth.realm.is_some() || auth.service.is_some() {
+                p.add(format!("{at}.type"), "type None takes neither realm nor service");
+            }
+            if u.credentials_secret_ref.is_some() {
+                p.add(
+                    format!("{at}.type"),
+                    "auth type None sends no credentials: remove credentialsSecretRef or describe the token realm",
+                );
             }
         }
     }

@@ -88,7 +88,7 @@ fn path_source(file: &str) -> Value {
     })
 }
 
-fn router() -> Value {
+pub(crate) fn router() -> Value {
     json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -102,39 +102,46 @@ fn stdout_access_log() -> Value {
     }])
 }
 
-pub fn envoy_bootstrap(mirror: &RegistryMirror) -> Value {
+/// A listener on all interfaces that serves only `/ready` and `/stats/prometheus` of the admin
+/// interface (which listens on 127.0.0.1 so nothing outside the pod reaches its mutating
+/// endpoints), and the cluster it forwards to.
+pub(crate) fn admin_proxy(admin_port: i32, proxy_port: i32) -> (Value, Value) {
     let admin_route = |path: &str| json!({"match": {"path": path}, "route": {"cluster": "admin"}});
+    let listener = json!({
+        "name": "admin-proxy",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": proxy_port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "admin_proxy",
+                "route_config": {"name": "admin-proxy", "virtual_hosts": [{
+                    "name": "admin-proxy",
+                    "domains": ["*"],
+                    "routes": [admin_route("/ready"), admin_route("/stats/prometheus")],
+                }]},
+                "http_filters": [router()],
+            },
+        }]}],
+    });
+    let cluster = json!({
+        "name": "admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "admin", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": admin_port},
+        }}}]}]},
+    });
+    (listener, cluster)
+}
+
+pub fn envoy_bootstrap(mirror: &RegistryMirror) -> Value {
+    let (admin_listener, admin_cluster) = admin_proxy(ADMIN_PORT, ADMIN_PROXY_PORT);
     json!({
         "node": {"id": names::edge(mirror), "cluster": names::edge(mirror)},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
         "dynamic_resources": {"lds_config": path_source(LDS_FILE), "cds_config": path_source(CDS_FILE)},
-        "static_resources": {
-            "listeners": [{
-                "name": "admin-proxy",
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": ADMIN_PROXY_PORT}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "admin_proxy",
-                        "route_config": {"name": "admin-proxy", "virtual_hosts": [{
-                            "name": "admin-proxy",
-                            "domains": ["*"],
-                            "routes": [admin_route("/ready"), admin_route("/stats/prometheus")],
-                        }]},
-                        "http_filters": [router()],
-                    },
-                }]}],
-            }],
-            "clusters": [{
-                "name": "admin",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "admin", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                    "socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT},
-                }}}]}]},
-            }],
-        },
+        "static_resources": {"listeners": [admin_listener], "clusters": [admin_cluster]},
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {
             // Registry clients keep few, long-lived connections; a generous global cap still
             // keeps a misbehaving client from exhausting the pod.

@@ -10,6 +10,7 @@ pub mod node;
 pub mod pod;
 pub mod proxy;
 pub mod rbac;
+pub mod sidecar;
 
 use std::collections::BTreeMap;
 
@@ -163,12 +164,25 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         false,
     ));
     for upstream in &spec.upstreams {
-        let config = proxy::registry_config(mirror, upstream);
-        c.config_maps.push(proxy::proxy_config_map(mirror, upstream, &config));
-        c.deployments.push(proxy::proxy_deployment(mirror, upstream, &config, htpasswd.as_deref(), inputs, settings));
+        let auth = upstream.effective_auth();
+        let envoy = auth.as_ref().map(|auth| sidecar::sidecar_config(mirror, upstream, auth));
+        let config = proxy::registry_config(mirror, upstream, envoy.is_some());
+        c.config_maps.push(proxy::proxy_config_map(mirror, upstream, &config, envoy.as_deref()));
+        c.deployments.push(proxy::proxy_deployment(
+            mirror,
+            upstream,
+            &config,
+            envoy.as_deref(),
+            htpasswd.as_deref(),
+            inputs,
+            settings,
+        ));
         c.services.push(proxy::proxy_service(mirror, upstream));
         c.persistent_volume_claims.extend(proxy::proxy_pvc(mirror, upstream));
         files.insert(format!("proxy/{}/{}", upstream.name, proxy::CONFIG_FILE), config);
+        if let Some(envoy) = envoy {
+            files.insert(format!("proxy/{}/{}", upstream.name, sidecar::CONFIG_FILE), envoy);
+        }
     }
     if let Some(h) = &htpasswd {
         c.secrets.push(auth::htpasswd_secret(mirror, h));

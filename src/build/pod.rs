@@ -190,7 +190,7 @@ spec:
             }
         }
         let every: BTreeSet<String> =
-            ["registry", "cache-cleanup", "envoy", "cleanup", "node-agent"].map(String::from).into();
+            ["registry", "cache-cleanup", "upstream-envoy", "envoy", "cleanup", "node-agent"].map(String::from).into();
         assert_eq!(seen, every, "a container kind the test does not know, or one it never saw");
     }
 
@@ -204,6 +204,7 @@ spec:
         for (name, cpu, memory) in [
             ("registry", "100m", "128Mi"),
             ("cache-cleanup", "100m", "128Mi"),
+            ("upstream-envoy", "20m", "32Mi"),
             ("envoy", "50m", "64Mi"),
             ("cleanup", "50m", "64Mi"),
         ] {

@@ -16,8 +16,8 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::meta::{self, names, Component};
-use super::{cleanup, pod, Inputs, Settings};
-use crate::api::{RegistryMirror, Upstream};
+use super::{cleanup, pod, sidecar, Inputs, Settings};
+use crate::api::{default_envoy_image, RegistryMirror, Upstream};
 
 pub const REGISTRY_PORT: i32 = 5000;
 pub const METRICS_PORT: i32 = 5001;
@@ -37,7 +37,8 @@ pub const PROXY_REQUESTS: pod::Requests = pod::Requests { cpu: "100m", memory: "
 
 /// The Distribution `config.yml` for one upstream's proxy. Secrets are not in it: upstream and
 /// S3 credentials reach the registry as `REGISTRY_PROXY_*` / `REGISTRY_STORAGE_S3_*` env vars.
-pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
+/// With an upstream sidecar (`sidecar`), the registry reaches its upstream only through it.
+pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bool) -> String {
     let spec = &mirror.spec;
     let storage = &spec.proxy.storage;
     let mut storage_cfg = json!({
@@ -79,7 +80,10 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
             },
         },
         "health": {"storagedriver": {"enabled": true, "interval": "10s", "threshold": 3}},
-        "proxy": {"remoteurl": upstream.remote_url, "ttl": spec.proxy.ttl},
+        "proxy": {
+            "remoteurl": if sidecar { sidecar::local_remote_url() } else { upstream.remote_url.clone() },
+            "ttl": spec.proxy.ttl,
+        },
     });
     cfg["storage"] = storage_cfg; // moved in: `json!` would copy it
     if spec.client_auth.is_some() {
@@ -91,7 +95,17 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
     serde_yaml::to_string(&cfg).expect("registry config serializes")
 }
 
-pub fn proxy_config_map(mirror: &RegistryMirror, upstream: &Upstream, config: &str) -> ConfigMap {
+/// The registry's `config.yml` and, with a sidecar, the sidecar's Envoy bootstrap.
+pub fn proxy_config_map(
+    mirror: &RegistryMirror,
+    upstream: &Upstream,
+    config: &str,
+    sidecar: Option<&str>,
+) -> ConfigMap {
+    let mut data = BTreeMap::from([(CONFIG_FILE.to_string(), config.to_string())]);
+    if let Some(envoy) = sidecar {
+        data.insert(sidecar::CONFIG_FILE.to_string(), envoy.to_string());
+    }
     ConfigMap {
         metadata: meta::object_meta(
             mirror,
@@ -99,7 +113,7 @@ pub fn proxy_config_map(mirror: &RegistryMirror, upstream: &Upstream, config: &s
             Component::Proxy,
             Some(&upstream.name),
         ),
-        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config.to_string())])),
+        data: Some(data),
         ..Default::default()
     }
 }
@@ -167,6 +181,7 @@ pub fn proxy_deployment(
     mirror: &RegistryMirror,
     upstream: &Upstream,
     config: &str,
+    sidecar_config: Option<&str>,
     htpasswd: Option<&str>,
     inputs: &Inputs,
     settings: &Settings,
@@ -194,6 +209,7 @@ pub fn proxy_deployment(
     }
 
     let (mut volumes, mut mounts) = pod::config_and_tmp_volumes(&name, CONFIG_DIR);
+    let (config_mount, tmp_mount) = (mounts[0].clone(), mounts[1].clone());
     let storage = &spec.proxy.storage;
     if let Some(e) = &storage.empty_dir {
         volumes.push(Volume {
@@ -229,8 +245,10 @@ pub fn proxy_deployment(
     }
 
     // Pods read their config at start, so any change to what they read must roll them.
+    let mut checksummed = vec![config.as_bytes()];
+    checksummed.extend(sidecar_config.map(str::as_bytes));
     let mut annotations =
-        BTreeMap::from([("mirrorfleet.io/config-checksum".to_string(), meta::checksum(&[config.as_bytes()]))]);
+        BTreeMap::from([("mirrorfleet.io/config-checksum".to_string(), meta::checksum(&checksummed))]);
     if let Some(h) = htpasswd {
         annotations.insert("mirrorfleet.io/htpasswd-checksum".into(), meta::checksum(&[h.as_bytes()]));
     }
@@ -260,10 +278,16 @@ pub fn proxy_deployment(
     };
     // With a cleanup schedule, each new replica cleans its filesystem cache before serving
     // (see cleanup.rs; s3 is not cleaned).
-    let init_containers = match (&spec.cleanup, mounts.iter().find(|m| m.mount_path == STORAGE_DIR)) {
-        (Some(_), Some(cache)) => Some(vec![cleanup::cleanup_init_container(mirror, settings, cache)]),
-        _ => None,
+    let mut init_containers = match (&spec.cleanup, mounts.iter().find(|m| m.mount_path == STORAGE_DIR)) {
+        (Some(_), Some(cache)) => vec![cleanup::cleanup_init_container(mirror, settings, cache)],
+        _ => Vec::new(),
     };
+    // After the cleanup (which needs no upstream), before the registry (whose first act is a
+    // ping of its remote, the sidecar).
+    if sidecar_config.is_some() {
+        let image = spec.edge.as_ref().map_or_else(default_envoy_image, |e| e.image.clone());
+        init_containers.push(sidecar::sidecar_container(&image, &config_mount, &tmp_mount));
+    }
     let container = Container {
         name: "registry".into(),
         image: Some(spec.proxy.image.clone()),
@@ -333,7 +357,7 @@ pub fn proxy_deployment(
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(pod::restricted_pod_security()),
-                    init_containers,
+                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
                     containers: vec![container],
                     volumes: Some(volumes),
                     node_selector: (!spec.proxy.node_selector.is_empty()).then(|| spec.proxy.node_selector.clone()),

@@ -108,6 +108,39 @@ pub fn cases() -> Vec<Case> {
             admission: Schema,
         },
         Case {
+            what: "auth Bearer without a realm",
+            edit: |v| up(v, 0)["auth"] = serde_json::json!({"service": "registry.docker.io"}),
+            path: "spec.upstreams[0].auth",
+            message: "realm",
+            admission: Schema,
+        },
+        Case {
+            what: "auth realm that is not an http URL",
+            edit: |v| up(v, 0)["auth"] = serde_json::json!({"realm": "ftp://auth.docker.io/token", "service": "s"}),
+            path: "spec.upstreams[0].auth.realm",
+            message: "http",
+            admission: Schema,
+        },
+        Case {
+            what: "auth service with a quote",
+            edit: |v| {
+                up(v, 0)["auth"] = serde_json::json!({"realm": "https://auth.docker.io/token", "service": "a\"b"})
+            },
+            path: "spec.upstreams[0].auth.service",
+            message: "",
+            admission: Schema,
+        },
+        Case {
+            what: "auth type None with credentials",
+            edit: |v| {
+                up(v, 0)["auth"] = serde_json::json!({"type": "None"});
+                up(v, 0)["credentialsSecretRef"] = serde_json::json!({"name": "hub-creds"});
+            },
+            path: "spec.upstreams[0].auth.type",
+            message: "sends no credentials",
+            admission: Schema,
+        },
+        Case {
             what: "remoteURL of the wrong type",
             edit: |v| up(v, 0)["remoteURL"] = 443.into(),
             path: "spec.upstreams[0].remoteURL",

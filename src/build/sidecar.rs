@@ -1,0 +1,484 @@
+//! The upstream sidecar: an Envoy in each proxy pod that is the registry's only way to its
+//! upstream (`proxy.remoteurl: http://127.0.0.1:5080`), so every upstream wait has a bound and
+//! the registry starts while the upstream is down.
+//!
+//! Why each part (measured in issue 12, Distribution 2.8.2 and 3.1.1):
+//! * Distribution pings `remoteurl/v2/` at start and panics on a transport error; the answer it
+//!   gets also decides, for the life of the process, which token realm receives the upstream
+//!   credentials. Envoy answers that ping itself with the upstream's challenge, its realm moved
+//!   to `http://127.0.0.1:5080/_token` (same host:port as the remote URL, which Distribution
+//!   3.1 requires before it sends credentials), so the registry starts and authenticates
+//!   whatever the upstream does at that moment.
+//! * Distribution uses Go's default transport upstream (30 s dial, no response timeout) and
+//!   falls back to its cache for a tag only once the upstream request failed. Envoy fails fast
+//!   instead: 1 s connect timeout, 3 s for a manifest or tag exchange, an idle timeout for blob
+//!   bodies, and an unhealthy or ejected host answers 503 in under a millisecond.
+//! * Pulls by digest are served from storage first and never reach this hop.
+//!
+//! The config is static (a bootstrap only), so a change rolls the pod like `config.yml` does.
+//! No credential is in it: the registry sends its Basic credentials to `/_token` through Envoy.
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, HTTPGetAction, Probe, VolumeMount};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{json, Value};
+
+use super::edge::{admin_proxy, router};
+use super::meta::names;
+use super::pod;
+use crate::api::{RegistryMirror, Upstream, UpstreamAuth, UpstreamAuthType};
+
+/// The registry's remote: the sidecar's listener, on loopback only.
+pub const LISTEN_PORT: i32 = 5080;
+/// Envoy's admin interface, loopback only.
+pub const ADMIN_PORT: i32 = 5081;
+/// Serves only `/ready` and `/stats/prometheus` from the admin interface, for kubelet's probes.
+pub const PROBE_PORT: i32 = 5082;
+pub const CONFIG_FILE: &str = "envoy.yaml";
+/// Where the registry's token requests go; Envoy forwards them to the real realm.
+pub const TOKEN_PATH: &str = "/_token";
+/// Whole manifest or tag-list exchange, and a token request: a dead upstream costs at most this.
+pub const LOOKUP_TIMEOUT: &str = "3s";
+/// No byte either way for this long ends a blob transfer (no total bound: layers are large).
+pub const BLOB_IDLE_TIMEOUT: &str = "15s";
+pub const CONNECT_TIMEOUT: &str = "1s";
+/// The system CA bundle of the Envoy image.
+pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub const SIDECAR_REQUESTS: pod::Requests = pod::Requests { cpu: "20m", memory: "32Mi" };
+
+/// `http://127.0.0.1:5080`: what the registry's `proxy.remoteurl` becomes with a sidecar.
+pub fn local_remote_url() -> String {
+    format!("http://127.0.0.1:{LISTEN_PORT}")
+}
+
+/// Scheme, host and port, host header and path of an absolute http(s) URL (validated before).
+struct Endpoint {
+    tls: bool,
+    host: String,
+    port: u16,
+    /// `host` or `host:port` when the port is not the scheme's.
+    authority: String,
+    /// The path without a trailing slash ("" for none).
+    path: String,
+    ip: bool,
+}
+
+fn endpoint(raw: &str) -> Endpoint {
+    let url = url::Url::parse(raw).expect("validated URL");
+    let tls = url.scheme() == "https";
+    let (host, ip) = match url.host() {
+        Some(url::Host::Domain(d)) => (d.to_string(), false),
+        Some(url::Host::Ipv4(a)) => (a.to_string(), true),
+        Some(url::Host::Ipv6(a)) => (a.to_string(), true),
+        None => panic!("validated URL has a host"),
+    };
+    let port = url.port_or_known_default().expect("http(s) has a default port");
+    // `host_str` keeps an IPv6 literal's brackets, as a Host header needs them.
+    let authority = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap()),
+        None => url.host_str().unwrap().to_string(),
+    };
+    Endpoint { tls, host, port, authority, path: url.path().trim_end_matches('/').to_string(), ip }
+}
+
+/// The Envoy bootstrap of an upstream's sidecar.
+pub fn sidecar_config(mirror: &RegistryMirror, upstream: &Upstream, auth: &UpstreamAuth) -> String {
+    let registry = endpoint(&upstream.remote_url);
+    let mut routes = vec![ping_route(auth)];
+    let mut clusters = vec![cluster("registry", &registry, &format!("{}/v2/", registry.path))];
+    if let (UpstreamAuthType::Bearer, Some(realm)) = (auth.type_, &auth.realm) {
+        let realm = endpoint(realm);
+        let path = if realm.path.is_empty() { "/".to_string() } else { realm.path.clone() };
+        routes.push(json!({
+            "match": {"prefix": TOKEN_PATH},
+            "route": {
+                "cluster": "realm",
+                "prefix_rewrite": path,
+                "host_rewrite_literal": realm.authority,
+                "timeout": LOOKUP_TIMEOUT,
+            },
+        }));
+        clusters.push(cluster("realm", &realm, &path));
+    }
+    let forward = |timeout: &str, idle: Option<&str>| {
+        let mut route = json!({"cluster": "registry", "host_rewrite_literal": registry.authority, "timeout": timeout});
+        if let Some(idle) = idle {
+            route["idle_timeout"] = json!(idle);
+        }
+        if !registry.path.is_empty() {
+            // The remote URL's path prefixes every request, as Distribution would send it.
+            route["regex_rewrite"] =
+                json!({"pattern": {"regex": "^(.*)$"}, "substitution": format!("{}\\1", registry.path)});
+        }
+        route
+    };
+    routes.push(json!({
+        "match": {"safe_regex": {"regex": "^/v2/.+/(manifests/[^/]+|tags/list)$"}},
+        "route": forward(LOOKUP_TIMEOUT, None),
+    }));
+    routes.push(json!({"match": {"prefix": "/v2/"}, "route": forward("0s", Some(BLOB_IDLE_TIMEOUT))}));
+
+    let (admin_listener, admin_cluster) = admin_proxy(ADMIN_PORT, PROBE_PORT);
+    clusters.push(admin_cluster);
+    let listener = json!({
+        "name": "upstream",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": LISTEN_PORT}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "upstream",
+                "stream_idle_timeout": BLOB_IDLE_TIMEOUT,
+                "access_log": [{
+                    "name": "envoy.access_loggers.stdout",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                        // Response flags say why a request failed (UH no healthy host, UF connect
+                        // failure, UT timeout); the RateLimit header tells a 429 coming.
+                        "log_format": {"text_format_source": {"inline_string":
+                            "[%START_TIME%] %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %DURATION%ms upstream=%UPSTREAM_CLUSTER% tf=%UPSTREAM_TRANSPORT_FAILURE_REASON% rl=%RESP(RATELIMIT-REMAINING)%\n"}},
+                    },
+                }],
+                "route_config": {"name": "upstream", "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": routes}]},
+                "http_filters": [router()],
+            },
+        }]}],
+    });
+    let bootstrap = json!({
+        "node": {"id": names::proxy(mirror, &upstream.name), "cluster": "upstream-sidecar"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
+        "static_resources": {"listeners": [listener, admin_listener], "clusters": clusters},
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {
+            // Only the local registry connects.
+            "overload": {"global_downstream_max_connections": 10000},
+        }}]},
+    });
+    serde_yaml::to_string(&bootstrap).expect("envoy config serializes")
+}
+
+/// The registry's ping, answered here and never forwarded.
+fn ping_route(auth: &UpstreamAuth) -> Value {
+    let api_version = json!({"header": {"key": "Docker-Distribution-Api-Version", "value": "registry/2.0"}});
+    match auth.type_ {
+        UpstreamAuthType::Bearer => json!({
+            "match": {"path": "/v2/"},
+            "direct_response": {"status": 401, "body": {"inline_string": "{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}"}},
+            "response_headers_to_add": [
+                {"header": {"key": "WWW-Authenticate", "value": format!(
+                    "Bearer realm=\"{}{TOKEN_PATH}\",service=\"{}\"",
+                    local_remote_url(),
+                    auth.service.as_deref().unwrap_or_default(),
+                )}},
+                api_version,
+            ],
+        }),
+        // No challenge: the registry pings again before each tag lookup, answered here in no time.
+        UpstreamAuthType::None => json!({
+            "match": {"path": "/v2/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "{}"}},
+            "response_headers_to_add": [api_version],
+        }),
+    }
+}
+
+/// An upstream cluster: fail fast and know it early. Health checks (statuses 200-499 are alive,
+/// so 401 and 429 keep the host and the registry falls back per request) and outlier ejection on
+/// the first local timeout, reset or connect failure make a dead host answer 503 at once instead
+/// of each request paying a timeout; no panic routing to an unhealthy host.
+fn cluster(name: &str, e: &Endpoint, health_path: &str) -> Value {
+    let mut cluster = json!({
+        "name": name,
+        "type": if e.ip { "STATIC" } else { "LOGICAL_DNS" },
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": e.host, "port_value": e.port},
+        }}}]}]},
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "outlier_detection": {
+            "consecutive_gateway_failure": 1,
+            "enforcing_consecutive_gateway_failure": 100,
+            "consecutive_5xx": 0,
+            "enforcing_consecutive_5xx": 0,
+            "interval": "1s",
+            "base_ejection_time": "3s",
+            "max_ejection_time": "10s",
+            "max_ejection_percent": 100,
+        },
+        "health_checks": [{
+            "timeout": "2s",
+            "interval": "3s",
+            "no_traffic_interval": "3s",
+            // A dead upstream is re-probed every second: its return is seen within ~1 s.
+            "unhealthy_interval": "1s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"host": e.authority, "path": health_path, "expected_statuses": [{"start": 200, "end": 500}]},
+        }],
+        "upstream_connection_options": {"tcp_keepalive": {"keepalive_time": 10, "keepalive_interval": 3, "keepalive_probes": 3}},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "60s", "max_connection_duration": "600s"},
+            // HTTP/1.1: on an h2 connection the HTTP health check failed (measured).
+            "explicit_http_config": {"http_protocol_options": {}},
+        }},
+    });
+    if e.ip {
+        cluster.as_object_mut().unwrap().remove("dns_lookup_family");
+    }
+    if e.tls {
+        let san = if e.ip {
+            json!({"san_type": "IP_ADDRESS", "matcher": {"exact": e.host}})
+        } else {
+            json!({"san_type": "DNS", "matcher": {"exact": e.host}})
+        };
+        let mut tls = json!({
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["http/1.1"],
+                "validation_context": {"trusted_ca": {"filename": CA_BUNDLE}, "match_typed_subject_alt_names": [san]},
+            },
+        });
+        if !e.ip {
+            tls["sni"] = json!(e.host);
+        }
+        cluster["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": tls});
+    }
+    cluster
+}
+
+/// The sidecar as a native sidecar (an init container that keeps running): kubelet starts the
+/// registry only once Envoy's startup probe passed, so the registry's first ping finds it.
+pub fn sidecar_container(image: &str, config_mount: &VolumeMount, tmp_mount: &VolumeMount) -> Container {
+    let probe = |period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/ready".into()),
+            port: IntOrString::String("envoy-admin".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    };
+    Container {
+        name: "upstream-envoy".into(),
+        image: Some(image.to_string()),
+        restart_policy: Some("Always".into()),
+        command: Some(vec!["envoy".into()]),
+        args: Some(vec![
+            "-c".into(),
+            format!("{}/{CONFIG_FILE}", config_mount.mount_path),
+            "--log-level".into(),
+            "warn".into(),
+            // One worker: the only client is the local registry.
+            "--concurrency".into(),
+            "1".into(),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("envoy-admin".into()),
+            container_port: PROBE_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        startup_probe: Some(probe(1, 30)),
+        liveness_probe: Some(probe(10, 6)),
+        resources: Some(pod::resources(None, SIDECAR_REQUESTS)),
+        security_context: Some(pod::restricted_container_security()),
+        volume_mounts: Some(vec![config_mount.clone(), tmp_mount.clone()]),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{build, Inputs, Settings};
+    use k8s_openapi::api::apps::v1::Deployment;
+
+    fn mirror(upstream: &str, extra: &str) -> RegistryMirror {
+        serde_yaml::from_str(&format!(
+            "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: m, namespace: ns}}\n\
+             spec:\n  upstreams: [{upstream}]\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    fn envoy(m: &RegistryMirror) -> Value {
+        let u = &m.spec.upstreams[0];
+        serde_yaml::from_str(&sidecar_config(m, u, &u.effective_auth().expect("an upstream with a sidecar"))).unwrap()
+    }
+
+    fn routes(e: &Value) -> Vec<Value> {
+        e["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+            ["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn cluster<'a>(e: &'a Value, name: &str) -> &'a Value {
+        e["static_resources"]["clusters"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()
+    }
+
+    fn deployment(m: &RegistryMirror) -> Deployment {
+        build(m, &Inputs::default(), &Settings::default()).unwrap().children.deployments.remove(0)
+    }
+
+    const HUB: &str = "{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}";
+
+    #[test]
+    fn docker_hub_gets_its_known_challenge_answered_locally_with_the_realm_moved_to_the_sidecar() {
+        let e = envoy(&mirror(HUB, ""));
+        let routes = routes(&e);
+        let ping = &routes[0];
+        assert_eq!(ping["match"]["path"], "/v2/");
+        assert_eq!(ping["direct_response"]["status"], 401);
+        let challenge = &ping["response_headers_to_add"][0]["header"];
+        assert_eq!(challenge["key"], "WWW-Authenticate");
+        assert_eq!(challenge["value"], "Bearer realm=\"http://127.0.0.1:5080/_token\",service=\"registry.docker.io\"");
+        // /_token goes to the real realm, with its path, Host and a bound.
+        let token = &routes[1];
+        assert_eq!(token["match"]["prefix"], "/_token");
+        assert_eq!(token["route"]["prefix_rewrite"], "/token");
+        assert_eq!(token["route"]["host_rewrite_literal"], "auth.docker.io");
+        assert_eq!(token["route"]["timeout"], LOOKUP_TIMEOUT);
+        // Tag and manifest lookups have a total bound; blobs only an idle one.
+        assert_eq!(routes[2]["route"]["timeout"], LOOKUP_TIMEOUT);
+        assert!(routes[2]["match"]["safe_regex"]["regex"].as_str().unwrap().contains("manifests"));
+        assert_eq!(routes[3]["match"]["prefix"], "/v2/");
+        assert_eq!(routes[3]["route"]["timeout"], "0s");
+        assert_eq!(routes[3]["route"]["idle_timeout"], BLOB_IDLE_TIMEOUT);
+        for r in &routes[2..] {
+            assert_eq!(r["route"]["host_rewrite_literal"], "registry-1.docker.io");
+        }
+        // Listens on loopback only; the probe listener serves only the admin's read-only paths.
+        let listeners = e["static_resources"]["listeners"].as_array().unwrap();
+        assert_eq!(listeners[0]["address"]["socket_address"]["address"], "127.0.0.1");
+        assert_eq!(e["admin"]["address"]["socket_address"]["address"], "127.0.0.1");
+        for name in ["registry", "realm"] {
+            let c = cluster(&e, name);
+            assert_eq!(c["type"], "LOGICAL_DNS");
+            assert_eq!(c["connect_timeout"], CONNECT_TIMEOUT);
+            assert_eq!(c["common_lb_config"]["healthy_panic_threshold"]["value"], 0);
+            assert_eq!(c["outlier_detection"]["consecutive_gateway_failure"], 1);
+            assert_eq!(c["health_checks"][0]["http_health_check"]["expected_statuses"][0]["end"], 500);
+            let tls = &c["transport_socket"]["typed_config"];
+            assert_eq!(tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"], CA_BUNDLE);
+            assert_eq!(tls["common_tls_context"]["alpn_protocols"][0], "http/1.1");
+        }
+        let registry = cluster(&e, "registry");
+        assert_eq!(
+            registry["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+                ["port_value"],
+            443
+        );
+        assert_eq!(registry["transport_socket"]["typed_config"]["sni"], "registry-1.docker.io");
+        assert_eq!(registry["health_checks"][0]["http_health_check"]["path"], "/v2/");
+        assert_eq!(cluster(&e, "realm")["transport_socket"]["typed_config"]["sni"], "auth.docker.io");
+        assert_eq!(cluster(&e, "realm")["health_checks"][0]["http_health_check"]["path"], "/token");
+    }
+
+    #[test]
+    fn known_public_registries_and_explicit_auth_get_a_sidecar_unknown_ones_stay_direct() {
+        for (remote, realm, service) in [
+            ("https://ghcr.io", "https://ghcr.io/token", "ghcr.io"),
+            ("https://quay.io", "https://quay.io/v2/auth", "quay.io"),
+            ("https://registry-1.docker.io/", "https://auth.docker.io/token", "registry.docker.io"),
+        ] {
+            let m = mirror(&format!("{{name: u, registry: r.io, remoteURL: \"{remote}\"}}"), "");
+            assert_eq!(m.spec.upstreams[0].effective_auth(), Some(UpstreamAuth::bearer(realm, service)), "{remote}");
+        }
+        let unknown = mirror("{name: u, registry: r.io, remoteURL: \"https://registry.corp\"}", "");
+        assert_eq!(unknown.spec.upstreams[0].effective_auth(), None);
+        let d = deployment(&unknown);
+        assert!(d.spec.unwrap().template.spec.unwrap().init_containers.is_none());
+        let files = build(&unknown, &Inputs::default(), &Settings::default()).unwrap().files;
+        assert!(!files.contains_key("proxy/u/envoy.yaml"));
+        assert!(files["proxy/u/config.yml"].contains("remoteurl: https://registry.corp"));
+
+        // An IP literal on a port, plain HTTP, realm elsewhere: STATIC, no TLS, Host with the port.
+        let m = mirror(
+            "{name: u, registry: r.io, remoteURL: \"http://10.0.0.5:5000\", auth: {realm: \"http://10.0.0.6:8080/auth/token\", service: corp}}",
+            "",
+        );
+        let e = envoy(&m);
+        let registry = cluster(&e, "registry");
+        assert_eq!(registry["type"], "STATIC");
+        assert!(registry.get("transport_socket").is_none());
+        assert_eq!(registry["health_checks"][0]["http_health_check"]["host"], "10.0.0.5:5000");
+        assert_eq!(routes(&e)[1]["route"]["prefix_rewrite"], "/auth/token");
+        assert_eq!(routes(&e)[1]["route"]["host_rewrite_literal"], "10.0.0.6:8080");
+        let files = build(&m, &Inputs::default(), &Settings::default()).unwrap().files;
+        assert!(files["proxy/u/config.yml"].contains("remoteurl: http://127.0.0.1:5080"));
+        assert_eq!(
+            files["proxy/u/envoy.yaml"],
+            sidecar_config(&m, &m.spec.upstreams[0], &m.spec.upstreams[0].auth.clone().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_upstream_without_auth_gets_a_200_ping_and_no_realm() {
+        let e = envoy(&mirror(
+            "{name: u, registry: r.io, remoteURL: \"https://registry.corp/mirror\", auth: {type: None}}",
+            "",
+        ));
+        let routes = routes(&e);
+        assert_eq!(routes[0]["direct_response"]["status"], 200);
+        assert!(routes.iter().all(|r| r["match"]["prefix"] != "/_token"));
+        assert!(e["static_resources"]["clusters"].as_array().unwrap().iter().all(|c| c["name"] != "realm"));
+        // The remote URL's path prefixes what is forwarded, and the health check.
+        assert_eq!(routes[1]["route"]["regex_rewrite"]["substitution"], "/mirror\\1");
+        assert_eq!(cluster(&e, "registry")["health_checks"][0]["http_health_check"]["path"], "/mirror/v2/");
+    }
+
+    #[test]
+    fn the_sidecar_is_a_native_sidecar_after_the_cleanup_and_its_config_rolls_the_pod() {
+        let m = mirror(HUB, "  edge: {domain: mirror.example.com, image: envoy.example/envoy:v9}\n  cleanup: {}\n");
+        let d = deployment(&m);
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let init = pod.init_containers.as_ref().unwrap();
+        assert_eq!(init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["cache-cleanup", "upstream-envoy"]);
+        let sidecar = &init[1];
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(sidecar.image.as_deref(), Some("envoy.example/envoy:v9"), "the edge's Envoy image");
+        assert!(sidecar.startup_probe.is_some());
+        assert_eq!(sidecar.security_context, Some(pod::restricted_container_security()));
+        assert!(sidecar.resources.as_ref().unwrap().requests.is_some());
+        assert!(sidecar.env.is_none(), "no credentials in the sidecar");
+        assert_eq!(sidecar.args.as_ref().unwrap()[1], "/etc/mirrorfleet/registry/envoy.yaml");
+        // Without an edge: the default Envoy image.
+        let d = deployment(&mirror(HUB, ""));
+        let init = d.spec.unwrap().template.spec.unwrap().init_containers.unwrap();
+        assert_eq!(init[0].image, Some(crate::api::default_envoy_image()));
+
+        // The ConfigMap carries both files; a sidecar-only change changes the checksum.
+        let fleet = build(&m, &Inputs::default(), &Settings::default()).unwrap();
+        let cm = fleet.children.config_maps.iter().find(|c| c.metadata.name.as_deref() == Some("m-proxy-hub")).unwrap();
+        let data = cm.data.as_ref().unwrap();
+        assert!(data.contains_key("config.yml") && data.contains_key(CONFIG_FILE));
+        let checksum = |m: &RegistryMirror| {
+            deployment(m).spec.unwrap().template.metadata.unwrap().annotations.unwrap()
+                ["mirrorfleet.io/config-checksum"]
+                .clone()
+        };
+        let other = mirror(
+            "{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\", auth: {realm: \"https://auth.docker.io/token\", service: other}}",
+            "  edge: {domain: mirror.example.com, image: envoy.example/envoy:v9}\n  cleanup: {}\n",
+        );
+        assert_ne!(checksum(&m), checksum(&other));
+    }
+
+    #[test]
+    fn no_credential_reaches_the_sidecar_config() {
+        let m = mirror(
+            "{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\", credentialsSecretRef: {name: hub-creds}}",
+            "",
+        );
+        let fleet = build(&m, &Inputs::default(), &Settings::default()).unwrap();
+        let envoy = &fleet.files["proxy/hub/envoy.yaml"];
+        assert!(!envoy.contains("hub-creds") && !envoy.to_lowercase().contains("password"));
+        let registry =
+            &fleet.children.deployments[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        assert!(registry.env.as_ref().unwrap().iter().any(|e| e.name == "REGISTRY_PROXY_PASSWORD"));
+    }
+}
