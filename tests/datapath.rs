@@ -212,8 +212,10 @@ fn upstream_down_cached_images_still_pull_and_uncached_fail_fast() {
 /// connections but never answers (a stuck load balancer, a half-dead route) makes Distribution
 /// 2.8 hang on tag resolution — its proxy asks the remote first and has no upstream timeout —
 /// so even a *cached* tag hangs; a pull by digest is served from the cache at once. An upstream
-/// that refuses connections is handled well (see the test above). The fix is outside the
-/// rendered config of 2.8: an egress hop with timeouts between proxy and remote.
+/// that refuses connections is handled well (see the test above). The fix is an egress hop with
+/// timeouts between proxy and remote: the upstream sidecar, which the operator renders when it
+/// knows the upstream's challenge (`upstreams[].auth`, or a known public registry). This fleet's
+/// upstreams set no `auth`, so they run without it; `tests/upstream_sidecar.rs` has the fix.
 #[test]
 fn known_limitation_a_blackholed_upstream_stalls_tag_pulls_but_not_digest_pulls() {
     if !support::datapath::fleet::available() {

@@ -46,7 +46,12 @@ impl Registry {
     /// config file. Inherited `REGISTRY_*` variables are removed so a
     /// developer's shell cannot change the config under test.
     pub fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> Registry {
-        let bin = require("docker-registry");
+        Registry::start_bin(&require("docker-registry"), config_yaml, env)
+    }
+
+    /// [`Registry::start_with_env`] with another Distribution binary (3.x: `registry serve`
+    /// takes the same arguments).
+    pub fn start_bin(bin: &Path, config_yaml: &str, env: &[(&str, &str)]) -> Registry {
         let cfg: Value = serde_yaml::from_str(config_yaml).expect("registry config is not YAML");
         let addr = yaml_str(&cfg, &["http", "addr"]).expect("registry config lacks http.addr");
         // Loopback, or the real node's address (the harness's NODE_IP: pods reach it, nothing

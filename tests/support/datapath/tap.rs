@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ struct Shared {
     from_upstream: AtomicU64,
     connections: AtomicU64,
     stop: AtomicBool,
+    /// Client sides of the connections, so a dropped tap ends them as a dead server would.
+    open: Mutex<Vec<TcpStream>>,
 }
 
 pub struct Tap {
@@ -37,7 +39,12 @@ pub struct Tap {
 impl Tap {
     /// Listens on a free 127.0.0.1 port and forwards to `target` (`host:port`).
     pub fn start(target: &str) -> Tap {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tap");
+        Tap::start_on("127.0.0.1:0", target)
+    }
+
+    /// [`Tap::start`] on `addr` (a dropped tap's address again: "the upstream is back").
+    pub fn start_on(addr: &str, target: &str) -> Tap {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tap on {addr}: {e}"));
         let addr = listener.local_addr().unwrap().to_string();
         let shared = Arc::new(Shared {
             target: target.to_string(),
@@ -45,6 +52,7 @@ impl Tap {
             from_upstream: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            open: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let thread = std::thread::spawn(move || {
@@ -54,6 +62,9 @@ impl Tap {
                 }
                 let Ok(conn) = conn else { continue };
                 s.connections.fetch_add(1, Ordering::Relaxed);
+                if let Ok(c) = conn.try_clone() {
+                    s.open.lock().unwrap().push(c);
+                }
                 let s = s.clone();
                 std::thread::spawn(move || handle(&s, conn));
             }
@@ -89,6 +100,9 @@ impl Drop for Tap {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(&self.addr);
+        for conn in self.shared.open.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

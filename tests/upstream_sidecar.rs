@@ -1,0 +1,473 @@
+//! Issue 12, on the real data plane: the proxy's upstream sidecar bounds every upstream wait and
+//! lets the proxy start while its upstream is down — with Distribution 2.8 (Debian's
+//! `docker-registry`) and 3.x (the binary `MIRRORFLEET_REGISTRY_V3` names).
+//!
+//! ```text
+//! skopeo --> registry proxy (rendered config.yml, remoteurl = the sidecar)
+//!   --> Envoy sidecar (rendered envoy.yaml) --> Tap --> Distribution with token auth
+//!                                           \--> TokenServer (credentials required)
+//! ```
+//!
+//! Faults: `blackhole` (iptables DROP of new connections to the upstream and its realm, and
+//! the tap swallowing what is already open), `hang` (accepted, never answered), `refused`
+//! (nothing listens), `429` and `503` (a server answering only that). Claims are checked on the
+//! upstream's access log and the token server's record, not on skopeo's exit status alone.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mirrorfleet::build::sidecar;
+use mirrorfleet::render::{render_str, RenderOptions, Rendered};
+use support::agent::Blackhole;
+use support::datapath::fleet::{localize_socket_addresses, proxy_env};
+use support::datapath::token::{TokenRequest, TOKEN_SERVICE};
+use support::datapath::{AuthUpstream, Tap, TapMode};
+use support::*;
+
+const CREDS: (&str, &str) = ("hub-user", "hub-secret");
+/// Item 1's bounds: a cached tag within this plus the warm-pull time; an uncached image fails
+/// within `UNCACHED_BOUND`.
+const CACHED_EXTRA: Duration = Duration::from_secs(5);
+const UNCACHED_BOUND: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Blackhole,
+    Hang,
+    Refused,
+    Status(u16),
+}
+
+/// Answers every request with one status (and the headers a rate limit sends) until dropped.
+struct FaultServer {
+    addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultServer {
+    fn start(addr: &str, status: u16) -> FaultServer {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut conn = conn;
+                    loop {
+                        let mut line = String::new();
+                        // Read one request head; keep-alive is fine, bodies are not sent to us.
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line.trim().is_empty() {
+                                break;
+                            }
+                        }
+                        // Stopped: kept-alive connections end too, as the real server's would.
+                        if flag.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let body = format!(
+                            "{{\"errors\":[{{\"code\":\"TOOMANYREQUESTS\",\"message\":\"status {status}\"}}]}}"
+                        );
+                        let head = format!(
+                            "HTTP/1.1 {status} Fault\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                             RateLimit-Limit: 100;w=21600\r\nRateLimit-Remaining: 0;w=21600\r\nRetry-After: 60\r\n\r\n",
+                            body.len()
+                        );
+                        if conn.write_all(format!("{head}{body}").as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        FaultServer { addr: addr.to_string(), stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for FaultServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(&self.addr);
+        // The port is taken again at once ("the upstream is back"): wait for the listener to close.
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One proxy (the given Distribution binary) with its sidecar, both from what `render` produced,
+/// in front of a token-auth upstream reached through a tap.
+struct Bed {
+    // Drop order: proxy, sidecar, tap, upstream.
+    proxy: Option<Registry>,
+    envoy: Option<Envoy>,
+    tap: Option<Tap>,
+    tap_addr: String,
+    upstream: AuthUpstream,
+    registry_bin: PathBuf,
+    rendered: Rendered,
+    storage: PathBuf,
+    proxy_addr: String,
+    sidecar_ports: BTreeMap<u64, u16>,
+    tmp: tempfile::TempDir,
+}
+
+fn mirror_yaml(remote: &str, realm: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: hub-creds, namespace: mirrors}}\n\
+         stringData: {{username: {u}, password: {p}}}\n---\n\
+         apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: dp, namespace: mirrors}}\nspec:\n  \
+         upstreams:\n  \
+         - name: dockerhub\n    registry: docker.io\n    remoteURL: \"{remote}\"\n    \
+           credentialsSecretRef: {{name: hub-creds}}\n    auth: {{realm: \"{realm}\", service: {TOKEN_SERVICE}}}\n  \
+         proxy: {{replicas: 1, storage: {{emptyDir: {{sizeLimit: 1Gi}}}}}}\n",
+        u = CREDS.0,
+        p = CREDS.1,
+    )
+}
+
+impl Bed {
+    fn start(registry_bin: &Path) -> Bed {
+        let tmp = tempdir();
+        let upstream = AuthUpstream::start(CREDS.0, CREDS.1);
+        let tap = Tap::start(upstream.addr());
+        let tap_addr = tap.addr().to_string();
+        let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
+        let mut all = render_str(&mirror_yaml(&tap.url(), &upstream.token_server().realm()), &opts)
+            .unwrap_or_else(|e| panic!("render: {e}"));
+        let rendered = all.remove(0);
+        let port = |a: &str| a.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+        let (tap_port, token_port) = (port(&tap_addr), port(upstream.token_server().addr()));
+        // Listen ports move to free ones; the upstream addresses are real and stay.
+        let sidecar_ports = BTreeMap::from([
+            (sidecar::LISTEN_PORT as u64, free_port()),
+            (sidecar::ADMIN_PORT as u64, free_port()),
+            (sidecar::PROBE_PORT as u64, free_port()),
+            (u64::from(tap_port), tap_port),
+            (u64::from(token_port), token_port),
+        ]);
+        let mut bed = Bed {
+            proxy: None,
+            envoy: None,
+            tap: Some(tap),
+            tap_addr,
+            upstream,
+            registry_bin: registry_bin.to_path_buf(),
+            rendered,
+            storage: tmp.path().join("cache"),
+            proxy_addr: free_addr(),
+            sidecar_ports,
+            tmp,
+        };
+        bed.start_proxy();
+        bed
+    }
+
+    fn local_remote(&self) -> String {
+        format!("http://127.0.0.1:{}", self.sidecar_ports[&(sidecar::LISTEN_PORT as u64)])
+    }
+
+    /// Starts the sidecar, then the registry (the order the native sidecar gives in the pod).
+    fn start_proxy(&mut self) {
+        let files = &self.rendered.fleet.files;
+        let envoy_yaml =
+            localize_socket_addresses(&files["proxy/dockerhub/envoy.yaml"], &self.sidecar_ports, &BTreeMap::new())
+                .replace(&sidecar::local_remote_url(), &self.local_remote());
+        let dir = self.tmp.path().join(format!("sidecar-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(sidecar::CONFIG_FILE), envoy_yaml).unwrap();
+        self.envoy = Some(Envoy::start(&dir, sidecar::CONFIG_FILE));
+
+        let config = files["proxy/dockerhub/config.yml"].replace(&sidecar::local_remote_url(), &self.local_remote());
+        assert!(config.contains(&self.local_remote()), "the registry's remote is the sidecar: {config}");
+        let local = patch_registry_config(&config, &self.proxy_addr, &self.storage, None);
+        let secrets = BTreeMap::from([
+            (("hub-creds".to_string(), "username".to_string()), CREDS.0.to_string()),
+            (("hub-creds".to_string(), "password".to_string()), CREDS.1.to_string()),
+        ]);
+        let env = proxy_env(&self.rendered, "dockerhub", &secrets);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.proxy = Some(Registry::start_bin(&self.registry_bin, &local, &env));
+    }
+
+    fn stop_proxy(&mut self) {
+        self.proxy = None;
+        self.envoy = None;
+    }
+
+    fn push(&self, name: &str) -> String {
+        let layout = build_test_image(self.tmp.path(), name, 1, 64 * 1024);
+        self.upstream.push(&layout, "v1");
+        oci_manifest_digest(&layout)
+    }
+
+    /// `skopeo copy` from the proxy; (output, seconds).
+    fn pull(&self, reference: &str) -> (std::process::Output, Duration) {
+        let dest = self.tmp.path().join(format!("pull-{}", free_port()));
+        let started = Instant::now();
+        let out = Skopeo::new().copy(
+            &format!("docker://{}/library/{reference}", self.proxy_addr),
+            &format!("oci:{}", dest.display()),
+            &["--src-tls-verify=false"],
+        );
+        (out, started.elapsed())
+    }
+
+    /// Requests the upstream registry answered (its access log) and tokens the realm issued.
+    fn upstream_requests(&self) -> (usize, usize) {
+        let log = self.upstream.log();
+        let requests = log.lines().filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/")).count();
+        (requests, self.tokens().len())
+    }
+
+    /// Token requests the registry made (the sidecar's health checks ask for no scope).
+    fn tokens(&self) -> Vec<TokenRequest> {
+        self.upstream.token_server().requests().into_iter().filter(|t| !t.scopes.is_empty()).collect()
+    }
+
+    /// Sets a fault; the returned guard (with the bed's own state) undoes it.
+    fn fault(&mut self, fault: Fault) -> Option<Box<dyn std::any::Any>> {
+        let port = |a: &str| a.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+        match fault {
+            Fault::Blackhole => {
+                let guards =
+                    (Blackhole::port(port(&self.tap_addr)), Blackhole::port(port(self.upstream.token_server().addr())));
+                self.tap.as_ref().unwrap().set_mode(TapMode::Blackhole);
+                Some(Box::new(guards))
+            }
+            Fault::Hang => {
+                self.tap.as_ref().unwrap().set_mode(TapMode::Blackhole);
+                None
+            }
+            Fault::Refused => {
+                self.tap = None;
+                None
+            }
+            Fault::Status(code) => {
+                self.tap = None;
+                Some(Box::new(FaultServer::start(&self.tap_addr, code)))
+            }
+        }
+    }
+
+    /// Undoes a fault and waits until the sidecar sees the upstream healthy again, so the next
+    /// fault is met fresh (its first request pays the whole timeout, the worst case).
+    fn clear(&mut self, guard: Option<Box<dyn std::any::Any>>) {
+        drop(guard);
+        match &self.tap {
+            Some(tap) => tap.set_mode(TapMode::Forward),
+            None => self.tap = Some(Tap::start_on(&self.tap_addr, self.upstream.addr())),
+        }
+        let envoy = self.envoy.as_ref().unwrap();
+        // Neither health-check failed nor ejected, registry and realm (`healthy` is then the only flag).
+        let healthy = [
+            format!("registry::{}::health_flags::healthy\n", self.tap_addr),
+            format!("realm::{}::health_flags::healthy\n", self.upstream.token_server().addr()),
+        ];
+        let both = || {
+            let clusters = envoy.clusters();
+            healthy.iter().all(|h| clusters.contains(h.as_str())).then_some(())
+        };
+        assert!(
+            wait_until(Duration::from_secs(15), both).is_some(),
+            "the sidecar never saw the upstream back:\n{}",
+            envoy.clusters()
+        );
+    }
+
+    fn proxy_log(&self) -> String {
+        let envoy = self.envoy.as_ref().map(Envoy::log).unwrap_or_default();
+        format!("registry:\n{}\nsidecar:\n{envoy}", self.proxy.as_ref().map(Registry::log).unwrap_or_default())
+    }
+}
+
+/// The Distribution binaries to run: Debian's 2.8 and, if given, 3.x. Under CI both are required.
+fn registries() -> Vec<(String, PathBuf)> {
+    let mut list = Vec::new();
+    if let Some(bin) = tool("docker-registry") {
+        list.push(("2.8".to_string(), bin));
+    }
+    match std::env::var("MIRRORFLEET_REGISTRY_V3").ok().filter(|v| !v.is_empty()) {
+        Some(bin) => list.push(("3.x".to_string(), PathBuf::from(bin))),
+        None if in_ci() => panic!("MIRRORFLEET_REGISTRY_V3 (a Distribution 3.x registry binary) is required under CI"),
+        None => eprintln!("SKIP Distribution 3.x: MIRRORFLEET_REGISTRY_V3 is not set"),
+    }
+    list
+}
+
+fn available() -> bool {
+    tools_available(&["docker-registry", "envoy", "skopeo", "umoci", "openssl"]) && Blackhole::available()
+}
+
+fn assert_ok(what: &str, out: &std::process::Output, bed: &Bed) {
+    assert!(out.status.success(), "{what}: {}\n{}", describe_output(out), bed.proxy_log());
+}
+
+#[test]
+fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
+    if !available() {
+        return;
+    }
+    for (version, bin) in registries() {
+        let mut bed = Bed::start(&bin);
+        let digest = bed.push("cached");
+        bed.push("uncached");
+        let pushes = bed.tokens().len();
+        let (out, cold) = bed.pull("cached:v1");
+        assert_ok("cold pull", &out, &bed);
+        std::thread::sleep(Duration::from_millis(500));
+        let (out, warm) = bed.pull("cached:v1");
+        assert_ok("warm pull", &out, &bed);
+        // Access-log lines are written after the response.
+        std::thread::sleep(Duration::from_millis(300));
+        let tokens = bed.tokens()[pushes..].to_vec();
+        assert!(
+            !tokens.is_empty() && tokens.iter().all(|t| t.user.as_deref() == Some(CREDS.0) && t.granted),
+            "{tokens:?}"
+        );
+        eprintln!("[{version}] cold {cold:?}, warm {warm:?}");
+
+        // By digest: served from storage, the upstream is never asked, in any condition.
+        let before = bed.upstream_requests();
+        let (out, _) = bed.pull(&format!("cached@{digest}"));
+        assert_ok("pull by digest", &out, &bed);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            bed.upstream_requests(),
+            before,
+            "a pull by digest reached the upstream or its realm:\n{}",
+            bed.upstream
+                .log()
+                .lines()
+                .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+
+        for fault in [Fault::Blackhole, Fault::Hang, Fault::Refused, Fault::Status(429), Fault::Status(503)] {
+            let guard = bed.fault(fault);
+            let before = bed.upstream_requests();
+            let (out, took) = bed.pull("cached:v1");
+            assert_ok(&format!("[{version}] cached tag, upstream {fault:?}"), &out, &bed);
+            assert!(took <= warm + CACHED_EXTRA, "[{version}] cached tag, upstream {fault:?}: {took:?}");
+            let (out, digest_took) = bed.pull(&format!("cached@{digest}"));
+            assert_ok(&format!("[{version}] by digest, upstream {fault:?}"), &out, &bed);
+            let (out, uncached) = bed.pull("uncached:v1");
+            assert!(!out.status.success(), "[{version}] an uncached image pulled with the upstream {fault:?}");
+            assert!(uncached <= UNCACHED_BOUND, "[{version}] uncached, upstream {fault:?}: {uncached:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("manifest unknown") || err.contains("unknown"), "[{version}] {fault:?}: {err}");
+            if fault == Fault::Refused || fault == Fault::Blackhole {
+                // Nothing got through to the registry: the blackhole and refusal are real.
+                assert_eq!(bed.upstream_requests().0, before.0, "[{version}] {fault:?} let requests through");
+            }
+            eprintln!("[{version}] upstream {fault:?}: cached tag {took:?}, by digest {digest_took:?}, uncached fails in {uncached:?}");
+            let stats = bed.envoy.as_ref().unwrap().stats();
+            let why: Vec<&str> = stats
+                .lines()
+                .filter(|l| {
+                    (l.starts_with("cluster.registry.") || l.starts_with("cluster.realm.")) && !l.ends_with(": 0")
+                })
+                .filter(|l| {
+                    ["upstream_rq_", "connect_fail", "ejections_enforced_total", "health_check.failure"]
+                        .iter()
+                        .any(|k| l.contains(k))
+                })
+                .collect();
+            eprintln!("[{version}]   sidecar: {}", why.join(", "));
+            if let Fault::Status(code) = fault {
+                // The fault server did answer: the registry saw the status and fell back.
+                let seen = bed.envoy.as_ref().unwrap().stat(&format!("cluster.registry.upstream_rq_{code}"));
+                assert!(seen.unwrap_or(0) > 0, "[{version}] the sidecar never saw a {code}");
+            }
+            bed.clear(guard);
+        }
+        // Back to normal: the new image pulls (the sidecar's ejection ends within seconds).
+        let out = wait_until(Duration::from_secs(15), || {
+            let (out, _) = bed.pull("uncached:v1");
+            out.status.success().then_some(out)
+        });
+        assert!(out.is_some(), "[{version}] uncached pull after recovery:\n{}", bed.proxy_log());
+    }
+}
+
+#[test]
+fn a_proxy_starts_while_its_upstream_is_down_and_pulls_with_credentials_once_it_is_back() {
+    if !available() {
+        return;
+    }
+    for (version, bin) in registries() {
+        for fault in [Fault::Blackhole, Fault::Refused] {
+            let mut bed = Bed::start(&bin);
+            bed.push("cached");
+            bed.push("later");
+            let (out, _) = bed.pull("cached:v1");
+            assert_ok("warm-up pull", &out, &bed);
+            std::thread::sleep(Duration::from_millis(500));
+            bed.stop_proxy();
+
+            let guard = bed.fault(fault);
+            let started = Instant::now();
+            bed.start_proxy(); // panics unless the registry answers /v2/
+            let start = started.elapsed();
+            let (out, cached) = bed.pull("cached:v1");
+            assert_ok(&format!("[{version}] cached tag after a start with the upstream {fault:?}"), &out, &bed);
+            let (out, uncached) = bed.pull("later:v1");
+            assert!(!out.status.success(), "[{version}] {fault:?}: an uncached image pulled");
+            assert!(uncached <= UNCACHED_BOUND, "[{version}] {fault:?}: uncached took {uncached:?}");
+            eprintln!("[{version}] started with the upstream {fault:?} in {start:?}; cached tag {cached:?}, uncached fails in {uncached:?}");
+
+            bed.clear(guard);
+            let tokens_before = bed.tokens().len();
+            let out = wait_until(Duration::from_secs(15), || {
+                let (out, _) = bed.pull("later:v1");
+                out.status.success().then_some(out)
+            });
+            assert!(out.is_some(), "[{version}] {fault:?}: no pull after the upstream returned:\n{}", bed.proxy_log());
+            // With the upstream's credentials: the realm the registry learned at start is Envoy's.
+            let tokens = bed.tokens();
+            let new: Vec<_> = tokens[tokens_before..].iter().collect();
+            assert!(
+                new.iter().any(|t| t.user.as_deref() == Some(CREDS.0) && t.granted),
+                "[{version}] {fault:?}: no authenticated token after recovery: {new:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_rendered_sidecar_configs_of_public_registries_pass_envoy_validation() {
+    if !tools_available(&["envoy"]) {
+        return;
+    }
+    let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
+    let yaml = "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {name: pub}\nspec:\n  upstreams:\n  \
+                - {name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}\n  \
+                - {name: ghcr, registry: ghcr.io, remoteURL: \"https://ghcr.io\"}\n  \
+                - {name: quay, registry: quay.io, remoteURL: \"https://quay.io\"}\n  \
+                - {name: corp, registry: corp.example, remoteURL: \"https://[fd00::5]:5000/mirror\", auth: {type: None}}\n";
+    let rendered = render_str(yaml, &opts).unwrap().remove(0);
+    let dir = tempdir();
+    for name in ["hub", "ghcr", "quay", "corp"] {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, &rendered.fleet.files[&format!("proxy/{name}/envoy.yaml")]).unwrap();
+        Envoy::validate(&path).unwrap_or_else(|e| panic!("{name}: envoy rejected the sidecar config: {e}"));
+    }
+}
