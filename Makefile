@@ -89,5 +89,9 @@ bench: ## Benchmarks: rendering a large fleet; pulls through proxy and edge (col
 	$(CARGO) bench --locked --bench render
 	$(CARGO) bench --locked --bench datapath
 
+.PHONY: bench-upstream
+bench-upstream: ## Proxy + upstream sidecar, Distribution 2.8 and 3.x (MIRRORFLEET_REGISTRY_V3): pull times per upstream fault, medians of BENCH_SAMPLES (root: iptables)
+	$(CARGO) test --locked --test upstream_sidecar -- --ignored --nocapture --test-threads=1 bench_pull_times
+
 bench-agent: ## Node agent: config change -> file, mirror death -> withdrawal (medians; root for the blackhole case)
 	$(CARGO) bench --locked --bench agent

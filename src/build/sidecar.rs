@@ -11,7 +11,7 @@
 //!   whatever the upstream does at that moment.
 //! * Distribution uses Go's default transport upstream (30 s dial, no response timeout) and
 //!   falls back to its cache for a tag only once the upstream request failed. Envoy fails fast
-//!   instead: 1 s connect timeout, 3 s for a manifest or tag exchange, an idle timeout for blob
+//!   instead: 1 s connect timeout, 2 s for a manifest or tag exchange, an idle timeout for blob
 //!   bodies, and an unhealthy or ejected host answers 503 in under a millisecond.
 //! * Pulls by digest are served from storage first and never reach this hop.
 //!
@@ -36,8 +36,11 @@ pub const PROBE_PORT: i32 = 5082;
 pub const CONFIG_FILE: &str = "envoy.yaml";
 /// Where the registry's token requests go; Envoy forwards them to the real realm.
 pub const TOKEN_PATH: &str = "/_token";
-/// Whole manifest or tag-list exchange, and a token request: a dead upstream costs at most this.
-pub const LOOKUP_TIMEOUT: &str = "3s";
+/// Whole manifest or tag-list exchange, and a token request. A tag lookup of a hanging upstream
+/// can pay it twice: Distribution retries a failed HEAD with a GET, and the outlier ejection of
+/// the first timeout may reach the worker after the GET (seen with 3.x: 2 x 3 s). Two of these
+/// must stay well inside item 1's 5 s bound for a cached tag.
+pub const LOOKUP_TIMEOUT: &str = "2s";
 /// No byte either way for this long ends a blob transfer (no total bound: layers are large).
 pub const BLOB_IDLE_TIMEOUT: &str = "15s";
 pub const CONNECT_TIMEOUT: &str = "1s";
