@@ -554,3 +554,61 @@ fn bench_pull_times_per_upstream_condition() {
         println!("{row}");
     }
 }
+
+/// The sidecar originates TLS (SNI and the name checked against the CA bundle, here a test CA in
+/// place of the system one) to an upstream that needs no token (`auth: {type: None}`: the ping
+/// is answered 200 locally).
+#[test]
+fn the_sidecar_speaks_tls_to_an_anonymous_upstream() {
+    if !tools_available(&["docker-registry", "envoy", "skopeo", "umoci", "openssl"]) {
+        return;
+    }
+    let tmp = tempdir();
+    let tls = tmp.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let ca = support::datapath::fleet::test_ca_and_leaf(&tls, &["localhost".to_string()]);
+    let addr = free_addr();
+    let port: u16 = addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let config = format!(
+        "{}  tls:\n    certificate: {}\n    key: {}\n",
+        registry_config(&addr, &tmp.path().join("upstream")),
+        tls.join("tls.crt").display(),
+        tls.join("tls.key").display()
+    );
+    let upstream = Registry::start(&config);
+    let layout = build_test_image(tmp.path(), "tlsimage", 1, 32 * 1024);
+    push_image(&layout, "v1", upstream.addr(), None);
+
+    let yaml = format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: dp}}\nspec:\n  upstreams:\n  \
+         - {{name: corp, registry: corp.example, remoteURL: \"https://localhost:{port}\", auth: {{type: None}}}}\n  \
+         proxy: {{replicas: 1, storage: {{emptyDir: {{}}}}}}\n"
+    );
+    let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
+    let rendered = render_str(&yaml, &opts).unwrap().remove(0);
+    let listen = free_port();
+    let ports = BTreeMap::from([
+        (sidecar::LISTEN_PORT as u64, listen),
+        (sidecar::ADMIN_PORT as u64, free_port()),
+        (sidecar::PROBE_PORT as u64, free_port()),
+    ]);
+    let backends = BTreeMap::from([("localhost".to_string(), format!("localhost:{port}"))]);
+    let envoy_yaml = localize_socket_addresses(&rendered.fleet.files["proxy/corp/envoy.yaml"], &ports, &backends)
+        .replace(sidecar::CA_BUNDLE, &ca.display().to_string());
+    let dir = tmp.path().join("sidecar");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(sidecar::CONFIG_FILE), envoy_yaml).unwrap();
+    let envoy = Envoy::start(&dir, sidecar::CONFIG_FILE);
+    let remote = format!("http://127.0.0.1:{listen}");
+    let proxy_config = rendered.fleet.files["proxy/corp/config.yml"].replace(&sidecar::local_remote_url(), &remote);
+    let proxy = Registry::start(&patch_registry_config(&proxy_config, &free_addr(), &tmp.path().join("cache"), None));
+
+    let out = Skopeo::new().copy(
+        &format!("docker://{}/library/tlsimage:v1", proxy.addr()),
+        &format!("oci:{}", tmp.path().join("pulled").display()),
+        &["--src-tls-verify=false"],
+    );
+    assert!(out.status.success(), "pull through the TLS sidecar: {}\n{}", describe_output(&out), envoy.log());
+    assert!(envoy.stat("cluster.registry.ssl.handshake").unwrap_or(0) > 0, "no TLS handshake: {}", envoy.stats());
+    assert!(upstream.wait_log("/v2/library/tlsimage/manifests/v1", Duration::from_secs(10)), "{}", upstream.log());
+}
