@@ -449,7 +449,8 @@ pub struct EdgeSpec {
     /// Redirect plain HTTP to HTTPS; defaults to true when TLS is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub https_redirect: Option<bool>,
-    /// Envoy image. The default is the version the tests run (1.40.0).
+    /// Envoy image, also of the proxies' upstream sidecars. The default is the version the tests
+    /// run (1.40.0), which the sidecars use without an edge.
     #[serde(default = "default_envoy_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
