@@ -231,6 +231,31 @@ fn mirror_only_keeps_its_entry_when_the_mirror_dies_and_pulls_fail_instead_of_le
     assert!(!ctrd.image_refs().iter().any(|r| r.contains("onlyimg")));
 }
 
+/// A refused connection (the mirror's process, or every endpoint of its Service, gone) withdraws
+/// the entry on the first probe: with `--probe-fall 1000` nothing else could withdraw it. The
+/// node's pulls then go upstream at once, and the entry comes back with the mirror.
+#[test]
+fn a_refused_mirror_is_withdrawn_on_the_first_probe() {
+    if !available() {
+        return;
+    }
+    let mut f = fleet(&["refusedimg"], "");
+    let certs = tempdir();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    let mut agent = NodeAgent::start("public", Some(&config), &["--probe-interval-ms", "300", "--probe-fall", "1000"]);
+    agent.wait_status("configured", WAIT, ready);
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    f.mirror.stop();
+    let withdrawn_after = wait_path(&hosts, false, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!("a refused mirror was not withdrawn (fall 1000); agent log:\n{}", agent.log());
+    });
+    eprintln!("refused mirror withdrawn {withdrawn_after:?} after it stopped (probe every 300 ms, fall 1000)");
+    let status = agent.wait_status("reports withdrawal", WAIT, |v| v["problems"].to_string().contains("withdrawn"));
+    assert!(status["problems"].to_string().contains("refused"), "{status}");
+    let _again = Registry::start(&fs::read_to_string(f.mirror.config_path()).unwrap());
+    wait_path(&hosts, true, Duration::from_secs(20)).unwrap_or_else(|| panic!("not restored; {}", agent.log()));
+}
+
 #[test]
 fn dead_mirror_is_withdrawn_within_seconds_pulls_skip_the_dial_wait_and_it_comes_back() {
     if !available() || !Blackhole::available() {
