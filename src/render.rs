@@ -12,7 +12,7 @@ use k8s_openapi::ByteString;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::validate::{InvalidSpec, Problem};
+use crate::api::validate::InvalidSpec;
 use crate::api::RegistryMirror;
 use crate::build::{self, DesiredChildren, Fleet, Inputs, Settings};
 
@@ -84,25 +84,14 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
         let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
         match (api_version, kind) {
             ("mirrorfleet.io/v1alpha1", "RegistryMirror") => {
-                let mut unknown = Vec::new();
-                // Unknown fields are collected (a typo must not silently fall back to a
-                // default) and type errors keep the path of the field they occur at.
-                let parsed: Result<RegistryMirror, _> = serde_path_to_error::deserialize(
-                    serde_ignored::Deserializer::new(value, &mut |path: serde_ignored::Path| {
-                        unknown.push(path.to_string())
-                    }),
-                );
-                match parsed {
-                    Ok(mut mirror) => {
+                // Unknown fields are reported (a typo must not silently fall back to a default),
+                // with the field probably meant; type errors keep the path they occur at.
+                match crate::api::fields::parse_mirror(value) {
+                    Ok((mut mirror, mut problems)) => {
                         if mirror.metadata.namespace.is_none() {
                             mirror.metadata.namespace = Some(opts.namespace.clone());
                         }
                         let who = describe(&mirror, doc_no);
-                        let mut problems: Vec<Problem> = unknown
-                            .into_iter()
-                            .filter(|p| !p.starts_with("status") && p != "apiVersion" && p != "kind")
-                            .map(|p| Problem { path: p, message: "unknown field (misspelt?)".into() })
-                            .collect();
                         if let Err(e) = crate::api::validate::validate(&mirror) {
                             problems.extend(e.0);
                         }
@@ -112,10 +101,7 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
                             invalid.push((who, InvalidSpec(problems)));
                         }
                     }
-                    Err(e) => invalid.push((
-                        format!("in document {doc_no}"),
-                        InvalidSpec(vec![Problem { path: e.path().to_string(), message: e.inner().to_string() }]),
-                    )),
+                    Err(e) => invalid.push((format!("in document {doc_no}"), e)),
                 }
             }
             ("v1", "Secret") => {

@@ -8,6 +8,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod crd;
+pub mod fields;
 pub mod validate;
 
 use std::collections::BTreeMap;
