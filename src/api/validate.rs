@@ -200,6 +200,35 @@ fn validate_upstreams(mirror_name: &str, spec: &RegistryMirrorSpec, p: &mut Prob
     }
 }
 
+/// Upstreams whose private images the mirror hands to anyone who reaches it: they pull with
+/// credentials and `clientAuth` is not set, so every pod that can open a connection to the proxy
+/// (or the edge) gets them without a password. Not an error — a mirror for one trusted namespace
+/// may want exactly that — but worth a Warning: `render` prints these, the controller shows them
+/// as the `CredentialsExposed` condition and a Warning Event.
+pub fn exposed_credentials(mirror: &RegistryMirror) -> Vec<Problem> {
+    if mirror.spec.client_auth.is_some() {
+        return Vec::new();
+    }
+    mirror
+        .spec
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            let secret = &u.credentials_secret_ref.as_ref()?.name;
+            Some(Problem {
+                path: format!("spec.upstreams[{i}].credentialsSecretRef"),
+                message: format!(
+                    "upstream {:?} pulls with the credentials in Secret {secret:?} and spec.clientAuth is not set: \
+                     every pod that reaches the mirror gets this upstream's private images without a password \
+                     (set clientAuth, or keep other pods away with a NetworkPolicy)",
+                    u.name
+                ),
+            })
+        })
+        .collect()
+}
+
 /// The edge virtual host an upstream is served at.
 pub fn effective_host(upstream: &Upstream, edge: &EdgeSpec) -> String {
     upstream.host.clone().unwrap_or_else(|| format!("{}.{}", upstream.name, edge.domain))
