@@ -8,8 +8,8 @@
 # tests/chart.rs and tests/image_oci.rs check the paths below against what the builders, the chart
 # and `make image-oci` use.
 #
-# The binary is stripped (~10x smaller than with its line tables). Its symbols, for a backtrace or
-# a core file, are the `symbols` stage:
+# The binary is stripped (21 MB instead of 151 MB with the release profile's line tables). Its
+# symbols, for a backtrace or a core file, are the `symbols` stage:
 #   docker buildx build --target symbols --platform linux/arm64 -o type=local,dest=out .
 # writes out/mirrorfleet.debug (the release attaches one per architecture); the binary carries a
 # .gnu_debuglink to it, so gdb finds it beside the binary or with `symbol-file`.

@@ -120,10 +120,13 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
         }
     }
 
+    // Mirrors build independently (bcrypt hashing is most of a small fleet's cost).
+    let built = par_map(&mirrors, |(_, mirror)| {
+        build::build(mirror, &inputs_from_secrets(mirror, &secrets, opts), &opts.settings)
+    });
     let mut out = Vec::new();
-    for (doc_no, mirror) in mirrors {
-        let inputs = inputs_from_secrets(&mirror, &secrets, opts);
-        match build::build(&mirror, &inputs, &opts.settings) {
+    for ((doc_no, mirror), result) in mirrors.into_iter().zip(built) {
+        match result {
             Ok(fleet) => out.push(Rendered { mirror, fleet }),
             Err(e) => invalid.push((describe(&mirror, doc_no), e)),
         }
@@ -193,7 +196,7 @@ pub fn children_documents(children: &DesiredChildren, include_secrets: bool) -> 
         cron_jobs,
     } = children;
     fn docs<T: Serialize>(out: &mut Vec<String>, items: &[T]) {
-        out.extend(items.iter().map(|i| serde_yaml::to_string(i).expect("k8s object serializes")));
+        out.extend(items.iter().map(build::to_yaml));
     }
     let mut out = Vec::new();
     docs(&mut out, service_accounts);
@@ -227,14 +230,31 @@ fn redact(secret: &Secret) -> Secret {
 
 /// All rendered mirrors as one multi-document YAML stream.
 pub fn to_yaml_stream(rendered: &[Rendered], include_secrets: bool) -> String {
-    let mut out = String::new();
-    for r in rendered {
+    let per_mirror = par_map(rendered, |r| {
+        let mut out = String::new();
         for doc in children_documents(&r.fleet.children, include_secrets) {
             out.push_str("---\n");
             out.push_str(&doc);
         }
+        out
+    });
+    per_mirror.concat()
+}
+
+/// `f` over `items` on up to `available_parallelism` threads, results in the items' order. A
+/// fleet of one mirror runs on the calling thread.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
     }
-    out
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> =
+            items.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("render worker panicked")).collect()
+    })
 }
 
 /// Writes `manifests.yaml` and the raw config files under `dir` (one sub-directory per mirror

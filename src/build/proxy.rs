@@ -88,7 +88,7 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream) -> String {
             "path": format!("{HTPASSWD_DIR}/{HTPASSWD_FILE}"),
         }});
     }
-    serde_yaml::to_string(&cfg).expect("registry config serializes")
+    super::to_yaml(&cfg)
 }
 
 pub fn proxy_config_map(mirror: &RegistryMirror, upstream: &Upstream, config: &str) -> ConfigMap {
