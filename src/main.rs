@@ -110,6 +110,15 @@ fn run_render(args: RenderArgs) -> anyhow::Result<()> {
         include_secrets: args.include_secrets,
     };
     let rendered = render::render_str(&input, &opts)?;
+    for r in &rendered {
+        for warning in mirrorfleet::api::validate::exposed_credentials(&r.mirror) {
+            eprintln!(
+                "warning: RegistryMirror {}/{}: {warning}",
+                r.mirror.metadata.namespace.as_deref().unwrap_or_default(),
+                r.mirror.metadata.name.as_deref().unwrap_or_default()
+            );
+        }
+    }
     match args.output_dir {
         None => print!("{}", render::to_yaml_stream(&rendered, opts.include_secrets)),
         Some(dir) => {

@@ -12,7 +12,7 @@ use k8s_openapi::ByteString;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::validate::{InvalidSpec, Problem};
+use crate::api::validate::InvalidSpec;
 use crate::api::RegistryMirror;
 use crate::build::{self, DesiredChildren, Fleet, Inputs, Settings};
 
@@ -84,25 +84,14 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
         let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
         match (api_version, kind) {
             ("mirrorfleet.io/v1alpha1", "RegistryMirror") => {
-                let mut unknown = Vec::new();
-                // Unknown fields are collected (a typo must not silently fall back to a
-                // default) and type errors keep the path of the field they occur at.
-                let parsed: Result<RegistryMirror, _> = serde_path_to_error::deserialize(
-                    serde_ignored::Deserializer::new(value, &mut |path: serde_ignored::Path| {
-                        unknown.push(path.to_string())
-                    }),
-                );
-                match parsed {
-                    Ok(mut mirror) => {
+                // Unknown fields are reported (a typo must not silently fall back to a default),
+                // with the field probably meant; type errors keep the path they occur at.
+                match crate::api::fields::parse_mirror(value) {
+                    Ok((mut mirror, mut problems)) => {
                         if mirror.metadata.namespace.is_none() {
                             mirror.metadata.namespace = Some(opts.namespace.clone());
                         }
                         let who = describe(&mirror, doc_no);
-                        let mut problems: Vec<Problem> = unknown
-                            .into_iter()
-                            .filter(|p| !p.starts_with("status") && p != "apiVersion" && p != "kind")
-                            .map(|p| Problem { path: p, message: "unknown field (misspelt?)".into() })
-                            .collect();
                         if let Err(e) = crate::api::validate::validate(&mirror) {
                             problems.extend(e.0);
                         }
@@ -112,10 +101,7 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
                             invalid.push((who, InvalidSpec(problems)));
                         }
                     }
-                    Err(e) => invalid.push((
-                        format!("in document {doc_no}"),
-                        InvalidSpec(vec![Problem { path: e.path().to_string(), message: e.inner().to_string() }]),
-                    )),
+                    Err(e) => invalid.push((format!("in document {doc_no}"), e)),
                 }
             }
             ("v1", "Secret") => {
@@ -134,10 +120,13 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
         }
     }
 
+    // Mirrors build independently (bcrypt hashing is most of a small fleet's cost).
+    let built = par_map(&mirrors, |(_, mirror)| {
+        build::build(mirror, &inputs_from_secrets(mirror, &secrets, opts), &opts.settings)
+    });
     let mut out = Vec::new();
-    for (doc_no, mirror) in mirrors {
-        let inputs = inputs_from_secrets(&mirror, &secrets, opts);
-        match build::build(&mirror, &inputs, &opts.settings) {
+    for ((doc_no, mirror), result) in mirrors.into_iter().zip(built) {
+        match result {
             Ok(fleet) => out.push(Rendered { mirror, fleet }),
             Err(e) => invalid.push((describe(&mirror, doc_no), e)),
         }
@@ -207,7 +196,7 @@ pub fn children_documents(children: &DesiredChildren, include_secrets: bool) -> 
         cron_jobs,
     } = children;
     fn docs<T: Serialize>(out: &mut Vec<String>, items: &[T]) {
-        out.extend(items.iter().map(|i| serde_yaml::to_string(i).expect("k8s object serializes")));
+        out.extend(items.iter().map(build::to_yaml));
     }
     let mut out = Vec::new();
     docs(&mut out, service_accounts);
@@ -241,14 +230,31 @@ fn redact(secret: &Secret) -> Secret {
 
 /// All rendered mirrors as one multi-document YAML stream.
 pub fn to_yaml_stream(rendered: &[Rendered], include_secrets: bool) -> String {
-    let mut out = String::new();
-    for r in rendered {
+    let per_mirror = par_map(rendered, |r| {
+        let mut out = String::new();
         for doc in children_documents(&r.fleet.children, include_secrets) {
             out.push_str("---\n");
             out.push_str(&doc);
         }
+        out
+    });
+    per_mirror.concat()
+}
+
+/// `f` over `items` on up to `available_parallelism` threads, results in the items' order. A
+/// fleet of one mirror runs on the calling thread.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
     }
-    out
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> =
+            items.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("render worker panicked")).collect()
+    })
 }
 
 /// Writes `manifests.yaml` and the raw config files under `dir` (one sub-directory per mirror

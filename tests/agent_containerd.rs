@@ -231,6 +231,31 @@ fn mirror_only_keeps_its_entry_when_the_mirror_dies_and_pulls_fail_instead_of_le
     assert!(!ctrd.image_refs().iter().any(|r| r.contains("onlyimg")));
 }
 
+/// A refused connection (the mirror's process, or every endpoint of its Service, gone) withdraws
+/// the entry on the first probe: with `--probe-fall 1000` nothing else could withdraw it. The
+/// node's pulls then go upstream at once, and the entry comes back with the mirror.
+#[test]
+fn a_refused_mirror_is_withdrawn_on_the_first_probe() {
+    if !available() {
+        return;
+    }
+    let mut f = fleet(&["refusedimg"], "");
+    let certs = tempdir();
+    let config = node_config_json(MIRROR, certs.path(), &[("docker.io", &f.mirror.url(), Some(HUB))]);
+    let mut agent = NodeAgent::start("public", Some(&config), &["--probe-interval-ms", "300", "--probe-fall", "1000"]);
+    agent.wait_status("configured", WAIT, ready);
+    let hosts = certs.path().join("docker.io/hosts.toml");
+    f.mirror.stop();
+    let withdrawn_after = wait_path(&hosts, false, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!("a refused mirror was not withdrawn (fall 1000); agent log:\n{}", agent.log());
+    });
+    eprintln!("refused mirror withdrawn {withdrawn_after:?} after it stopped (probe every 300 ms, fall 1000)");
+    let status = agent.wait_status("reports withdrawal", WAIT, |v| v["problems"].to_string().contains("withdrawn"));
+    assert!(status["problems"].to_string().contains("refused"), "{status}");
+    let _again = Registry::start(&fs::read_to_string(f.mirror.config_path()).unwrap());
+    wait_path(&hosts, true, Duration::from_secs(20)).unwrap_or_else(|| panic!("not restored; {}", agent.log()));
+}
+
 #[test]
 fn dead_mirror_is_withdrawn_within_seconds_pulls_skip_the_dial_wait_and_it_comes_back() {
     if !available() || !Blackhole::available() {
@@ -546,4 +571,96 @@ fn containerd_16_imports_replace_the_whole_cri_section() {
     assert!(merged.contains("endpoint = [\"http://10.0.0.1:5000\"]"), "{merged}");
     assert!(!merged.contains("snapshotter = \"native\""), "the admin's snapshotter survived: merge is deep now");
     assert!(merged.contains("config_path = \"\""), "config_path survived: merge is deep now");
+}
+
+/// containerd 2.1 and newer honour the `dial_timeout` the agent writes into each mirror entry
+/// (spec.nodeConfig.containerd.dialTimeout): with the mirror dark (SYNs dropped), a pull pays about
+/// one dial timeout per request before trying the upstream, instead of Go's 30 s per request, in
+/// the seconds before the agent withdraws the entry. containerd 1.6 reading the same file keeps
+/// the entry (it dials the dark mirror) and ignores the key (it waits the 30 s). Prints the
+/// figures: healthy pull, dark mirror with the key (2.x), without it (2.x), with it (1.6).
+#[test]
+#[ignore = "needs a containerd 2.x built outside the repository: MIRRORFLEET_CONTAINERD2=/path/to/containerd (make test-containerd2)"]
+fn containerd_2_leaves_a_dark_mirror_after_the_dial_timeout_and_1_6_keeps_the_entry() {
+    use mirrorfleet::build::node::{hosts_toml, NodeRegistry};
+    let (bin, ctr) = containerd2().expect("MIRRORFLEET_CONTAINERD2 is not set");
+    assert!(
+        available() && Blackhole::available(),
+        "needs root, iptables, containerd 1.6, docker-registry, skopeo, umoci"
+    );
+    let upstream = Upstream::start();
+    let images = tempdir();
+    let names = ["healthy", "dial1", "dial2", "dial3", "nokey", "old"];
+    for name in names {
+        upstream.push(&build_test_image(images.path(), name, 2, 64 * 1024), "v1");
+    }
+    let dark = free_port();
+    let _blackhole = Blackhole::port(dark);
+    let entry = |mirror: String, dial: Option<&str>| NodeRegistry {
+        registry: "docker.io".into(),
+        upstream: "hub".into(),
+        mirror,
+        fallback: Some(upstream.url()),
+        dial_timeout: dial.map(str::to_string),
+    };
+    let hosts = |e: &NodeRegistry| {
+        let dir = tempdir();
+        write_hosts_toml(dir.path(), "docker.io", &hosts_toml(MIRROR, e, None));
+        dir
+    };
+    let healthy = hosts(&entry(upstream.url(), Some("1s")));
+    let dark_with_key = hosts(&entry(format!("http://127.0.0.1:{dark}"), Some("1s")));
+    let dark_without_key = hosts(&entry(format!("http://127.0.0.1:{dark}"), None));
+
+    let c2 = Containerd::start_with(bin, ctr);
+    let version = c2.ctr(&["version"]);
+    eprintln!("containerd 2.x under test:\n{}", String::from_utf8_lossy(&version.stdout));
+    // ctr 2.x pulls through the daemon's transfer service unless `--local`: with it, ctr resolves
+    // with containerd's remotes/docker/config code and --hosts-dir, as the CRI plugin does.
+    let timed = |c: &Containerd, image: &str, dir: &Path, limit: Duration| {
+        let started = Instant::now();
+        let args = ["images", "pull", "--snapshotter", "native", "--hosts-dir", dir.to_str().unwrap()];
+        let mut args = args.to_vec();
+        if c.ctr_path().to_string_lossy().contains('2') {
+            args.push("--local");
+        }
+        let image = format!("docker.io/library/{image}:v1");
+        args.push(&image);
+        let out = c.ctr_within(&args, limit);
+        (started.elapsed(), out)
+    };
+    let (healthy_took, out) = timed(&c2, "healthy", healthy.path(), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", describe_output(&out));
+    let mut with_key = Vec::new();
+    for image in ["dial1", "dial2", "dial3"] {
+        let (took, out) = timed(&c2, image, dark_with_key.path(), Duration::from_secs(120));
+        assert!(out.status.success(), "{}", describe_output(&out));
+        with_key.push(took);
+    }
+    with_key.sort();
+    let median = with_key[1];
+    let (without_key, out) = timed(&c2, "nokey", dark_without_key.path(), Duration::from_secs(300));
+    assert!(out.status.success(), "{}", describe_output(&out));
+    drop(c2);
+
+    // containerd 1.6, the same file as the 2.x pulls with the key: the entry is used (the dial to
+    // the dark mirror is made, a dropped entry would go to the upstream at once) and the key is
+    // not (the dial waits the 30 s). Stopped after 45 s.
+    let c1 = Containerd::start();
+    let (old_took, _) = timed(&c1, "old", dark_with_key.path(), Duration::from_secs(45));
+    eprintln!(
+        "dial_timeout figures: healthy pull {healthy_took:.2?}; mirror dark, containerd 2.x with dial_timeout 1s: \
+         {with_key:.2?} (median {median:.2?}, +{:.2?}); without the key: {without_key:.2?}; containerd 1.6 with the \
+         key: {old_took:.2?} (stopped at 45 s)",
+        median.saturating_sub(healthy_took)
+    );
+    assert!(median < Duration::from_secs(15), "containerd 2.x did not honour dial_timeout: {with_key:?}");
+    assert!(
+        without_key >= Duration::from_secs(25),
+        "the blackhole did not hold the dial ({without_key:?}): this proves nothing"
+    );
+    assert!(
+        old_took >= Duration::from_secs(20),
+        "containerd 1.6 did not dial the dark mirror ({old_took:?}): entry dropped?"
+    );
 }

@@ -154,6 +154,7 @@ mod tests {
             upstream: "u".into(),
             mirror: mirror.into(),
             fallback: fallback.then(|| format!("https://{registry}")),
+            dial_timeout: None,
         }
     }
 

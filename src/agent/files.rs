@@ -244,6 +244,7 @@ mod tests {
             upstream: "dockerhub".into(),
             mirror: "http://10.0.0.1:5000".into(),
             fallback: None,
+            dial_timeout: None,
         };
         let text = hosts_toml(ME, &entry, None);
         assert_eq!(owner_of_bytes(text.as_bytes(), ME), Owner::Us);

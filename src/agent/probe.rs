@@ -5,7 +5,9 @@
 //! a fresh connection (no pooling, which would hide a dead backend) and is cut off after the
 //! timeout. State changes need `fall` consecutive failures or `rise` consecutive successes, so one
 //! lost packet does not withdraw a working mirror and one lucky answer does not restore a flapping
-//! one. The first result decides at once: a restarted agent should not wait to confirm what the
+//! one. A refused connection is the exception: nothing listens (the mirror's process, or every
+//! endpoint of its Service, is gone: kube-proxy rejects), which no retransmission will change, and
+//! every pull meanwhile would fail on it; it withdraws the mirror at once. The first result decides at once: a restarted agent should not wait to confirm what the
 //! files already say.
 //!
 //! https mirrors are verified against the agent's CA bundle (the image's, or `SSL_CERT_FILE`) plus,
@@ -35,6 +37,20 @@ pub enum Health {
     Down {
         reason: String,
     },
+}
+
+/// Why a probe failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub reason: String,
+    /// The connection was refused: decisive at once (see the module doc).
+    pub refused: bool,
+}
+
+impl From<&str> for ProbeFailure {
+    fn from(reason: &str) -> Self {
+        Self { reason: reason.into(), refused: false }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -87,23 +103,23 @@ impl Tracker {
     }
 
     /// Feeds one probe result; returns true when the health changed.
-    pub fn observe(&mut self, result: Result<(), String>, settings: &ProbeSettings) -> bool {
+    pub fn observe(&mut self, result: Result<(), ProbeFailure>, settings: &ProbeSettings) -> bool {
         let next = match (&self.health, result) {
             (Health::Unknown, Ok(())) => Some(Health::Up),
-            (Health::Unknown, Err(reason)) => Some(Health::Down { reason }),
+            (Health::Unknown, Err(ProbeFailure { reason, .. })) => Some(Health::Down { reason }),
             (Health::Up, Ok(())) => {
                 self.streak = 0;
                 None
             }
-            (Health::Up, Err(reason)) => {
+            (Health::Up, Err(ProbeFailure { reason, refused })) => {
                 self.streak += 1;
-                (self.streak >= settings.fall.max(1)).then_some(Health::Down { reason })
+                (refused || self.streak >= settings.fall.max(1)).then_some(Health::Down { reason })
             }
             (Health::Down { .. }, Ok(())) => {
                 self.streak += 1;
                 (self.streak >= settings.rise.max(1)).then_some(Health::Up)
             }
-            (Health::Down { .. }, Err(reason)) => {
+            (Health::Down { .. }, Err(ProbeFailure { reason, .. })) => {
                 self.streak = 0;
                 // Keep the latest reason without counting it as a change.
                 self.health = Health::Down { reason };
@@ -171,21 +187,34 @@ fn client(settings: &ProbeSettings, extra_ca: Option<&str>) -> ClientResult {
 }
 
 /// `GET <endpoint>/v2/`: Ok when it answers 200 or 401 within `timeout`.
-pub async fn probe_once(client: &HttpsClient, endpoint: &str, timeout: Duration) -> Result<(), String> {
+pub async fn probe_once(client: &HttpsClient, endpoint: &str, timeout: Duration) -> Result<(), ProbeFailure> {
     let url = format!("{}/v2/", endpoint.trim_end_matches('/'));
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url} is not a URL: {e}"))?;
+    let fail = |reason: String| ProbeFailure { reason, refused: false };
+    let uri: http::Uri = url.parse().map_err(|e| fail(format!("{url} is not a URL: {e}")))?;
     let req = http::Request::get(uri)
         .header(http::header::USER_AGENT, concat!("mirrorfleet-node-agent/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| fail(e.to_string()))?;
     match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(format!("GET {url}: no answer within {timeout:?}")),
-        Ok(Err(e)) => Err(format!("GET {url}: {}", error_chain(&e))),
+        Err(_) => Err(fail(format!("GET {url}: no answer within {timeout:?}"))),
+        Ok(Err(e)) => Err(ProbeFailure { reason: format!("GET {url}: {}", error_chain(&e)), refused: is_refusal(&e) }),
         Ok(Ok(resp)) => match resp.status().as_u16() {
             200 | 401 => Ok(()),
-            other => Err(format!("GET {url} answered {other}, not a registry answer (200 or 401)")),
+            other => Err(fail(format!("GET {url} answered {other}, not a registry answer (200 or 401)"))),
         },
     }
+}
+
+/// Whether an error, or one of its sources, is a refused connection.
+fn is_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -237,10 +266,10 @@ impl Prober {
                 loop {
                     let result = match &client {
                         Ok(client) => probe_once(client, &e, settings.timeout).await,
-                        Err(why) => Err(why.clone()),
+                        Err(why) => Err(why.as_str().into()),
                     };
-                    if let Err(reason) = &result {
-                        tracing::debug!(endpoint = %e, %reason, "probe failed");
+                    if let Err(failure) = &result {
+                        tracing::debug!(endpoint = %e, reason = %failure.reason, "probe failed");
                     }
                     if tracker.observe(result, &settings) {
                         let health = tracker.health().clone();
@@ -300,6 +329,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_connection_withdraws_at_once() {
+        let mut t = Tracker::default();
+        assert!(t.observe(Ok(()), &s()));
+        let refused = ProbeFailure { reason: "connection refused".into(), refused: true };
+        assert!(t.observe(Err(refused), &s()), "fall = 2, but nothing listens");
+        assert!(matches!(t.health(), Health::Down { .. }));
+        // Coming back still takes `rise` successes.
+        assert!(!t.observe(Ok(()), &s()));
+    }
+
+    #[test]
     fn unknown_goes_straight_down_on_first_failure() {
         let mut t = Tracker::default();
         assert!(t.observe(Err("refused".into()), &s()));
@@ -337,9 +377,11 @@ mod tests {
         assert_eq!(probe_once(&c, &serve("401 Unauthorized").await, settings.timeout).await, Ok(()));
         assert_eq!(probe_once(&c, &serve("200 OK").await, settings.timeout).await, Ok(()));
         assert!(probe_once(&c, &serve("404 Not Found").await, settings.timeout).await.is_err());
-        // A port nobody listens on.
+        assert!(!probe_once(&c, &serve("404 Not Found").await, settings.timeout).await.unwrap_err().refused);
+        // A port nobody listens on: refused, and known as such.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        assert!(probe_once(&c, &format!("http://{closed}"), settings.timeout).await.is_err());
+        let failure = probe_once(&c, &format!("http://{closed}"), settings.timeout).await.unwrap_err();
+        assert!(failure.refused, "{failure:?}");
     }
 
     #[tokio::test]
@@ -350,7 +392,8 @@ mod tests {
         let settings = ProbeSettings { timeout: Duration::from_millis(300), ..Default::default() };
         let started = std::time::Instant::now();
         let r = probe_once(&client(&settings, None).unwrap(), &format!("http://{addr}"), settings.timeout).await;
-        assert!(r.unwrap_err().contains("no answer"));
+        let failure = r.unwrap_err();
+        assert!(failure.reason.contains("no answer") && !failure.refused, "{failure:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(l);
     }

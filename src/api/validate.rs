@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use regex::Regex;
 use std::sync::LazyLock;
@@ -100,6 +101,17 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
         }
     }
     if let Some(node) = &spec.node_config {
+        let dial = &node.containerd.dial_timeout;
+        match go_duration(dial) {
+            None => p.add(
+                "spec.nodeConfig.containerd.dialTimeout",
+                format!("{dial:?} is not a Go duration (like 500ms or 2s)"),
+            ),
+            Some(d) if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&d) => {
+                p.add("spec.nodeConfig.containerd.dialTimeout", "dialTimeout must be from 100ms to 30s")
+            }
+            Some(_) => {}
+        }
         if !RE_ABS_DIR.is_match(&node.containerd.certs_dir) {
             p.add(
                 "spec.nodeConfig.containerd.certsDir",
@@ -236,6 +248,35 @@ fn validate_upstream_auth(u: &Upstream, auth: &UpstreamAuth, at: &str, p: &mut P
             }
         }
     }
+}
+
+/// Upstreams whose private images the mirror hands to anyone who reaches it: they pull with
+/// credentials and `clientAuth` is not set, so every pod that can open a connection to the proxy
+/// (or the edge) gets them without a password. Not an error — a mirror for one trusted namespace
+/// may want exactly that — but worth a Warning: `render` prints these, the controller shows them
+/// as the `CredentialsExposed` condition and a Warning Event.
+pub fn exposed_credentials(mirror: &RegistryMirror) -> Vec<Problem> {
+    if mirror.spec.client_auth.is_some() {
+        return Vec::new();
+    }
+    mirror
+        .spec
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            let secret = &u.credentials_secret_ref.as_ref()?.name;
+            Some(Problem {
+                path: format!("spec.upstreams[{i}].credentialsSecretRef"),
+                message: format!(
+                    "upstream {:?} pulls with the credentials in Secret {secret:?} and spec.clientAuth is not set: \
+                     every pod that reaches the mirror gets this upstream's private images without a password \
+                     (set clientAuth, or keep other pods away with a NetworkPolicy)",
+                    u.name
+                ),
+            })
+        })
+        .collect()
 }
 
 /// The edge virtual host an upstream is served at.
@@ -378,9 +419,43 @@ pub fn check_cron(expr: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A Go duration (`time.ParseDuration` syntax without sign: `1h30m`, `1.5s`, `500ms`) as a
+/// [`Duration`]; None when it is not one.
+pub fn go_duration(s: &str) -> Option<Duration> {
+    if !RE_DURATION.is_match(s) {
+        return None;
+    }
+    static PART: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"([0-9]+(?:\.[0-9]+)?)(ns|us|ms|s|m|h)").unwrap());
+    let mut total = 0f64;
+    for c in PART.captures_iter(s) {
+        let n: f64 = c[1].parse().ok()?;
+        let unit = match &c[2] {
+            "ns" => 1e-9,
+            "us" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            _ => 3600.0,
+        };
+        total += n * unit;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_cron;
+    use super::{check_cron, go_duration, Duration};
+
+    #[test]
+    fn go_durations_parse_as_go_does() {
+        assert_eq!(go_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(go_duration("2h"), Some(Duration::from_secs(7200)));
+        for bad in ["", "1", "1 s", "s", "-1s", "1.s", "1d"] {
+            assert_eq!(go_duration(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn cron_accepts_what_the_cronjob_controller_accepts() {

@@ -48,7 +48,7 @@ pub struct EnvoyFiles {
 }
 
 fn yaml(v: &Value) -> String {
-    serde_yaml::to_string(v).expect("envoy config serializes")
+    super::to_yaml(v)
 }
 
 /// Where the edge finds a proxy: its Service's DNS name.

@@ -111,6 +111,10 @@ pub struct NodeRegistry {
     /// The upstream server containerd falls back to ([`upstream_server`]); `None` means mirror
     /// only (air-gapped).
     pub fallback: Option<String>,
+    /// containerd's `dial_timeout` for the mirror host (2.1+; older versions ignore it). Absent
+    /// in node configs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dial_timeout: Option<String>,
 }
 
 /// Where nodes should pull a registry from when the mirror is bypassed (the `hosts.toml`
@@ -172,6 +176,7 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
                 upstream: u.name.clone(),
                 mirror: endpoint,
                 fallback: node.fallback_to_upstream.then(|| upstream_server(&u.registry, &u.remote_url)),
+                dial_timeout: Some(node.containerd.dial_timeout.clone()),
             }
         })
         .collect();
@@ -276,6 +281,9 @@ pub fn hosts_toml_with_ca(
     out.push_str(&format!("\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n"));
     if let Some(ca) = &ca {
         out.push_str(&format!("  {ca}"));
+    }
+    if let Some(d) = &entry.dial_timeout {
+        out.push_str(&format!("  dial_timeout = {}\n", toml_str(d)));
     }
     if let Some(a) = authorization {
         out.push_str(&format!("\n[{host}.header]\n  Authorization = {}\n", toml_str(a)));
@@ -573,7 +581,20 @@ mod tests {
             upstream: "hub".into(),
             mirror: "https://hub.mirror.example.com".into(),
             fallback: fallback.map(str::to_string),
+            dial_timeout: None,
         }
+    }
+
+    #[test]
+    fn dial_timeout_goes_in_the_mirror_host_entry_only() {
+        let mut e = entry(Some("https://registry-1.docker.io"));
+        assert!(!hosts_toml("ns/m", &e, None).contains("dial_timeout"));
+        e.dial_timeout = Some("750ms".into());
+        let text = hosts_toml("ns/m", &e, None);
+        let doc: toml::Table = text.parse().unwrap();
+        let host = doc["host"].as_table().unwrap().values().next().unwrap();
+        assert_eq!(host["dial_timeout"].as_str(), Some("750ms"), "{text}");
+        assert!(doc.get("dial_timeout").is_none(), "not on the upstream server: {text}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bo
             "path": format!("{HTPASSWD_DIR}/{HTPASSWD_FILE}"),
         }});
     }
-    serde_yaml::to_string(&cfg).expect("registry config serializes")
+    super::to_yaml(&cfg)
 }
 
 /// The registry's `config.yml` and, with a sidecar, the sidecar's Envoy bootstrap.

@@ -155,7 +155,7 @@ pub fn sidecar_config(mirror: &RegistryMirror, upstream: &Upstream, auth: &Upstr
             "overload": {"global_downstream_max_connections": 10000},
         }}]},
     });
-    serde_yaml::to_string(&bootstrap).expect("envoy config serializes")
+    super::to_yaml(&bootstrap)
 }
 
 /// The registry's ping, answered here and never forwarded.

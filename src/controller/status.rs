@@ -20,8 +20,11 @@ pub const PROXIES_AVAILABLE: &str = "ProxiesAvailable";
 pub const EDGE_AVAILABLE: &str = "EdgeAvailable";
 pub const NODES_CONFIGURED: &str = "NodesConfigured";
 pub const DEGRADED: &str = "Degraded";
+/// Present only while an upstream's credentials serve anyone ([`crate::api::validate::exposed_credentials`]).
+pub const CREDENTIALS_EXPOSED: &str = "CredentialsExposed";
 /// Every condition type, in the order they are written.
-pub const CONDITION_TYPES: [&str; 5] = [READY, PROXIES_AVAILABLE, EDGE_AVAILABLE, NODES_CONFIGURED, DEGRADED];
+pub const CONDITION_TYPES: [&str; 6] =
+    [READY, PROXIES_AVAILABLE, EDGE_AVAILABLE, NODES_CONFIGURED, DEGRADED, CREDENTIALS_EXPOSED];
 
 /// What the status is computed from.
 #[derive(Clone, Copy)]
@@ -266,10 +269,16 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         condition(DEGRADED, true, "ReplicasMissing", degraded.join("; "), generation)
     };
 
+    let mut conditions = vec![ready, proxies, edge, nodes_cond, degraded_cond];
+    let exposed: Vec<String> =
+        crate::api::validate::exposed_credentials(mirror).iter().map(|p| p.to_string()).collect();
+    if !exposed.is_empty() {
+        conditions.push(condition(CREDENTIALS_EXPOSED, true, "NoClientAuth", exposed.join("; "), generation));
+    }
     let previous = mirror.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     RegistryMirrorStatus {
         observed_generation: generation,
-        conditions: merge_conditions(previous, vec![ready, proxies, edge, nodes_cond, degraded_cond], now),
+        conditions: merge_conditions(previous, conditions, now),
         upstreams,
         upstreams_ready: Some(format!("{ready_upstreams}/{total}")),
         nodes_configured: nodes.as_ref().map(|n| format!("{}/{}", n.configured, n.desired)),
@@ -314,11 +323,15 @@ pub fn transitions<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<(&'a
     new.iter()
         .filter(|c| match previous.iter().find(|p| p.type_ == c.type_) {
             Some(p) => p.status != c.status || p.reason != c.reason,
-            // A condition's first appearance is news only for Ready.
-            None => c.type_ == READY,
+            // A condition's first appearance is news only for Ready and an exposure.
+            None => c.type_ == READY || c.type_ == CREDENTIALS_EXPOSED,
         })
         .map(|c| {
-            let bad = if c.type_ == DEGRADED { c.status == "True" } else { c.status != "True" };
+            let bad = if [DEGRADED, CREDENTIALS_EXPOSED].contains(&c.type_.as_str()) {
+                c.status == "True"
+            } else {
+                c.status != "True"
+            };
             (c, bad)
         })
         .collect()

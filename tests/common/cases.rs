@@ -192,6 +192,27 @@ pub fn cases() -> Vec<Case> {
             admission: Schema,
         },
         Case {
+            what: "dial timeout not a duration",
+            edit: |v| v["spec"]["nodeConfig"]["containerd"] = serde_json::json!({"dialTimeout": "1 second"}),
+            path: "spec.nodeConfig.containerd.dialTimeout",
+            message: "not a Go duration",
+            admission: Schema,
+        },
+        Case {
+            what: "dial timeout too short",
+            edit: |v| v["spec"]["nodeConfig"]["containerd"] = serde_json::json!({"dialTimeout": "50ms"}),
+            path: "spec.nodeConfig.containerd.dialTimeout",
+            message: "from 100ms to 30s",
+            admission: Schema,
+        },
+        Case {
+            what: "dial timeout too long",
+            edit: |v| v["spec"]["nodeConfig"]["containerd"] = serde_json::json!({"dialTimeout": "1m"}),
+            path: "spec.nodeConfig.containerd.dialTimeout",
+            message: "from 100ms to 30s",
+            admission: Schema,
+        },
+        Case {
             what: "size limit not a quantity",
             edit: |v| v["spec"]["proxy"]["storage"]["emptyDir"]["sizeLimit"] = "lots".into(),
             path: "spec.proxy.storage.emptyDir.sizeLimit",

@@ -38,6 +38,9 @@ pub fn node_config_json(
             "upstream": registry.split('.').next().unwrap(),
             "mirror": mirror,
             "fallback": fallback,
+            // What ships (spec.nodeConfig.containerd.dialTimeout's default): every real-containerd
+            // test also shows containerd 1.6 keeps using an entry that carries the key.
+            "dialTimeout": "1s",
         })).collect::<Vec<_>>(),
     })
 }

@@ -42,7 +42,27 @@ const DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.monitor.v1.cgroups",
     "io.containerd.service.v1.tasks-service",
     "io.containerd.grpc.v1.tasks",
+    // containerd 2.x names (1.6 ignores names it does not know).
+    "io.containerd.cri.v1.images",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.nri.v1.nri",
+    "io.containerd.snapshotter.v1.blockfile",
+    "io.containerd.snapshotter.v1.erofs",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+    "io.containerd.sandbox.controller.v1.shim",
 ];
+
+/// The containerd 2.x daemon given by `MIRRORFLEET_CONTAINERD2` (built outside the repository from
+/// a public snapshot) and its `ctr` (`MIRRORFLEET_CTR2`, else `ctr2` or `ctr` beside it).
+pub fn containerd2() -> Option<(PathBuf, PathBuf)> {
+    let bin = PathBuf::from(std::env::var_os("MIRRORFLEET_CONTAINERD2")?);
+    let ctr = std::env::var_os("MIRRORFLEET_CTR2").map(PathBuf::from).unwrap_or_else(|| {
+        let dir = bin.parent().unwrap_or(Path::new("."));
+        [dir.join("ctr2"), dir.join("ctr")].into_iter().find(|p| p.exists()).unwrap_or_else(|| dir.join("ctr2"))
+    });
+    assert!(bin.exists() && ctr.exists(), "MIRRORFLEET_CONTAINERD2: {} or {} missing", bin.display(), ctr.display());
+    Some((bin, ctr))
+}
 
 pub struct Containerd {
     // Field order matters: the daemon must die before its root is removed.
@@ -72,8 +92,11 @@ impl Containerd {
     /// Starts containerd with root/state/sockets in a fresh temp dir and
     /// waits (up to 20 s) until `ctr version` talks to it.
     pub fn start() -> Containerd {
-        let bin = require("containerd");
-        let ctr = require("ctr");
+        Containerd::start_with(require("containerd"), require("ctr"))
+    }
+
+    /// [`Containerd::start`] with the given daemon and ctr binaries (a containerd 2.x).
+    pub fn start_with(bin: PathBuf, ctr: PathBuf) -> Containerd {
         // Unix socket paths are limited to 107 bytes; a long $TMPDIR would
         // break the grpc address, so fall back to /tmp.
         let dir = if std::env::temp_dir().as_os_str().len() > 60 {
@@ -129,9 +152,19 @@ impl Containerd {
 
     /// `ctr --address SOCK --namespace test ARGS..` (60 s timeout).
     pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_within(args, Duration::from_secs(60))
+    }
+
+    /// [`Containerd::ctr`] with its own timeout.
+    pub fn ctr_within(&self, args: &[&str], timeout: Duration) -> Output {
         let mut cmd = Command::new(&self.ctr);
         cmd.arg("--address").arg(&self.socket).args(["--namespace", NAMESPACE]).args(args);
-        run(&mut cmd, Duration::from_secs(60))
+        run(&mut cmd, timeout)
+    }
+
+    /// The ctr binary this daemon is driven with.
+    pub fn ctr_path(&self) -> &Path {
+        &self.ctr
     }
 
     /// `ctr images pull --snapshotter native --hosts-dir DIR EXTRA.. IMAGE`.

@@ -34,7 +34,7 @@ pub mod skopeo;
 // only some of them.
 #[allow(unused_imports)]
 pub use self::{
-    containerd::{write_hosts_toml, Containerd},
+    containerd::{containerd2, write_hosts_toml, Containerd},
     envoy::{fold_dynamic_into_static, ConfigMapDir, Envoy},
     http::{basic_auth, http_get, http_request, wait_http, HttpResponse},
     image::{build_test_image, oci_manifest_digest, push_image},

@@ -1,0 +1,64 @@
+//! An upstream that pulls with credentials, on a mirror without `clientAuth`, serves its private
+//! images to every pod that reaches the mirror. `render` warns on stderr; the controller's status
+//! carries the `CredentialsExposed` condition, and its first appearance is a Warning Event.
+
+use std::process::Command;
+
+use mirrorfleet::api::validate::exposed_credentials;
+use mirrorfleet::controller::status::{observed_status, transitions, Observed, CREDENTIALS_EXPOSED};
+use mirrorfleet::render::{render_str, RenderOptions};
+
+fn mirror(sample: &str) -> mirrorfleet::api::RegistryMirror {
+    let text = std::fs::read_to_string(format!("{}/config/samples/{sample}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    render_str(&text, &RenderOptions::default()).unwrap().remove(0).mirror
+}
+
+#[test]
+fn credentials_without_client_auth_are_named_per_upstream() {
+    let corp = mirror("private-upstream.yaml");
+    let exposed = exposed_credentials(&corp);
+    let paths: Vec<&str> = exposed.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["spec.upstreams[0].credentialsSecretRef", "spec.upstreams[1].credentialsSecretRef"]);
+    assert!(exposed[0].message.contains("corp-registry-creds") && exposed[0].message.contains("clientAuth"));
+    // Client auth in front, or no credentials at all: nothing to say.
+    assert!(exposed_credentials(&mirror("public-mirrors.yaml")).is_empty());
+    assert!(exposed_credentials(&mirror("minimal.yaml")).is_empty());
+}
+
+#[test]
+fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
+    let corp = mirror("private-upstream.yaml");
+    let empty = Default::default();
+    let services = Default::default();
+    let obs = Observed {
+        deployments: &empty,
+        services: &services,
+        daemon_set: None,
+        jobs: &[],
+        cleanup_pods: &[],
+        removing_nodes: None,
+    };
+    let now = mirrorfleet::controller::status::now();
+    let status = observed_status(&corp, obs, &now);
+    let cond = status.conditions.iter().find(|c| c.type_ == CREDENTIALS_EXPOSED).expect("the condition");
+    assert_eq!((cond.status.as_str(), cond.reason.as_str()), ("True", "NoClientAuth"));
+    assert!(cond.message.contains("\"corp\"") && cond.message.contains("\"dockerhub\""), "{}", cond.message);
+    let events = transitions(&[], &status.conditions);
+    assert!(events.iter().any(|(c, bad)| c.type_ == CREDENTIALS_EXPOSED && *bad), "a Warning Event");
+
+    // Without the exposure the condition is absent (the other five stay as they are).
+    let public = mirror("public-mirrors.yaml");
+    let status = observed_status(&public, obs, &now);
+    assert!(status.conditions.iter().all(|c| c.type_ != CREDENTIALS_EXPOSED));
+    assert_eq!(status.conditions.len(), 5);
+}
+
+#[test]
+fn render_prints_a_warning_and_still_renders() {
+    let sample = format!("{}/config/samples/private-upstream.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(env!("CARGO_BIN_EXE_mirrorfleet")).args(["render", "-f", &sample]).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("warning: RegistryMirror mirrors/corp: spec.upstreams[").count(), 2, "{stderr}");
+    assert!(!out.stdout.is_empty());
+}
