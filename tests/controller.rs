@@ -543,6 +543,97 @@ async fn status_conditions_follow_the_workloads() {
     assert!(degraded.message.contains("1/2"), "{}", degraded.message);
 }
 
+/// What the upstream monitor would have read from the proxies' sidecars.
+fn set_upstream_health(h: &Harness, name: &str, reachable: bool, error: Option<(&str, &str)>) {
+    use mirrorfleet::api::UpstreamError;
+    use mirrorfleet::controller::upstreams::UpstreamHealth;
+    let health = UpstreamHealth {
+        reachable: Some(reachable),
+        last_error: error.map(|(reason, message)| UpstreamError {
+            time: mirrorfleet::controller::status::now(),
+            reason: reason.into(),
+            message: message.into(),
+        }),
+        failed_lookups: Some(3),
+        rate_limited: Some(0),
+    };
+    h.ctx.upstream_health.set(&format!("{NS}/{name}"), [("dockerhub".to_string(), health)].into());
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_shows_in_status_at_once_and_degrades_the_mirror_after_a_minute() {
+    let h = harness();
+    let name = h.load(&sample("minimal"));
+    h.reconcile(&name).await.unwrap();
+    h.set_ready("minimal-proxy-dockerhub", 2);
+    set_upstream_health(&h, &name, true, None);
+    h.reconcile(&name).await.unwrap();
+    let up = &h.mirror(&name).status.unwrap().upstreams[0];
+    assert_eq!((up.reachable, up.failed_lookups, up.last_error.as_ref()), (Some(true), Some(3), None));
+
+    h.api.clear_requests();
+    set_upstream_health(
+        &h,
+        &name,
+        false,
+        Some(("ConnectTimeout", "4 connection(s) to the upstream timed out after 1s")),
+    );
+    let action = h.reconcile(&name).await.unwrap();
+    let status = h.mirror(&name).status.unwrap();
+    let up = &status.upstreams[0];
+    assert_eq!(up.reachable, Some(false));
+    assert!(up.unreachable_since.is_some());
+    assert_eq!(up.last_error.as_ref().unwrap().reason, "ConnectTimeout");
+    let events = event_reasons(&h.api.writes());
+    assert_eq!(events, [("Warning".to_string(), "UpstreamUnreachable".to_string())]);
+    assert!(event_notes(&h.api.writes())[0].contains("timed out after 1s"));
+    // Not Degraded yet, but looked at again when it will be.
+    assert_eq!(h.condition(&name, "Degraded").status, "False");
+    assert_eq!(h.condition(&name, "Ready").status, "True", "an upstream outage does not unready the mirror");
+    assert!(
+        [60, 61].map(|s| Action::requeue(Duration::from_secs(s))).contains(&action),
+        "looks again when the minute is up: {action:?}"
+    );
+
+    // A minute and more later (the stored status says since when).
+    h.api.edit(MIRRORS, NS, &name, "test", Some("status"), |m| {
+        m["status"]["upstreams"][0]["unreachableSince"] = json!("2026-01-01T00:00:00Z");
+    });
+    h.api.clear_requests();
+    h.reconcile(&name).await.unwrap();
+    let degraded = h.condition(&name, "Degraded");
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "UpstreamUnreachable"));
+    assert!(
+        degraded.message.contains("no proxy of upstream dockerhub has reached docker.io for")
+            && degraded.message.contains("timed out after 1s"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(event_reasons(&h.api.writes()), [("Warning".to_string(), "UpstreamUnreachable".to_string())]);
+    assert_eq!(
+        h.mirror(&name).status.unwrap().upstreams[0].unreachable_since.as_ref().map(|t| t.0.to_string()),
+        Some("2026-01-01T00:00:00Z".to_string()),
+        "kept while it lasts"
+    );
+
+    // Back: an Event, Degraded cleared, the last error kept for the record.
+    h.api.clear_requests();
+    set_upstream_health(
+        &h,
+        &name,
+        true,
+        Some(("ConnectTimeout", "4 connection(s) to the upstream timed out after 1s")),
+    );
+    h.reconcile(&name).await.unwrap();
+    let events = event_reasons(&h.api.writes());
+    assert!(events.contains(&("Normal".to_string(), "UpstreamReachable".to_string())), "{events:?}");
+    assert!(events.contains(&("Normal".to_string(), "AsDesired".to_string())), "{events:?}");
+    let up = &h.mirror(&name).status.unwrap().upstreams[0];
+    assert_eq!((up.reachable, up.unreachable_since.as_ref()), (Some(true), None));
+    assert_eq!(up.last_error.as_ref().unwrap().reason, "ConnectTimeout");
+    assert_eq!(h.condition(&name, "Degraded").status, "False");
+}
+
 #[tokio::test]
 async fn rotated_credential_rolls_only_the_proxy_that_reads_it() {
     let h = harness();

@@ -30,6 +30,7 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
     let corp = mirror("private-upstream.yaml");
     let empty = Default::default();
     let services = Default::default();
+    let health = Default::default();
     let obs = Observed {
         deployments: &empty,
         services: &services,
@@ -37,6 +38,7 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
         jobs: &[],
         cleanup_pods: &[],
         removing_nodes: None,
+        upstream_health: &health,
     };
     let now = mirrorfleet::controller::status::now();
     let status = observed_status(&corp, obs, &now);

@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::datapath::token::AuthUpstream;
+use support::datapath::token::{AuthUpstream, TOKEN_SERVICE};
 use support::kubectl::{kubectl, kubectl_ok, require_cluster};
 use support::node::{app_image, envoy_image, registry_image, EtcHosts, RealNode};
 use support::{describe_output, run, tempdir};
@@ -206,13 +206,20 @@ fn set_up() -> Fixture {
     fx
 }
 
+/// `upstreams[].auth` of a test upstream: its token challenge, so each proxy runs the upstream
+/// sidecar (its realm is on the upstream's own host:port, [`AuthUpstream::start_on`]).
+fn sidecar_auth(addr: &str) -> String {
+    format!("auth: {{realm: \"http://{addr}/token\", service: {TOKEN_SERVICE}}}")
+}
+
 fn mirror_yaml(fx: &Fixture, upstreams: &[&str], via: &str, proxy_node_selector: &str) -> String {
     let ups: Vec<String> = upstreams
         .iter()
         .map(|u| {
             let addr = fx.registry(u);
             format!(
-                "  - {{name: {u}, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: {u}-creds}}}}\n"
+                "  - {{name: {u}, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: {u}-creds}}, {auth}}}\n",
+                auth = sidecar_auth(&addr),
             )
         })
         .collect();
@@ -388,16 +395,7 @@ fn run_pod(name: &str, image: &str) -> Option<f64> {
         }
         pod_ready(&p).then_some(())
     });
-    let events = json(&[
-        "-n",
-        NS,
-        "get",
-        "events",
-        "--field-selector",
-        &format!("involvedObject.name={name},reason=Pulled"),
-        "-o",
-        "json",
-    ]);
+    let events = events_of(name, "Pulled");
     kubectl_ok(&["-n", NS, "delete", "pod", name, "--wait=true", "--grace-period=1"], None);
     events["items"].as_array()?.iter().rev().find_map(|e| pull_seconds(e["message"].as_str()?))
 }
@@ -598,6 +596,133 @@ fn step04_a_pod_whose_image_is_only_upstream_starts_through_the_proxy_then_from_
     fx.node.remove_image(&image);
     fx.figure(format!(
         "node pull of {image} (kubelet's 'Pulled' time): cold through the mirror {cold:.3}s, warm from its cache {warm:.3}s; direct from the upstream (ctr pull) {direct:.3}s"
+    ));
+}
+
+/// The upstream's status as the operator has it: (reachable, lastError.reason).
+fn upstream_state(upstream: &str) -> (Option<bool>, Option<String>) {
+    let m = mirror();
+    let u = m["status"]["upstreams"].as_array().and_then(|us| us.iter().find(|u| u["name"] == upstream).cloned());
+    let u = u.unwrap_or_default();
+    (u["reachable"].as_bool(), u["lastError"]["reason"].as_str().map(str::to_string))
+}
+
+/// Events in the test namespace about the object `name` with `reason`.
+fn events_of(name: &str, reason: &str) -> Value {
+    let selector = format!("involvedObject.name={name},reason={reason}");
+    json(&["-n", NS, "get", "events", "--field-selector", &selector, "-o", "json"])
+}
+
+fn mirror_events(reason: &str) -> Vec<String> {
+    events_of(MIRROR, reason)["items"]
+        .as_array()
+        .map(|items| {
+            items.iter().filter_map(|e| e["message"].as_str().or(e["note"].as_str()).map(str::to_string)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Drops new connections from the proxy pods (and anyone) to one port on the node's address
+/// (iptables INPUT), until dropped: the upstream blackholed for the pods.
+struct NodePortBlackhole {
+    ip: String,
+    port: String,
+}
+
+impl NodePortBlackhole {
+    fn rule(&self, op: &str) -> std::process::Output {
+        let iptables = support::require("iptables");
+        run(
+            Command::new(iptables)
+                .args(["-w", op, "INPUT", "-p", "tcp", "-d", &self.ip, "--dport", &self.port, "--syn", "-j", "DROP"]),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn start(addr: &str) -> NodePortBlackhole {
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        let b = NodePortBlackhole { ip: ip.into(), port: port.into() };
+        let out = b.rule("-I");
+        assert!(out.status.success(), "iptables -I: {}", describe_output(&out));
+        b
+    }
+}
+
+impl Drop for NodePortBlackhole {
+    fn drop(&mut self) {
+        let _ = self.rule("-D");
+    }
+}
+
+/// Issue 12 on the real node: the proxies' upstream sidecars tell the operator what they see, a
+/// blackholed upstream shows in the status and Events and degrades the mirror after a minute,
+/// cached tags keep pulling on the node meanwhile, and all of it clears when the upstream is back.
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04b_an_upstream_outage_shows_in_status_while_the_node_keeps_pulling_cached_tags() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let sidecars: Vec<Value> = pods(NS, &format!("{},mirrorfleet.io/upstream=alpha", selector("proxy")));
+    assert!(
+        sidecars.iter().all(|p| p["spec"]["initContainers"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == "upstream-envoy" && c["restartPolicy"] == "Always"))),
+        "the alpha proxies run no upstream sidecar"
+    );
+    wait_for("alpha reachable in the status", Duration::from_secs(60), || {
+        (upstream_state("alpha").0 == Some(true)).then_some(())
+    });
+    let image = fx.app("alpha");
+
+    let blackhole = NodePortBlackhole::start(&fx.registry("alpha"));
+    let cut = Instant::now();
+    // Step 04 cached the image: the node pulls it by tag through the proxy while the upstream is dark.
+    fx.node.remove_image(&image);
+    let cached = run_pod("outage", &image).expect("the kubelet pulled the cached image");
+    fx.node.remove_image(&image);
+    let (reachable, reason) = wait_for("alpha unreachable in the status", Duration::from_secs(60), || {
+        let (r, reason) = upstream_state("alpha");
+        (r == Some(false)).then_some((r, reason))
+    });
+    let seen = cut.elapsed().as_secs_f64();
+    // New connections are dropped: a connect timeout, or, once the host is marked down and
+    // requests stop trying it, only the failed health checks.
+    assert!(
+        matches!(reason.as_deref(), Some("ConnectTimeout" | "HealthCheckFailed")),
+        "{:?}",
+        mirror()["status"]["upstreams"]
+    );
+    assert_eq!(reachable, Some(false));
+    assert_eq!(upstream_state("beta").0, Some(true), "beta is not touched");
+    let warned = wait_for("Event UpstreamUnreachable", Duration::from_secs(30), || {
+        let e = mirror_events("UpstreamUnreachable");
+        (!e.is_empty()).then_some(e)
+    });
+    assert!(warned[0].contains("alpha"), "{warned:?}");
+    wait_for("Degraded=True UpstreamUnreachable", Duration::from_secs(120), || {
+        let m = mirror();
+        let c = m["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Degraded")?.clone();
+        (c["status"] == "True" && c["reason"] == "UpstreamUnreachable").then_some(())
+    });
+    let degraded = cut.elapsed().as_secs_f64();
+    assert_eq!(condition("Ready").as_deref(), Some("True"), "an upstream outage does not unready the mirror");
+
+    drop(blackhole);
+    let back = Instant::now();
+    wait_for("alpha reachable again", Duration::from_secs(60), || {
+        (upstream_state("alpha").0 == Some(true)).then_some(())
+    });
+    let recovered = back.elapsed().as_secs_f64();
+    wait_for("Degraded=False", Duration::from_secs(60), || {
+        (condition("Degraded").as_deref() == Some("False")).then_some(())
+    });
+    assert!(!mirror_events("UpstreamReachable").is_empty(), "no Event UpstreamReachable");
+    let m = mirror();
+    let alpha = m["status"]["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "alpha").unwrap().clone();
+    assert!(alpha["failedLookups"].as_i64().unwrap_or(0) >= 1, "the outage's lookups were not counted: {alpha}");
+    fx.figure(format!(
+        "upstream blackholed (iptables DROP on the node): cached tag pulled on the node in {cached:.3}s (kubelet's 'Pulled'); \
+         status reachable=false after {seen:.1}s, Degraded after {degraded:.1}s; reachable again {recovered:.1}s after the upstream returned"
     ));
 }
 
@@ -867,7 +992,7 @@ fn step10_a_five_upstream_mirror_goes_ready_and_is_deleted_cleanly() {
     let fx = guard.as_mut().unwrap();
     let remote = fx.registry("alpha");
     let ups: String = (1..=5)
-        .map(|i| format!("  - {{name: up{i}, registry: \"up{i}.five.test\", remoteURL: \"http://{remote}\", credentialsSecretRef: {{name: alpha-creds}}}}\n"))
+        .map(|i| format!("  - {{name: up{i}, registry: \"up{i}.five.test\", remoteURL: \"http://{remote}\", credentialsSecretRef: {{name: alpha-creds}}, {}}}\n", sidecar_auth(&remote)))
         .collect();
     let yaml = format!(
         "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: five, namespace: {NS}}}\nspec:\n\

@@ -24,6 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirrorfleet::build::sidecar;
+use mirrorfleet::controller::upstreams::{
+    assess, parse_sidecar_stats, reachable, ClusterCounters, FailureKind, SidecarSample,
+};
 use mirrorfleet::render::{render_str, RenderOptions, Rendered};
 use support::agent::Blackhole;
 use support::datapath::fleet::{localize_socket_addresses, proxy_env};
@@ -296,6 +299,15 @@ impl Bed {
         );
     }
 
+    /// What the operator reads: the sidecar's `/stats/prometheus` on its probe port (the same
+    /// admin-proxy listener a pod serves on 5082), parsed as the upstream monitor parses it.
+    fn sidecar_sample(&self) -> SidecarSample {
+        let port = self.sidecar_ports[&(sidecar::PROBE_PORT as u64)];
+        let r = http_get(format!("127.0.0.1:{port}"), "/stats/prometheus", &[]);
+        assert_eq!(r.status, 200, "the sidecar's /stats/prometheus: {}", r.text());
+        parse_sidecar_stats(&r.text())
+    }
+
     fn proxy_log(&self) -> String {
         let envoy = self.envoy.as_ref().map(Envoy::log).unwrap_or_default();
         format!("registry:\n{}\nsidecar:\n{envoy}", self.proxy.as_ref().map(Registry::log).unwrap_or_default())
@@ -366,7 +378,10 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
                 .join("\n")
         );
 
+        let healthy = bed.sidecar_sample();
+        assert_eq!(reachable(&healthy), Some(true), "[{version}] healthy upstream: {healthy:?}");
         for fault in [Fault::Blackhole, Fault::Hang, Fault::Refused, Fault::Status(429), Fault::Status(503)] {
+            let mut counters_before = bed.sidecar_sample();
             let guard = bed.fault(fault);
             let before = bed.upstream_requests();
             let (out, took) = bed.pull("cached:v1");
@@ -388,6 +403,8 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
                     assert!(took <= warm + CACHED_EXTRA, "[{version}] cached tag, upstream {fault:?}: {took:?}");
                 }
                 assert!(seen() > 0, "[{version}] the sidecar never saw a {code}");
+                // Swapping the server refused connections for a moment: count from here.
+                counters_before = bed.sidecar_sample();
             }
             let (out, digest_took) = bed.pull(&format!("cached@{digest}"));
             assert_ok(&format!("[{version}] by digest, upstream {fault:?}"), &out, &bed);
@@ -401,6 +418,47 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
                 assert_eq!(bed.upstream_requests().0, before.0, "[{version}] {fault:?} let requests through");
             }
             eprintln!("[{version}] upstream {fault:?}: cached tag {took:?}, by digest {digest_took:?}, uncached fails in {uncached:?}");
+            // What the operator's upstream monitor makes of the sidecar's counters: the kind of
+            // failure, reachability as the health check has it, and the failed lookups.
+            let (want_kind, want_reachable) = match fault {
+                Fault::Blackhole => (FailureKind::ConnectTimeout, false),
+                Fault::Hang => (FailureKind::Timeout, false),
+                Fault::Refused => (FailureKind::ConnectFailed, false),
+                Fault::Status(429) => (FailureKind::RateLimited, true),
+                Fault::Status(_) => (FailureKind::ServerError, false),
+            };
+            let judged = wait_until(Duration::from_secs(10), || {
+                let now = bed.sidecar_sample();
+                (reachable(&now) == Some(want_reachable)).then_some(now)
+            });
+            let now = judged.unwrap_or_else(|| {
+                panic!("[{version}] {fault:?}: reachable never became {want_reachable}: {:?}", bed.sidecar_sample())
+            });
+            // A host already ejected or marked down by its health check gets no connection
+            // attempts from requests, and health-check connections are not in the cluster's
+            // connection counters: then only "the health checks fail" is known.
+            let moved = |f: fn(&ClusterCounters) -> u64| {
+                now.clusters.iter().any(|(name, c)| f(c) > counters_before.clusters.get(name).map_or(0, f))
+            };
+            let precise = match fault {
+                Fault::Blackhole => moved(|c| c.connect_timeout),
+                Fault::Hang => moved(|c| c.rq_timeout),
+                Fault::Refused => moved(|c| c.connect_fail),
+                Fault::Status(_) => true,
+            };
+            let want_kind = if precise { want_kind } else { FailureKind::HealthCheckFailed };
+            let kind = assess(Some(&counters_before), &now);
+            assert_eq!(kind.as_ref().map(|k| k.0), Some(want_kind), "[{version}] {fault:?}: {kind:?} from {now:?}");
+            assert!(
+                now.failed_lookups > counters_before.failed_lookups,
+                "[{version}] {fault:?}: the failed tag lookups were not counted: {counters_before:?} -> {now:?}"
+            );
+            eprintln!(
+                "[{version}]   monitor: {:?}, reachable {want_reachable}, failed lookups {} -> {}",
+                kind.unwrap(),
+                counters_before.failed_lookups,
+                now.failed_lookups
+            );
             let stats = bed.envoy.as_ref().unwrap().stats();
             let why: Vec<&str> = stats
                 .lines()

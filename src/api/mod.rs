@@ -724,6 +724,38 @@ pub struct UpstreamStatus {
     pub endpoint: Option<String>,
     pub replicas: i32,
     pub ready_replicas: i32,
+    /// Whether the proxies reach the upstream, as their upstream sidecars' health checks (every
+    /// 3 s) see it: true when one proxy does, false when none does. Absent while unknown (no
+    /// sidecar, no proxy running, or their stats not reachable from the operator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reachable: Option<bool>,
+    /// Since when no proxy reaches the upstream (kept while it stays unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<Time>,
+    /// The newest upstream failure the proxies saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<UpstreamError>,
+    /// Tag and manifest lookups (and the token requests they need) the upstream did not answer
+    /// (timeout, refused, 429, 5xx), summed
+    /// over the running proxies since they started. Each was served from the cache when the
+    /// proxy held the tag, and failed the pull otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_lookups: Option<i64>,
+    /// Upstream answers 429 (rate limited), summed over the running proxies since they started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limited: Option<i64>,
+}
+
+/// An upstream failure, as the proxies' upstream sidecars counted it. Never holds a credential.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamError {
+    /// When the operator first saw it (its scrape of the sidecars' counters).
+    pub time: Time,
+    /// ConnectTimeout, ConnectFailed, Timeout, HealthCheckFailed, RateLimited, Unauthorized or
+    /// ServerError.
+    pub reason: String,
+    pub message: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

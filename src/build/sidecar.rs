@@ -44,8 +44,22 @@ pub const LOOKUP_TIMEOUT: &str = "2s";
 /// No byte either way for this long ends a blob transfer (no total bound: layers are large).
 pub const BLOB_IDLE_TIMEOUT: &str = "15s";
 pub const CONNECT_TIMEOUT: &str = "1s";
+/// One health check of the upstream (`GET /v2/`).
+pub const HEALTH_CHECK_TIMEOUT: &str = "2s";
 /// The system CA bundle of the Envoy image.
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The sidecar container's name.
+pub const CONTAINER_NAME: &str = "upstream-envoy";
+/// The Envoy clusters that lead upstream: the registry, and its token service when it has one.
+pub const UPSTREAM_CLUSTERS: [&str; 2] = ["registry", "realm"];
+/// The virtual cluster that counts manifest and tag-list requests apart from blobs (the
+/// operator's `failedLookups`, [`crate::controller::upstreams`]).
+pub const LOOKUP_VCLUSTER: &str = "lookup";
+/// Manifests and tag lists: the requests a tag lookup makes (routes match paths without query).
+const LOOKUP_PATH: &str = "^/v2/.+/(manifests/[^/]+|tags/list)$";
+/// The `lookup` virtual cluster: those, and the token request a lookup may need first (a
+/// virtual cluster matches `:path` with its query).
+const LOOKUP_VCLUSTER_PATH: &str = "^(/v2/.+/(manifests/[^/?]+|tags/list)|/_token)([?].*)?$";
 pub const SIDECAR_REQUESTS: pod::Requests = pod::Requests { cpu: "20m", memory: "32Mi" };
 
 /// `http://127.0.0.1:5080`: what the registry's `proxy.remoteurl` becomes with a sidecar.
@@ -115,7 +129,7 @@ pub fn sidecar_config(mirror: &RegistryMirror, upstream: &Upstream, auth: &Upstr
         route
     };
     routes.push(json!({
-        "match": {"safe_regex": {"regex": "^/v2/.+/(manifests/[^/]+|tags/list)$"}},
+        "match": {"safe_regex": {"regex": LOOKUP_PATH}},
         "route": forward(LOOKUP_TIMEOUT, None),
     }));
     routes.push(json!({"match": {"prefix": "/v2/"}, "route": forward("0s", Some(BLOB_IDLE_TIMEOUT))}));
@@ -138,10 +152,18 @@ pub fn sidecar_config(mirror: &RegistryMirror, upstream: &Upstream, auth: &Upstr
                         // Response flags say why a request failed (UH no healthy host, UF connect
                         // failure, UT timeout); the RateLimit header tells a 429 coming.
                         "log_format": {"text_format_source": {"inline_string":
-                            "[%START_TIME%] %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %DURATION%ms upstream=%UPSTREAM_CLUSTER% tf=%UPSTREAM_TRANSPORT_FAILURE_REASON% rl=%RESP(RATELIMIT-REMAINING)%\n"}},
+                            "[%START_TIME%] %REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %RESPONSE_CODE% %RESPONSE_FLAGS% %DURATION%ms upstream=%UPSTREAM_CLUSTER% tf=%UPSTREAM_TRANSPORT_FAILURE_REASON% rl=%RESP(RATELIMIT-REMAINING)% rl_limit=%RESP(RATELIMIT-LIMIT)% retry_after=%RESP(RETRY-AFTER)%\n"}},
                     },
                 }],
-                "route_config": {"name": "upstream", "virtual_hosts": [{"name": "upstream", "domains": ["*"], "routes": routes}]},
+                "route_config": {"name": "upstream", "virtual_hosts": [{
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": routes,
+                    "virtual_clusters": [{
+                        "name": LOOKUP_VCLUSTER,
+                        "headers": [{"name": ":path", "string_match": {"safe_regex": {"regex": LOOKUP_VCLUSTER_PATH}}}],
+                    }],
+                }]},
                 "http_filters": [router()],
             },
         }]}],
@@ -208,7 +230,7 @@ fn cluster(name: &str, e: &Endpoint, health_path: &str) -> Value {
             "max_ejection_percent": 100,
         },
         "health_checks": [{
-            "timeout": "2s",
+            "timeout": HEALTH_CHECK_TIMEOUT,
             "interval": "3s",
             "no_traffic_interval": "3s",
             // A dead upstream is re-probed every second: its return is seen within ~1 s.
@@ -264,7 +286,7 @@ pub fn sidecar_container(image: &str, config_mount: &VolumeMount, tmp_mount: &Vo
         ..Default::default()
     };
     Container {
-        name: "upstream-envoy".into(),
+        name: CONTAINER_NAME.into(),
         image: Some(image.to_string()),
         restart_policy: Some("Always".into()),
         command: Some(vec!["envoy".into()]),

@@ -4,7 +4,9 @@
 //! ([`Metrics::count_request`]), so no write can bypass it; the leader-election client is
 //! separate and its Lease renewals are counted in `mirrorfleet_leader_lease_writes_total`.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,9 +16,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use super::upstreams::UpstreamHealth;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub namespace: String,
+    pub mirror: String,
+    pub upstream: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +46,11 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub mirrors: Gauge,
     pub leader: Gauge,
+    pub upstream_reachable: Family<UpstreamLabels, Gauge>,
+    pub upstream_failed_lookups: Family<UpstreamLabels, Gauge>,
+    pub upstream_rate_limited: Family<UpstreamLabels, Gauge>,
+    /// The upstream series written, so a mirror's can be removed.
+    upstream_series: Mutex<BTreeSet<UpstreamLabels>>,
     ready: AtomicBool,
 }
 
@@ -84,8 +100,30 @@ impl Metrics {
         registry.register("mirrorfleet_mirrors", "RegistryMirrors the controller knows", mirrors.clone());
         let leader = Gauge::default();
         registry.register("mirrorfleet_leader", "1 while this replica holds the leader Lease", leader.clone());
+        let upstream_reachable = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "mirrorfleet_upstream_reachable",
+            "1 while a proxy's upstream sidecar reaches the upstream (health check), 0 while none does; absent while unknown",
+            upstream_reachable.clone(),
+        );
+        let upstream_failed_lookups = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "mirrorfleet_upstream_failed_lookups",
+            "Tag and manifest lookups the upstream did not answer (timeout, refused, 429, 5xx), summed over the running proxies since they started",
+            upstream_failed_lookups.clone(),
+        );
+        let upstream_rate_limited = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "mirrorfleet_upstream_rate_limited",
+            "Upstream answers 429, summed over the running proxies since they started",
+            upstream_rate_limited.clone(),
+        );
         Self {
             registry,
+            upstream_reachable,
+            upstream_failed_lookups,
+            upstream_rate_limited,
+            upstream_series: Mutex::default(),
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -124,6 +162,48 @@ impl Metrics {
     pub fn api_writes_total(&self) -> u64 {
         // Family has no iterator; the encoded text is the one stable view of every series.
         sum_series(&self.encode(), "mirrorfleet_api_writes_total")
+    }
+
+    /// Sets an upstream's series from its health (`namespace/name` of the mirror).
+    pub fn observe_upstream(&self, mirror_key: &str, upstream: &str, health: &UpstreamHealth) {
+        let (namespace, mirror) = mirror_key.split_once('/').unwrap_or(("", mirror_key));
+        let labels = UpstreamLabels { namespace: namespace.into(), mirror: mirror.into(), upstream: upstream.into() };
+        match health.reachable {
+            Some(r) => {
+                self.upstream_reachable.get_or_create(&labels).set(i64::from(r));
+            }
+            None => {
+                self.upstream_reachable.remove(&labels);
+            }
+        }
+        for (family, value) in
+            [(&self.upstream_failed_lookups, health.failed_lookups), (&self.upstream_rate_limited, health.rate_limited)]
+        {
+            match value {
+                Some(v) => {
+                    family.get_or_create(&labels).set(v);
+                }
+                None => {
+                    family.remove(&labels);
+                }
+            }
+        }
+        self.upstream_series.lock().unwrap_or_else(|e| e.into_inner()).insert(labels);
+    }
+
+    /// Removes every upstream series of a mirror.
+    pub fn forget_upstreams(&self, mirror_key: &str) {
+        let (namespace, mirror) = mirror_key.split_once('/').unwrap_or(("", mirror_key));
+        let mut series = self.upstream_series.lock().unwrap_or_else(|e| e.into_inner());
+        series.retain(|l| {
+            let gone = l.namespace == namespace && l.mirror == mirror;
+            if gone {
+                self.upstream_reachable.remove(l);
+                self.upstream_failed_lookups.remove(l);
+                self.upstream_rate_limited.remove(l);
+            }
+            !gone
+        });
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -217,5 +297,30 @@ mod tests {
         let text = m.encode();
         assert!(text.contains(r#"mirrorfleet_api_writes_total{verb="create",kind="configmaps"} 2"#), "{text}");
         assert!(text.contains("mirrorfleet_reconcile_total 0"), "{text}");
+    }
+
+    #[test]
+    fn upstream_series_follow_the_health_and_go_with_the_mirror() {
+        let m = Metrics::new();
+        let down = UpstreamHealth {
+            reachable: Some(false),
+            failed_lookups: Some(7),
+            rate_limited: Some(0),
+            ..Default::default()
+        };
+        m.observe_upstream("ns/a", "hub", &down);
+        m.observe_upstream("ns/b", "quay", &UpstreamHealth::default());
+        let text = m.encode();
+        assert!(
+            text.contains(r#"mirrorfleet_upstream_reachable{namespace="ns",mirror="a",upstream="hub"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mirrorfleet_upstream_failed_lookups{namespace="ns",mirror="a",upstream="hub"} 7"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"mirror="b""#), "unknown health writes no series: {text}");
+        m.forget_upstreams("ns/a");
+        assert!(!m.encode().contains(r#"mirror="a""#));
     }
 }

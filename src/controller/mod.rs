@@ -7,6 +7,8 @@
 //! - [`nodes`]: the finalizer and the removal of node config before it is released.
 //! - [`metrics`], [`admin`]: Prometheus metrics and the `/metrics` `/livez` `/readyz` server.
 //! - [`leader`]: leader election on a Lease, so replicas can stand by.
+//! - [`upstreams`]: what the proxies' upstream sidecars see of each upstream, read from their
+//!   counters, for the status, Degraded, Events and metrics.
 //!
 //! Watches: RegistryMirrors (full objects; only changes to the spec, deletion, finalizers, labels
 //! or annotations trigger a reconcile, not the controller's own status writes); every owned kind,
@@ -31,6 +33,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
 pub mod status;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -97,6 +100,10 @@ pub struct RunArgs {
     /// Seconds to wait for node agents to remove their files before releasing the finalizer.
     #[arg(long, default_value_t = 600, env = "MIRRORFLEET_NODE_REMOVAL_TIMEOUT_SECONDS")]
     pub node_removal_timeout_seconds: u64,
+    /// Seconds between two readings of the proxies' upstream-sidecar counters (upstream
+    /// reachability, last error, failed lookups in the status); 0 turns the readings off.
+    #[arg(long, default_value_t = 10, env = "MIRRORFLEET_UPSTREAM_CHECK_SECONDS")]
+    pub upstream_check_seconds: u64,
     /// Mirrors reconciled at the same time.
     #[arg(long, default_value_t = 8, env = "MIRRORFLEET_CONCURRENCY")]
     pub concurrency: u16,
@@ -249,6 +256,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = Options {
         requeue: Duration::from_secs(args.requeue_seconds),
         node_removal_timeout: Duration::from_secs(args.node_removal_timeout_seconds),
+        upstream_monitor: (args.upstream_check_seconds > 0).then(|| upstreams::MonitorOptions {
+            interval: Duration::from_secs(args.upstream_check_seconds),
+            ..Default::default()
+        }),
         ..Options::default()
     };
     let identity = args.identity.clone().unwrap_or_else(default_identity);
@@ -455,6 +466,20 @@ pub async fn run_controller(
     let owned_cfg = || cfg.owned.clone();
     let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, cfg.cleanup_jobs.clone(), w.jobs));
 
+    // Upstream health changes trigger their mirror's reconcile, which writes them to the status.
+    let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let monitor = ctx.options.upstream_monitor.clone().map(|options| {
+        tokio::spawn(upstreams::monitor(
+            client.clone(),
+            ns.map(str::to_string),
+            ctx.upstream_health.clone(),
+            ctx.metrics.clone(),
+            options,
+            health_tx,
+        ))
+    });
+    let health_triggers = futures::stream::unfold(health_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+
     let ready_store = store.clone();
     let ready_metrics = ctx.metrics.clone();
     let ready_task = tokio::spawn(async move {
@@ -518,6 +543,7 @@ pub async fn run_controller(
         })
         .watches_stream(agents, |pod: PartialObjectMeta<Pod>| mirror_of_labels(&pod))
         .watches_stream(jobs, |job: Job| mirror_of_labels(&job))
+        .reconcile_on(health_triggers)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx.clone())
@@ -539,5 +565,8 @@ pub async fn run_controller(
         })
         .await;
     ready_task.abort();
+    if let Some(m) = monitor {
+        m.abort();
+    }
     info!("controller stopped");
 }

@@ -27,6 +27,7 @@ use super::inputs::read_inputs;
 use super::metrics::Metrics;
 use super::nodes::{self, Removal};
 use super::status::{self, Observed};
+use super::upstreams::{self, HealthStore};
 use crate::api::{RegistryMirror, RegistryMirrorStatus};
 use crate::build::meta::{names, Component, LABEL_COMPONENT};
 use crate::build::{self, DesiredChildren, Settings};
@@ -43,6 +44,8 @@ pub struct Options {
     /// First retry after a transient error; doubles per failure, up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Reading the proxies' upstream sidecars ([`upstreams::monitor`]); None: not read.
+    pub upstream_monitor: Option<upstreams::MonitorOptions>,
 }
 
 impl Default for Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             node_removal_timeout: Duration::from_secs(600),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
+            upstream_monitor: Some(upstreams::MonitorOptions::default()),
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Context {
     /// has not caught up with them yet.
     applied_services: Mutex<HashMap<String, BTreeMap<String, Service>>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// What the proxies' upstream sidecars see of each upstream ([`super::upstreams::monitor`]).
+    pub upstream_health: Arc<HealthStore>,
     removal_started: Mutex<HashMap<String, Instant>>,
 }
 
@@ -102,6 +108,7 @@ impl Context {
             metrics,
             cache: ApplyCache::default(),
             failures: Mutex::default(),
+            upstream_health: Arc::default(),
             removal_started: Mutex::default(),
         }
     }
@@ -115,6 +122,7 @@ impl Context {
         self.applied_services.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
         self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
         self.removal_started.lock().unwrap_or_else(|e| e.into_inner()).remove(&k);
+        self.upstream_health.forget(&k);
     }
 
     /// Hands the child stores' writers to the watches (once; None after that).
@@ -381,6 +389,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     if !trusted_lag {
         let jobs = if mirror.spec.cleanup.is_some() { ctx.children.cleanup_jobs(mirror) } else { Vec::new() };
         let cleanup_pods = cleanup_report_pods(ctx, mirror, &jobs).await?;
+        let upstream_health = ctx.upstream_health.get(&key(mirror));
         let observed = Observed {
             deployments: &observed_deployments,
             services: &services,
@@ -388,8 +397,21 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
             jobs: &jobs,
             cleanup_pods: &cleanup_pods,
             removing_nodes: removal_pending.as_deref(),
+            upstream_health: &upstream_health,
         };
-        let new_status = status::observed_status(mirror, observed, &status::now());
+        let now = status::now();
+        let new_status = status::observed_status(mirror, observed, &now);
+        // An upstream lost less than DEGRADED_AFTER ago: look again when it will have been.
+        if let Some(due) = new_status
+            .upstreams
+            .iter()
+            .filter_map(|u| upstreams::unreachable_for(u, &now))
+            .filter(|d| *d < upstreams::DEGRADED_AFTER)
+            .map(|d| upstreams::DEGRADED_AFTER - d + Duration::from_secs(1))
+            .min()
+        {
+            requeue = requeue.min(due);
+        }
         write_status(mirror, ctx, new_status).await?;
     }
 
@@ -452,6 +474,10 @@ async fn write_status(mirror: &RegistryMirror, ctx: &Context, new: RegistryMirro
         let type_ = if bad { EventType::Warning } else { EventType::Normal };
         let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
         ctx.event(mirror, type_, &condition.reason, "UpdateStatus", note).await;
+    }
+    for (bad, reason, note) in upstreams::upstream_events(&old.upstreams, &new.upstreams, &status::now()) {
+        let type_ = if bad { EventType::Warning } else { EventType::Normal };
+        ctx.event(mirror, type_, reason, "ObserveUpstream", note).await;
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ use crate::build::cleanup::{CleanupOutcome, CleanupReport, CLEANUP_CONTAINER};
 use crate::build::meta::names;
 use crate::build::proxy::REGISTRY_PORT;
 
+use super::upstreams::{self, UpstreamHealth};
+
 pub const READY: &str = "Ready";
 pub const PROXIES_AVAILABLE: &str = "ProxiesAvailable";
 pub const EDGE_AVAILABLE: &str = "EdgeAvailable";
@@ -41,6 +43,8 @@ pub struct Observed<'a> {
     pub cleanup_pods: &'a [Pod],
     /// While node config is being removed (nodeConfig dropped from the spec): nodes not done yet.
     pub removing_nodes: Option<&'a [String]>,
+    /// Per upstream name: what its proxies' sidecars see of it (empty: nothing known).
+    pub upstream_health: &'a BTreeMap<String, UpstreamHealth>,
 }
 
 /// Now, to the second (what the API server stores).
@@ -120,31 +124,60 @@ fn list(names: &[String]) -> String {
 }
 
 /// The status the mirror's children say it has.
-pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -> RegistryMirrorStatus {
-    let spec = &mirror.spec;
-    let generation = mirror.metadata.generation;
-    let mut degraded = Vec::new();
+/// The upstreams' part of the status: per upstream its proxy's replicas and endpoint, and what
+/// its sidecars see of the upstream ([`upstreams`]).
+struct Upstreams {
+    statuses: Vec<UpstreamStatus>,
+    /// Upstreams without a ready proxy.
+    unavailable: Vec<String>,
+    /// "upstream X unreachable for Ns: ..." for those no proxy has reached for DEGRADED_AFTER.
+    unreachable: Vec<String>,
+}
 
-    // Proxies.
-    let mut upstreams = Vec::new();
-    let mut unavailable = Vec::new();
+fn upstream_statuses(mirror: &RegistryMirror, obs: &Observed<'_>, now: &Time, degraded: &mut Vec<String>) -> Upstreams {
+    let spec = &mirror.spec;
+    let previous = mirror.status.as_ref().map(|s| s.upstreams.as_slice()).unwrap_or(&[]);
+    let mut out = Upstreams { statuses: Vec::new(), unavailable: Vec::new(), unreachable: Vec::new() };
     for u in &spec.upstreams {
         let name = names::proxy(mirror, &u.name);
         let c = deployment_counts(obs.deployments.get(&name));
         let desired = if obs.deployments.contains_key(&name) { c.desired } else { spec.proxy.replicas };
         if c.ready < 1 {
-            unavailable.push(u.name.clone());
+            out.unavailable.push(u.name.clone());
         } else if c.ready < desired {
             degraded.push(format!("upstream {} has {}/{} ready replicas", u.name, c.ready, desired));
         }
-        upstreams.push(UpstreamStatus {
+        let mut status = UpstreamStatus {
             name: u.name.clone(),
             registry: u.registry.clone(),
             endpoint: obs.services.get(&name).and_then(endpoint),
             replicas: desired,
             ready_replicas: c.ready,
-        });
+            ..Default::default()
+        };
+        let before = previous.iter().find(|p| p.name == u.name);
+        upstreams::apply_health(&mut status, obs.upstream_health.get(&u.name), before, now);
+        if let Some(down) = upstreams::unreachable_for(&status, now).filter(|d| *d >= upstreams::DEGRADED_AFTER) {
+            let why = status.last_error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default();
+            out.unreachable.push(format!(
+                "no proxy of upstream {} has reached {} for {}s{why}",
+                u.name,
+                u.registry,
+                down.as_secs()
+            ));
+        }
+        out.statuses.push(status);
     }
+    out
+}
+
+pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -> RegistryMirrorStatus {
+    let spec = &mirror.spec;
+    let generation = mirror.metadata.generation;
+    let mut degraded = Vec::new();
+
+    let Upstreams { statuses: upstreams, unavailable, unreachable } =
+        upstream_statuses(mirror, &obs, now, &mut degraded);
     let total = spec.upstreams.len();
     let ready_upstreams = total - unavailable.len();
     let proxies = if unavailable.is_empty() {
@@ -263,10 +296,19 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
             generation,
         ),
     };
+    // Missing replicas first: they are this cluster's to fix; an upstream is someone else's.
+    let degraded_reason = if degraded.is_empty() { "UpstreamUnreachable" } else { "ReplicasMissing" };
+    degraded.extend(unreachable);
     let degraded_cond = if degraded.is_empty() {
-        condition(DEGRADED, false, "AsDesired", "every component has its desired replicas", generation)
+        condition(
+            DEGRADED,
+            false,
+            "AsDesired",
+            "every component has its desired replicas and every known upstream is reached",
+            generation,
+        )
     } else {
-        condition(DEGRADED, true, "ReplicasMissing", degraded.join("; "), generation)
+        condition(DEGRADED, true, degraded_reason, degraded.join("; "), generation)
     };
 
     let mut conditions = vec![ready, proxies, edge, nodes_cond, degraded_cond];
