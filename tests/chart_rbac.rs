@@ -309,6 +309,11 @@ fn needs() -> Needs {
         needs.add(perm("events.k8s.io", "events", "create"), "kube-runtime Recorder");
         needs.add(perm("events.k8s.io", "events", "patch"), "kube-runtime Recorder (repeated Events)");
     }
+    // The upstream monitor reads a proxy's sidecar log after a 429 (its rate-limit headers).
+    let upstreams_src = std::fs::read_to_string(root().join("src/controller/upstreams.rs")).unwrap();
+    if upstreams_src.contains(".logs(") {
+        needs.add(perm("", "pods/log", "get"), "upstream monitor: a sidecar's log after a 429");
+    }
     // Leader election: kube-lease-manager 0.13 gets, creates and patches its Lease (its
     // LeaseState); a new major version must be looked at again.
     let leader_src = std::fs::read_to_string(root().join("src/controller/leader.rs")).unwrap();

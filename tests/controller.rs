@@ -553,6 +553,7 @@ fn set_upstream_health(h: &Harness, name: &str, reachable: bool, error: Option<(
             time: mirrorfleet::controller::status::now(),
             reason: reason.into(),
             message: message.into(),
+            rate_limit: None,
         }),
         failed_lookups: Some(3),
         rate_limited: Some(0),

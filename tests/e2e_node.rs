@@ -726,6 +726,46 @@ fn step04b_an_upstream_outage_shows_in_status_while_the_node_keeps_pulling_cache
     ));
 }
 
+/// A rate-limited upstream (429 with Docker Hub's headers, from the upstream's own front) on the
+/// real node: cached tags keep pulling, the upstream stays reachable, and the status carries the
+/// 429 with its headers, read by the operator from the sidecar's log.
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04c_a_rate_limited_upstream_shows_its_headers_in_status_while_cached_tags_pull() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let image = fx.app("alpha");
+    wait_for("alpha reachable", Duration::from_secs(60), || (upstream_state("alpha").0 == Some(true)).then_some(()));
+    fx.upstreams["alpha"].answer_with(Some(429));
+    let limited = Instant::now();
+    fx.node.remove_image(&image);
+    let cached = run_pod("limited", &image).expect("the kubelet pulled the cached image");
+    fx.node.remove_image(&image);
+    let error = wait_for("lastError RateLimited with its headers", Duration::from_secs(60), || {
+        let m = mirror();
+        let alpha = m["status"]["upstreams"].as_array()?.iter().find(|u| u["name"] == "alpha")?.clone();
+        (alpha["lastError"]["reason"] == "RateLimited" && !alpha["lastError"]["rateLimit"].is_null())
+            .then(|| alpha["lastError"].clone())
+    });
+    let seen = limited.elapsed().as_secs_f64();
+    fx.upstreams["alpha"].answer_with(None);
+    assert_eq!(error["rateLimit"]["remaining"], "0;w=21600", "{error}");
+    assert_eq!(error["rateLimit"]["limit"], "100;w=21600", "{error}");
+    assert_eq!(error["rateLimit"]["retryAfter"], "60", "{error}");
+    assert_eq!(upstream_state("alpha").0, Some(true), "a 429 leaves the upstream reachable");
+    let m = mirror();
+    let alpha = m["status"]["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "alpha").unwrap().clone();
+    assert!(alpha["rateLimited"].as_i64().unwrap_or(0) >= 1, "{alpha}");
+    assert!(
+        mirror_events("UpstreamErrors").iter().any(|e| e.contains("429")),
+        "no UpstreamErrors Event for the 429: {:?}",
+        mirror_events("UpstreamErrors")
+    );
+    fx.figure(format!(
+        "upstream answering 429: cached tag pulled on the node in {cached:.3}s; lastError RateLimited with the headers in the status after {seen:.1}s"
+    ));
+}
+
 #[test]
 #[ignore = "needs a cluster with a real node: make e2e-node"]
 fn step05_a_dead_proxy_is_withdrawn_and_the_node_pulls_upstream_then_it_is_restored() {

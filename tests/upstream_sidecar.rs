@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mirrorfleet::api::RateLimitHeaders;
 use mirrorfleet::build::sidecar;
 use mirrorfleet::controller::upstreams::{
-    assess, parse_sidecar_stats, reachable, ClusterCounters, FailureKind, SidecarSample,
+    assess, last_rate_limit, parse_sidecar_stats, reachable, ClusterCounters, FailureKind, SidecarSample,
 };
 use mirrorfleet::render::{render_str, RenderOptions, Rendered};
 use support::agent::Blackhole;
@@ -453,6 +454,22 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
                 now.failed_lookups > counters_before.failed_lookups,
                 "[{version}] {fault:?}: the failed tag lookups were not counted: {counters_before:?} -> {now:?}"
             );
+            if fault == Fault::Status(429) {
+                // What the operator reads from the sidecar's log (pods/log in a cluster).
+                // Envoy flushes access logs on an interval (10 s unless told otherwise).
+                let headers =
+                    wait_until(Duration::from_secs(15), || last_rate_limit(&bed.envoy.as_ref().unwrap().log()));
+                assert_eq!(
+                    headers,
+                    Some(RateLimitHeaders {
+                        limit: Some("100;w=21600".into()),
+                        remaining: Some("0;w=21600".into()),
+                        retry_after: Some("60".into()),
+                    }),
+                    "[{version}] the sidecar's access log:\n{}",
+                    bed.envoy.as_ref().unwrap().log()
+                );
+            }
             eprintln!(
                 "[{version}]   monitor: {:?}, reachable {want_reachable}, failed lookups {} -> {}",
                 kind.unwrap(),

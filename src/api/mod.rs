@@ -756,6 +756,24 @@ pub struct UpstreamError {
     /// ServerError.
     pub reason: String,
     pub message: String,
+    /// With `RateLimited`: the rate-limit headers of the newest 429, from the sidecar's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitHeaders>,
+}
+
+/// What an upstream said of its rate limit in a 429 answer (absent headers stay unset).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitHeaders {
+    /// `RateLimit-Limit`, e.g. `100;w=21600` (Docker Hub: pulls per 6 hours).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// `RateLimit-Remaining`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
+    /// `Retry-After` (seconds or an HTTP date).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

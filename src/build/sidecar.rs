@@ -298,6 +298,10 @@ pub fn sidecar_container(image: &str, config_mount: &VolumeMount, tmp_mount: &Vo
             // One worker: the only client is the local registry.
             "--concurrency".into(),
             "1".into(),
+            // The access log reaches `kubectl logs` (and the operator, after a 429) within a
+            // second instead of Envoy's default 10.
+            "--file-flush-interval-msec".into(),
+            "1000".into(),
         ]),
         ports: Some(vec![ContainerPort {
             name: Some("envoy-admin".into()),

@@ -11,7 +11,9 @@
 //! * the newest failure and its kind: connect timeout, connect failure (refused, reset, TLS),
 //!   request timeout, 429, 5xx, 401/403 — from the cluster's and the health check's counters;
 //! * counters since the running proxies started: lookups the upstream did not answer (the
-//!   sidecar's `lookup` virtual cluster: manifests and tag lists) and 429 answers.
+//!   sidecar's `lookup` virtual cluster: manifests, tag lists and their tokens) and 429 answers;
+//! * after a new 429, the upstream's rate-limit headers from that sidecar's access log (`pods/log`:
+//!   Envoy counters carry no header).
 //!
 //! Why the sidecar's counters and not the operator probing upstreams itself: they are what the
 //! proxies really got, from where they run, with their credentials, including the 429s that only
@@ -20,7 +22,7 @@
 //! alone at most once a minute. Nothing read here can hold a credential: Envoy counters are
 //! numbers keyed by cluster names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +40,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::metrics::Metrics;
-use crate::api::{RegistryMirror, UpstreamError, UpstreamStatus};
+use crate::api::{RateLimitHeaders, RegistryMirror, UpstreamError, UpstreamStatus};
 use crate::build::meta::{Component, APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME, LABEL_UPSTREAM};
 use crate::build::sidecar::{self, PROBE_PORT};
 
@@ -303,6 +305,48 @@ fn counts(codes: &[(u16, u64)]) -> String {
     codes.iter().map(|(code, n)| format!("{code} x{n}")).collect::<Vec<_>>().join(", ")
 }
 
+/// The rate-limit headers of the newest 429 in a sidecar's access log (the format of
+/// [`sidecar::sidecar_config`]: `[time] METHOD PATH CODE FLAGS ... rl=R rl_limit=L retry_after=A`,
+/// `-` for a header the upstream did not send). Values are kept only when short and printable:
+/// they come from someone else's server and go into the status.
+pub fn last_rate_limit(log: &str) -> Option<RateLimitHeaders> {
+    log.lines().rev().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        // [time] METHOD PATH CODE
+        if fields.nth(3) != Some("429") {
+            return None;
+        }
+        let mut headers = RateLimitHeaders::default();
+        for field in line.split_whitespace() {
+            let Some((key, value)) = field.split_once('=') else { continue };
+            let value = (value != "-" && value.len() <= 64 && value.chars().all(|c| c.is_ascii_graphic()))
+                .then(|| value.to_string());
+            match key {
+                "rl" => headers.remaining = value,
+                "rl_limit" => headers.limit = value,
+                "retry_after" => headers.retry_after = value,
+                _ => {}
+            }
+        }
+        (headers != RateLimitHeaders::default()).then_some(headers)
+    })
+}
+
+/// `; RateLimit-Limit 100;w=21600, RateLimit-Remaining 0;w=21600, Retry-After 60` (what was sent).
+pub fn describe_rate_limit(h: &RateLimitHeaders) -> String {
+    let parts: Vec<String> =
+        [("RateLimit-Limit", &h.limit), ("RateLimit-Remaining", &h.remaining), ("Retry-After", &h.retry_after)]
+            .into_iter()
+            .filter_map(|(name, v)| Some(format!("{name} {}", v.as_ref()?)))
+            .collect();
+    format!("; {}", parts.join(", "))
+}
+
+/// 429 answers counted by a sidecar, over its clusters.
+fn rate_limited(sample: &SidecarSample) -> u64 {
+    sample.clusters.values().map(|c| *c.rq_by_code.get(&429).unwrap_or(&0)).sum()
+}
+
 /// Whether this sidecar's Envoy reaches its upstream (None: not known from this reading).
 pub fn reachable(sample: &SidecarSample) -> Option<bool> {
     let healthy = sample.clusters.get("registry")?.healthy?;
@@ -355,22 +399,17 @@ pub fn aggregate(previous: Option<&UpstreamHealth>, readings: &[PodReading<'_>],
             } else {
                 message.clone()
             };
-            // The same failure going on keeps its first time.
-            let time = match previous.and_then(|p| p.last_error.as_ref()) {
-                Some(e) if e.reason == kind.reason() => e.time.clone(),
-                _ => now.clone(),
+            // The same failure going on keeps its first time (and what was read of its headers).
+            let (time, rate_limit) = match previous.and_then(|p| p.last_error.as_ref()) {
+                Some(e) if e.reason == kind.reason() => (e.time.clone(), e.rate_limit.clone()),
+                _ => (now.clone(), None),
             };
-            Some(UpstreamError { time, reason: kind.reason().into(), message })
+            Some(UpstreamError { time, reason: kind.reason().into(), message, rate_limit })
         }
         None => previous.and_then(|p| p.last_error.clone()),
     };
     let sum = |f: fn(&SidecarSample) -> u64| Some(readings.iter().map(|r| f(r.cur)).sum::<u64>() as i64);
-    UpstreamHealth {
-        reachable,
-        last_error,
-        failed_lookups: sum(|s| s.failed_lookups),
-        rate_limited: sum(|s| s.clusters.values().map(|c| *c.rq_by_code.get(&429).unwrap_or(&0)).sum()),
-    }
+    UpstreamHealth { reachable, last_error, failed_lookups: sum(|s| s.failed_lookups), rate_limited: sum(rate_limited) }
 }
 
 /// Fills an upstream's status from its health; `previous` is the status before (for
@@ -513,12 +552,22 @@ fn compact_pod(pod: &mut Pod) {
 /// Set by [`compact_pod`] on pods that run the sidecar (never written to the API).
 const SIDECAR_MARK: &str = "mirrorfleet.io/-upstream-sidecar";
 
-/// Per upstream: (pod uid, its sidecar's counters) of this round.
-type Readings = BTreeMap<String, Vec<(String, SidecarSample)>>;
+/// Per upstream: (the pod, its sidecar's counters) of this round.
+type Readings = BTreeMap<String, Vec<(PodId, SidecarSample)>>;
+
+/// A proxy pod: uid (the key of its previous reading), namespace and name (for its log).
+#[derive(Clone, Debug)]
+struct PodId {
+    uid: String,
+    namespace: String,
+    name: String,
+}
 
 /// A running proxy pod with a sidecar, and which mirror and upstream it serves.
 struct Target {
     uid: String,
+    namespace: String,
+    name: String,
     mirror_key: String,
     mirror: ObjectRef<RegistryMirror>,
     upstream: String,
@@ -541,6 +590,8 @@ fn targets(pods: &Store<Pod>) -> Vec<Target> {
             let name = labels.get(LABEL_INSTANCE)?;
             Some(Target {
                 uid: pod.uid()?,
+                namespace: ns.clone(),
+                name: pod.name_any(),
                 mirror_key: format!("{ns}/{name}"),
                 mirror: ObjectRef::new(name).within(&ns),
                 upstream: labels.get(LABEL_UPSTREAM)?.clone(),
@@ -565,6 +616,24 @@ async fn read_stats(
         Some(parse_sidecar_stats(std::str::from_utf8(&body).ok()?))
     };
     tokio::time::timeout(timeout, fetch).await.ok().flatten()
+}
+
+/// The rate-limit headers of the newest 429 in a sidecar's log since the previous reading.
+async fn read_rate_limit(client: &Client, pod: &PodId, interval: Duration) -> Option<RateLimitHeaders> {
+    let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &pod.namespace);
+    let params = kube::api::LogParams {
+        container: Some(sidecar::CONTAINER_NAME.into()),
+        since_seconds: Some(i64::try_from(interval.as_secs()).unwrap_or(60) + 5),
+        tail_lines: Some(500),
+        ..Default::default()
+    };
+    match api.logs(&pod.name, &params).await {
+        Ok(log) => last_rate_limit(&log),
+        Err(e) => {
+            debug!(pod = %pod.name, error = %e, "reading the sidecar's log for a 429's headers");
+            None
+        }
+    }
 }
 
 /// Watches proxy Pods and reads their sidecars every `interval`, for ever; sends the mirrors
@@ -592,77 +661,143 @@ pub async fn monitor(
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(options.timeout));
     let http = HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
-    let mut samples: HashMap<String, SidecarSample> = HashMap::new();
-    let mut counters_sent: HashMap<String, Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut monitor = Monitor {
+        client,
+        health,
+        metrics,
+        options,
+        http,
+        samples: HashMap::new(),
+        recent_429: HashSet::new(),
+        counters_sent: HashMap::new(),
+    };
     loop {
         ticker.tick().await;
-        if store.wait_until_ready().await.is_err() {
+        if store.wait_until_ready().await.is_err() || !monitor.round(&store, &trigger).await {
             return;
         }
-        let targets = targets(&store);
-        let timeout = options.timeout;
-        let read: Vec<(Target, Option<SidecarSample>)> = futures::stream::iter(targets)
-            .map(|t| {
-                let http = &http;
-                async move {
-                    let sample = read_stats(http, &t.url, timeout).await;
-                    (t, sample)
+    }
+}
+
+/// The monitor's state between rounds.
+struct Monitor {
+    client: Client,
+    health: Arc<HealthStore>,
+    metrics: Arc<Metrics>,
+    options: MonitorOptions,
+    http: HttpClient<HttpConnector, Empty<Bytes>>,
+    /// Each pod's previous reading, by uid.
+    samples: HashMap<String, SidecarSample>,
+    /// Pods whose 429s were new in the previous round.
+    recent_429: HashSet<String>,
+    /// When each mirror was last triggered.
+    counters_sent: HashMap<String, Instant>,
+}
+
+impl Monitor {
+    /// One round: read every sidecar, update the health of every mirror and trigger those that
+    /// changed. False once the controller is gone.
+    async fn round(&mut self, store: &Store<Pod>, trigger: &mpsc::UnboundedSender<ObjectRef<RegistryMirror>>) -> bool {
+        let by_mirror = self.read_all(targets(store)).await;
+        let now = super::status::now();
+        let mut next_samples = HashMap::new();
+        let mut next_recent_429 = HashSet::new();
+        for (key, (mirror, upstreams)) in by_mirror {
+            let before = self.health.get(&key);
+            let mut after = BTreeMap::new();
+            for (upstream, readings) in &upstreams {
+                let h = self.upstream_health(before.get(upstream), readings, &now, &mut next_recent_429).await;
+                self.metrics.observe_upstream(&key, upstream, &h);
+                after.insert(upstream.clone(), h);
+            }
+            for (pod, s) in upstreams.into_values().flatten() {
+                next_samples.insert(pod.uid, s);
+            }
+            let (changed, counters) = self.health.set(&key, after);
+            let counters_due =
+                counters && self.counters_sent.get(&key).is_none_or(|t| t.elapsed() >= self.options.counters_every);
+            if changed || counters_due {
+                self.counters_sent.insert(key.clone(), Instant::now());
+                if trigger.send(mirror).is_err() {
+                    return false;
                 }
+            }
+        }
+        // Mirrors whose proxies are all gone: nothing is known of them any more.
+        let live: HashSet<String> = targets(store).into_iter().map(|t| t.mirror_key).collect();
+        for key in self.health.keys() {
+            if !live.contains(&key) {
+                self.health.forget(&key);
+                self.metrics.forget_upstreams(&key);
+                self.counters_sent.remove(&key);
+            }
+        }
+        self.samples = next_samples;
+        self.recent_429 = next_recent_429;
+        true
+    }
+
+    /// Reads every target's sidecar counters; per mirror, per upstream, the pods that answered.
+    async fn read_all(&self, targets: Vec<Target>) -> BTreeMap<String, (ObjectRef<RegistryMirror>, Readings)> {
+        let timeout = self.options.timeout;
+        let http = &self.http;
+        let read: Vec<(Target, Option<SidecarSample>)> = futures::stream::iter(targets)
+            .map(|t| async move {
+                let sample = read_stats(http, &t.url, timeout).await;
+                (t, sample)
             })
-            .buffer_unordered(options.concurrency)
+            .buffer_unordered(self.options.concurrency)
             .collect()
             .await;
-        let now = super::status::now();
-        // Per mirror, per upstream: this round's readings.
         let mut by_mirror: BTreeMap<String, (ObjectRef<RegistryMirror>, Readings)> = BTreeMap::new();
         for (t, sample) in read {
             let entry = by_mirror.entry(t.mirror_key.clone()).or_insert_with(|| (t.mirror.clone(), BTreeMap::new()));
             let readings = entry.1.entry(t.upstream.clone()).or_default();
             match sample {
-                Some(s) => readings.push((t.uid, s)),
+                Some(s) => readings.push((PodId { uid: t.uid, namespace: t.namespace, name: t.name }, s)),
                 None => debug!(url = %t.url, "sidecar counters not readable"),
             }
         }
-        let mut next_samples = HashMap::new();
-        for (key, (mirror, upstreams)) in by_mirror {
-            let before = health.get(&key);
-            let mut after = BTreeMap::new();
-            for (upstream, readings) in &upstreams {
-                let pod_readings: Vec<PodReading<'_>> =
-                    readings.iter().map(|(uid, cur)| PodReading { prev: samples.get(uid), cur }).collect();
-                let h = aggregate(before.get(upstream), &pod_readings, &now);
-                metrics.observe_upstream(&key, upstream, &h);
-                after.insert(upstream.clone(), h);
-            }
-            for (uid, s) in upstreams.into_values().flatten() {
-                next_samples.insert(uid, s);
-            }
-            let (changed, counters) = health.set(&key, after);
-            let counters_due =
-                counters && counters_sent.get(&key).is_none_or(|t| t.elapsed() >= options.counters_every);
-            if changed || counters_due {
-                counters_sent.insert(key.clone(), Instant::now());
-                if trigger.send(mirror).is_err() {
-                    return;
-                }
-            }
-        }
-        // Mirrors whose proxies are all gone: nothing is known of them any more.
-        let live: std::collections::HashSet<String> = targets_keys(&store);
-        for key in health.keys() {
-            if !live.contains(&key) {
-                health.forget(&key);
-                metrics.forget_upstreams(&key);
-            }
-        }
-        samples = next_samples;
+        by_mirror
     }
-}
 
-fn targets_keys(store: &Store<Pod>) -> std::collections::HashSet<String> {
-    targets(store).into_iter().map(|t| t.mirror_key).collect()
+    /// One upstream's health from this round's readings; after a new 429, with the headers from
+    /// that sidecar's log (a line can reach the log a second after the counter moved: a proxy
+    /// whose new 429s left no headers in the previous round is looked at once more).
+    async fn upstream_health(
+        &self,
+        before: Option<&UpstreamHealth>,
+        readings: &[(PodId, SidecarSample)],
+        now: &Time,
+        next_recent_429: &mut HashSet<String>,
+    ) -> UpstreamHealth {
+        let pod_readings: Vec<PodReading<'_>> =
+            readings.iter().map(|(pod, cur)| PodReading { prev: self.samples.get(&pod.uid), cur }).collect();
+        let mut h = aggregate(before, &pod_readings, now);
+        let new_429 = |pod: &PodId, cur: &SidecarSample| {
+            self.samples.get(&pod.uid).is_some_and(|prev| rate_limited(cur) > rate_limited(prev))
+        };
+        next_recent_429.extend(readings.iter().filter(|(pod, cur)| new_429(pod, cur)).map(|(pod, _)| pod.uid.clone()));
+        let Some(error) = h.last_error.as_mut().filter(|e| e.reason == FailureKind::RateLimited.reason()) else {
+            return h;
+        };
+        let unread = error.rate_limit.is_none();
+        let limited =
+            readings.iter().find(|(pod, cur)| new_429(pod, cur) || (unread && self.recent_429.contains(&pod.uid)));
+        if let Some((pod, _)) = limited {
+            if let Some(headers) = read_rate_limit(&self.client, pod, self.options.interval).await {
+                error.rate_limit = Some(headers);
+            }
+        }
+        if let Some(headers) = &error.rate_limit {
+            if !error.message.contains("RateLimit-") {
+                error.message.push_str(&describe_rate_limit(headers));
+            }
+        }
+        h
+    }
 }
 
 #[cfg(test)]
@@ -767,6 +902,35 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_429s_rate_limit_headers_are_read_from_the_access_log_and_only_safe_values_kept() {
+        let log = "[2026-12-02T10:00:00.000Z] HEAD /v2/library/a/manifests/1 200 - 12ms upstream=registry tf=- rl=5;w=21600 rl_limit=100;w=21600 retry_after=-\n\
+                   [2026-12-02T10:00:01.000Z] HEAD /v2/library/a/manifests/1 429 - 10ms upstream=registry tf=- rl=0;w=21600 rl_limit=100;w=21600 retry_after=60\n\
+                   [2026-12-02T10:00:02.000Z] GET /v2/library/a/blobs/sha256:ab 200 - 3ms upstream=registry tf=- rl=- rl_limit=- retry_after=-\n";
+        let h = last_rate_limit(log).unwrap();
+        assert_eq!(
+            (h.limit.as_deref(), h.remaining.as_deref(), h.retry_after.as_deref()),
+            (Some("100;w=21600"), Some("0;w=21600"), Some("60"))
+        );
+        assert_eq!(
+            describe_rate_limit(&h),
+            "; RateLimit-Limit 100;w=21600, RateLimit-Remaining 0;w=21600, Retry-After 60"
+        );
+        // A 429 without the headers says nothing; an oversized value is dropped.
+        assert_eq!(
+            last_rate_limit("[t] GET /v2/x/manifests/1 429 - 1ms upstream=registry tf=- rl=- rl_limit=- retry_after=-"),
+            None
+        );
+        let long = format!(
+            "[t] GET /v2/x/manifests/1 429 - 1ms upstream=registry tf=- rl={} rl_limit=- retry_after=7",
+            "9".repeat(65)
+        );
+        assert_eq!(
+            last_rate_limit(&long).unwrap(),
+            RateLimitHeaders { retry_after: Some("7".into()), ..Default::default() }
+        );
+    }
+
+    #[test]
     fn an_established_connection_that_never_answers_is_a_timeout() {
         let prev = sample(1, |_| {});
         let cur = sample(0, |c| {
@@ -819,6 +983,7 @@ mod tests {
                 time: time(at),
                 reason: reason.into(),
                 message: "m".into(),
+                rate_limit: None,
             }),
             ..Default::default()
         }

@@ -303,27 +303,39 @@ pub struct AuthUpstream {
 pub struct Front {
     addr: String,
     log: Arc<Mutex<Vec<(String, String)>>>,
+    /// Set: registry requests are answered with this status (and a rate limit's headers)
+    /// instead of forwarded; token requests still go through.
+    fault: Arc<Mutex<Option<u16>>>,
 }
 
 impl Front {
     pub fn start(public: &str, registry: &str, token: &str) -> Front {
         let listener = TcpListener::bind(public).expect("bind the front");
         let log: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
-        let (registry, token, record) = (registry.to_string(), token.to_string(), log.clone());
+        let fault: Arc<Mutex<Option<u16>>> = Arc::default();
+        let (registry, token, record, faulty) = (registry.to_string(), token.to_string(), log.clone(), fault.clone());
         eprintln!("front for {registry} and {token} on {public}");
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (registry, token, record) = (registry.clone(), token.clone(), record.clone());
+                let (registry, token, record, fault) =
+                    (registry.clone(), token.clone(), record.clone(), faulty.clone());
                 std::thread::spawn(move || {
-                    let _ = forward(stream, &registry, &token, &record);
+                    let fault = *fault.lock().unwrap();
+                    let _ = forward(stream, &registry, &token, &record, fault);
                 });
             }
         });
-        Front { addr: public.to_string(), log }
+        Front { addr: public.to_string(), log, fault }
     }
 }
 
-fn forward(client: TcpStream, registry: &str, token: &str, log: &Mutex<Vec<(String, String)>>) -> std::io::Result<()> {
+fn forward(
+    client: TcpStream,
+    registry: &str,
+    token: &str,
+    log: &Mutex<Vec<(String, String)>>,
+    fault: Option<u16>,
+) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let peer = client.peer_addr()?.ip().to_string();
     let mut reader = BufReader::new(client.try_clone()?);
@@ -342,6 +354,17 @@ fn forward(client: TcpStream, registry: &str, token: &str, log: &Mutex<Vec<(Stri
     head.push_str("Connection: close\r\n\r\n");
     let path = request_line.split_whitespace().nth(1).unwrap_or_default();
     log.lock().unwrap().push((peer, request_line.trim_end().to_string()));
+    if let Some(status) = fault.filter(|_| !path.starts_with("/token")) {
+        let body = format!("{{\"errors\":[{{\"code\":\"TOOMANYREQUESTS\",\"message\":\"status {status}\"}}]}}");
+        let mut client = client;
+        write!(
+            client,
+            "HTTP/1.1 {status} Fault\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             RateLimit-Limit: 100;w=21600\r\nRateLimit-Remaining: 0;w=21600\r\nRetry-After: 60\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return client.shutdown(std::net::Shutdown::Both);
+    }
     let mut backend = TcpStream::connect(if path.starts_with("/token") { token } else { registry })?;
     backend.write_all(head.as_bytes())?;
     let mut client = client;
@@ -376,6 +399,12 @@ impl AuthUpstream {
         let registry = Registry::start(&config);
         let front = Front::start(&public, registry.addr(), token.addr());
         AuthUpstream { registry, token, storage, user: (user.into(), password.into()), front: Some(front) }
+    }
+
+    /// Registry requests through the [`Front`] answered with `status` (and Docker Hub's rate-limit
+    /// headers: limit 100 per 6 h, none left, retry after 60 s) until set to None.
+    pub fn answer_with(&self, status: Option<u16>) {
+        *self.front.as_ref().expect("an upstream with a front").fault.lock().unwrap() = status;
     }
 
     /// The address clients use: the [`Front`]'s when there is one, else the registry's.
