@@ -477,7 +477,7 @@ async fn write_status(mirror: &RegistryMirror, ctx: &Context, new: RegistryMirro
     }
     for (bad, reason, note) in upstreams::upstream_events(&old.upstreams, &new.upstreams, &status::now()) {
         let type_ = if bad { EventType::Warning } else { EventType::Normal };
-        ctx.event(mirror, type_, reason, "ObserveUpstream", note).await;
+        ctx.event(mirror, type_, &reason, "ObserveUpstream", note).await;
     }
     Ok(())
 }

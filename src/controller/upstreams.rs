@@ -439,13 +439,14 @@ pub fn unreachable_for(status: &UpstreamStatus, now: &Time) -> Option<Duration> 
     Some(Duration::try_from(now.0.duration_since(since.0)).unwrap_or_default())
 }
 
-/// Events for upstreams that stopped or started being reached, and for a new kind of failure:
-/// (warning, reason, note).
+/// Events for upstreams that stopped or started being reached (`UpstreamUnreachable`,
+/// `UpstreamReachable`), and for a new failure of one still reached (`Upstream<kind>`, e.g.
+/// `UpstreamRateLimited`): (warning, reason, note).
 pub fn upstream_events(
     old: &[UpstreamStatus],
     new: &[UpstreamStatus],
     now: &Time,
-) -> Vec<(bool, &'static str, String)> {
+) -> Vec<(bool, String, String)> {
     let mut events = Vec::new();
     for n in new {
         let o = old.iter().find(|o| o.name == n.name);
@@ -456,20 +457,24 @@ pub fn upstream_events(
                 let down = o.and_then(|o| unreachable_for(o, now)).map(|d| format!(" after {}s", d.as_secs()));
                 events.push((
                     false,
-                    "UpstreamReachable",
+                    "UpstreamReachable".into(),
                     format!("upstream {} ({}) is reached again{}", n.name, n.registry, down.unwrap_or_default()),
                 ));
             }
             (w, Some(false)) if w != Some(false) => events.push((
                 true,
-                "UpstreamUnreachable",
+                "UpstreamUnreachable".into(),
                 format!("no proxy of upstream {} reaches {}: {error}", n.name, n.registry),
             )),
             _ => {
                 let old_reason = o.and_then(|o| o.last_error.as_ref()).map(|e| (&e.reason, &e.time));
                 let new_reason = n.last_error.as_ref().map(|e| (&e.reason, &e.time));
                 if new_reason.is_some() && new_reason != old_reason && n.reachable != Some(false) {
-                    events.push((true, "UpstreamErrors", format!("upstream {} ({}): {error}", n.name, n.registry)));
+                    // The kind is in the reason: Events of one reason within minutes become a
+                    // series that keeps its first note.
+                    let reason =
+                        format!("Upstream{}", n.last_error.as_ref().map(|e| e.reason.as_str()).unwrap_or("Error"));
+                    events.push((true, reason, format!("upstream {} ({}): {error}", n.name, n.registry)));
                 }
             }
         }
@@ -996,17 +1001,17 @@ mod tests {
         let down =
             status("hub", Some(false), Some("2026-12-02T10:00:00Z"), Some(("ConnectTimeout", "2026-12-02T10:00:00Z")));
         let e = upstream_events(std::slice::from_ref(&up), std::slice::from_ref(&down), &now);
-        assert_eq!((e.len(), e[0].0, e[0].1), (1, true, "UpstreamUnreachable"));
+        assert_eq!((e.len(), e[0].0, &*e[0].1), (1, true, "UpstreamUnreachable"));
         assert!(e[0].2.contains("no proxy of upstream hub reaches docker.io: m (ConnectTimeout)"), "{}", e[0].2);
         let back = status("hub", Some(true), None, Some(("ConnectTimeout", "2026-12-02T10:00:00Z")));
         let e = upstream_events(std::slice::from_ref(&down), std::slice::from_ref(&back), &now);
-        assert_eq!((e[0].0, e[0].1), (false, "UpstreamReachable"));
+        assert_eq!((e[0].0, &*e[0].1), (false, "UpstreamReachable"));
         assert!(e[0].2.ends_with("after 300s"), "{}", e[0].2);
         // Nothing new: no Event.
         assert!(upstream_events(std::slice::from_ref(&back), std::slice::from_ref(&back), &now).is_empty());
         let limited = status("hub", Some(true), None, Some(("RateLimited", "2026-12-02T10:04:00Z")));
         let e = upstream_events(std::slice::from_ref(&back), std::slice::from_ref(&limited), &now);
-        assert_eq!((e[0].0, e[0].1), (true, "UpstreamErrors"));
+        assert_eq!((e[0].0, &*e[0].1), (true, "UpstreamRateLimited"));
         // Unknown (no sidecar, no reading) is not a change of reachability.
         let unknown = status("hub", None, None, None);
         assert!(upstream_events(std::slice::from_ref(&up), std::slice::from_ref(&unknown), &now).is_empty());
