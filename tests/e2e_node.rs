@@ -757,12 +757,103 @@ fn step04c_a_rate_limited_upstream_shows_its_headers_in_status_while_cached_tags
     let alpha = m["status"]["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "alpha").unwrap().clone();
     assert!(alpha["rateLimited"].as_i64().unwrap_or(0) >= 1, "{alpha}");
     assert!(
-        mirror_events("UpstreamErrors").iter().any(|e| e.contains("429")),
-        "no UpstreamErrors Event for the 429: {:?}",
-        mirror_events("UpstreamErrors")
+        mirror_events("UpstreamRateLimited")
+            .iter()
+            .any(|e| e.contains("429") && e.contains("RateLimit-Remaining 0;w=21600")),
+        "no UpstreamRateLimited Event with the headers: {:?}",
+        mirror_events("UpstreamRateLimited")
     );
     fx.figure(format!(
         "upstream answering 429: cached tag pulled on the node in {cached:.3}s; lastError RateLimited with the headers in the status after {seen:.1}s"
+    ));
+}
+
+/// Issue 12, item 2, on the real node: a proxy whose cache is on a PersistentVolumeClaim starts
+/// while its upstream is blackholed (the sidecar answers the registry's start-up ping) and serves
+/// what the volume holds; the upstream's return brings uncached pulls back.
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cache() {
+    const PV: &str = "mf-e2e-persist";
+    const CLASS: &str = "mf-e2e-hostpath";
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let _ = kubectl(&["delete", "pv", PV, "--ignore-not-found", "--wait=false"], None);
+    // A hostPath volume on the node, bound by class: the harness has no provisioner.
+    let dir = fx.tmp.path().join("persist-pv");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let pv = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": PV},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": CLASS,
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": dir.to_str().unwrap(), "type": "Directory"}},
+    });
+    kubectl_ok(&["apply", "-f", "-"], Some(&pv.to_string()));
+    let addr = fx.registry("alpha");
+    let yaml = format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: persist, namespace: {NS}}}\nspec:\n\
+         \x20 upstreams:\n\
+         \x20 - {{name: alpha, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: alpha-creds}}, {auth}}}\n\
+         \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{persistentVolumeClaim: {{size: 1Gi, storageClassName: {CLASS}}}}}}}\n\
+         \x20 edge: {{image: \"{ENVOY_IMAGE}\", domain: persist.test}}\n",
+        auth = sidecar_auth(&addr),
+        proxy = fx.proxy_image,
+    );
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    let ready = || {
+        let m = json(&["-n", NS, "get", "registrymirror", "persist", "-o", "json"]);
+        m["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "ProxiesAvailable" && c["status"] == "True"))
+    };
+    wait_for("persist's proxy available", TIMEOUT, || ready().then_some(()));
+    // The node pulls through this proxy only (its own hosts dir), so the cache is filled.
+    let hosts = fx.tmp.path().join("persist-certs");
+    let ip = cluster_ip("persist-proxy-alpha");
+    std::fs::create_dir_all(hosts.join(&addr)).unwrap();
+    std::fs::write(
+        hosts.join(&addr).join("hosts.toml"),
+        format!("server = \"http://{addr}\"\n\n[host.\"http://{ip}:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"1s\"\n"),
+    )
+    .unwrap();
+    let image = fx.app("alpha");
+    fx.node.remove_image(&image);
+    let out = fx.node.pull_with(&image, &hosts, None);
+    assert!(out.status.success(), "pull through persist: {}", describe_output(&out));
+    fx.node.remove_image(&image);
+
+    // Dark upstream, then a new proxy pod (the old one deleted): it starts and serves the volume.
+    let blackhole = NodePortBlackhole::start(&addr);
+    let selector = "app.kubernetes.io/instance=persist,app.kubernetes.io/component=proxy";
+    let old: Vec<String> =
+        pods(NS, selector).iter().filter_map(|p| p["metadata"]["uid"].as_str().map(str::to_string)).collect();
+    kubectl_ok(&["-n", NS, "delete", "pod", "-l", selector, "--wait=true", "--grace-period=1"], None);
+    let started = Instant::now();
+    wait_for("a new persist proxy Ready with the upstream dark", TIMEOUT, || {
+        pods(NS, selector)
+            .iter()
+            .any(|p| pod_ready(p) && !old.iter().any(|u| p["metadata"]["uid"] == u.as_str()))
+            .then_some(())
+    });
+    let start = started.elapsed().as_secs_f64();
+    let pulled = Instant::now();
+    let out = fx.node.pull_with(&image, &hosts, None);
+    let cached = pulled.elapsed().as_secs_f64();
+    assert!(out.status.success(), "cached pull from the restarted proxy, upstream dark: {}", describe_output(&out));
+    fx.node.remove_image(&image);
+    let restarts: i64 = pods(NS, selector)
+        .iter()
+        .flat_map(|p| p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(restarts, 0, "the registry crash-looped while the upstream was dark:\n{}", describe(NS));
+    drop(blackhole);
+    kubectl_ok(&["-n", NS, "delete", "registrymirror", "persist", "--wait=true", "--timeout=120s"], None);
+    let _ = kubectl(&["-n", NS, "delete", "pvc", "-l", "app.kubernetes.io/instance=persist", "--wait=true"], None);
+    let _ = kubectl(&["delete", "pv", PV, "--wait=true"], None);
+    fx.figure(format!(
+        "proxy on a PVC, upstream blackholed: new pod Ready {start:.1}s after the old one was deleted (0 restarts); cached tag pulled by the node (ctr) in {cached:.3}s"
     ));
 }
 
