@@ -442,11 +442,7 @@ pub fn unreachable_for(status: &UpstreamStatus, now: &Time) -> Option<Duration> 
 /// Events for upstreams that stopped or started being reached (`UpstreamUnreachable`,
 /// `UpstreamReachable`), and for a new failure of one still reached (`Upstream<kind>`, e.g.
 /// `UpstreamRateLimited`): (warning, reason, note).
-pub fn upstream_events(
-    old: &[UpstreamStatus],
-    new: &[UpstreamStatus],
-    now: &Time,
-) -> Vec<(bool, String, String)> {
+pub fn upstream_events(old: &[UpstreamStatus], new: &[UpstreamStatus], now: &Time) -> Vec<(bool, String, String)> {
     let mut events = Vec::new();
     for n in new {
         let o = old.iter().find(|o| o.name == n.name);
