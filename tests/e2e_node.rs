@@ -599,11 +599,18 @@ fn step04_a_pod_whose_image_is_only_upstream_starts_through_the_proxy_then_from_
     ));
 }
 
+/// `status.upstreams[name=upstream]` of the main mirror (Null while absent).
+fn upstream_status(upstream: &str) -> Value {
+    let m = mirror();
+    m["status"]["upstreams"]
+        .as_array()
+        .and_then(|us| us.iter().find(|u| u["name"] == upstream).cloned())
+        .unwrap_or_default()
+}
+
 /// The upstream's status as the operator has it: (reachable, lastError.reason).
 fn upstream_state(upstream: &str) -> (Option<bool>, Option<String>) {
-    let m = mirror();
-    let u = m["status"]["upstreams"].as_array().and_then(|us| us.iter().find(|u| u["name"] == upstream).cloned());
-    let u = u.unwrap_or_default();
+    let u = upstream_status(upstream);
     (u["reachable"].as_bool(), u["lastError"]["reason"].as_str().map(str::to_string))
 }
 
@@ -717,8 +724,7 @@ fn step04b_an_upstream_outage_shows_in_status_while_the_node_keeps_pulling_cache
         (condition("Degraded").as_deref() == Some("False")).then_some(())
     });
     assert!(!mirror_events("UpstreamReachable").is_empty(), "no Event UpstreamReachable");
-    let m = mirror();
-    let alpha = m["status"]["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "alpha").unwrap().clone();
+    let alpha = upstream_status("alpha");
     assert!(alpha["failedLookups"].as_i64().unwrap_or(0) >= 1, "the outage's lookups were not counted: {alpha}");
     fx.figure(format!(
         "upstream blackholed (iptables DROP on the node): cached tag pulled on the node in {cached:.3}s (kubelet's 'Pulled'); \
@@ -742,8 +748,7 @@ fn step04c_a_rate_limited_upstream_shows_its_headers_in_status_while_cached_tags
     let cached = run_pod("limited", &image).expect("the kubelet pulled the cached image");
     fx.node.remove_image(&image);
     let error = wait_for("lastError RateLimited with its headers", Duration::from_secs(60), || {
-        let m = mirror();
-        let alpha = m["status"]["upstreams"].as_array()?.iter().find(|u| u["name"] == "alpha")?.clone();
+        let alpha = upstream_status("alpha");
         (alpha["lastError"]["reason"] == "RateLimited" && !alpha["lastError"]["rateLimit"].is_null())
             .then(|| alpha["lastError"].clone())
     });
@@ -753,8 +758,7 @@ fn step04c_a_rate_limited_upstream_shows_its_headers_in_status_while_cached_tags
     assert_eq!(error["rateLimit"]["limit"], "100;w=21600", "{error}");
     assert_eq!(error["rateLimit"]["retryAfter"], "60", "{error}");
     assert_eq!(upstream_state("alpha").0, Some(true), "a 429 leaves the upstream reachable");
-    let m = mirror();
-    let alpha = m["status"]["upstreams"].as_array().unwrap().iter().find(|u| u["name"] == "alpha").unwrap().clone();
+    let alpha = upstream_status("alpha");
     assert!(alpha["rateLimited"].as_i64().unwrap_or(0) >= 1, "{alpha}");
     assert!(
         mirror_events("UpstreamRateLimited")

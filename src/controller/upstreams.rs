@@ -37,7 +37,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::metrics::Metrics;
 use crate::api::{RateLimitHeaders, RegistryMirror, UpstreamError, UpstreamStatus};
@@ -78,7 +78,7 @@ impl Default for MonitorOptions {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SidecarSample {
     pub clusters: BTreeMap<String, ClusterCounters>,
-    /// Manifest and tag-list requests (the `lookup` virtual cluster) that failed: timeouts,
+    /// Manifest, tag-list and token requests (the `lookup` virtual cluster) that failed: timeouts,
     /// locally answered 503s (upstream unreachable), 429 and 5xx answers.
     pub failed_lookups: u64,
 }
@@ -566,13 +566,17 @@ struct PodId {
 
 /// A running proxy pod with a sidecar, and which mirror and upstream it serves.
 struct Target {
-    uid: String,
-    namespace: String,
-    name: String,
-    mirror_key: String,
+    pod: PodId,
     mirror: ObjectRef<RegistryMirror>,
     upstream: String,
     url: String,
+}
+
+impl Target {
+    /// `namespace/name` of the mirror, the key of [`HealthStore`].
+    fn mirror_key(&self) -> String {
+        format!("{}/{}", self.pod.namespace, self.mirror.name)
+    }
 }
 
 fn targets(pods: &Store<Pod>) -> Vec<Target> {
@@ -590,10 +594,7 @@ fn targets(pods: &Store<Pod>) -> Vec<Target> {
             let ns = pod.namespace()?;
             let name = labels.get(LABEL_INSTANCE)?;
             Some(Target {
-                uid: pod.uid()?,
-                namespace: ns.clone(),
-                name: pod.name_any(),
-                mirror_key: format!("{ns}/{name}"),
+                pod: PodId { uid: pod.uid()?, name: pod.name_any(), namespace: ns.clone() },
                 mirror: ObjectRef::new(name).within(&ns),
                 upstream: labels.get(LABEL_UPSTREAM)?.clone(),
                 url: format!("http://{host}:{PROBE_PORT}/stats/prometheus"),
@@ -650,15 +651,8 @@ pub async fn monitor(
     let api = super::children::api::<Pod>(&client, namespace.as_deref());
     let (store, writer) = reflector::store::<Pod>();
     let cfg = crate::client::watch_config().labels(&proxy_pod_selector());
-    let watch =
-        watcher(api, cfg).backoff(super::children::watch_backoff()).modify(compact_pod).reflect(writer).for_each(
-            |r| async move {
-                if let Err(e) = r {
-                    warn!(watch = "Pod (proxies)", error = %e, "watch failed; retrying with backoff");
-                }
-            },
-        );
-    tokio::spawn(watch);
+    let events = watcher(api, cfg).backoff(super::children::watch_backoff()).modify(compact_pod).reflect(writer);
+    tokio::spawn(super::log_errors("Pod (proxies)", events).for_each(|_| async {}));
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(options.timeout));
     let http = HttpClient::builder(hyper_util::rt::TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
@@ -727,7 +721,7 @@ impl Monitor {
             }
         }
         // Mirrors whose proxies are all gone: nothing is known of them any more.
-        let live: HashSet<String> = targets(store).into_iter().map(|t| t.mirror_key).collect();
+        let live: HashSet<String> = targets(store).iter().map(Target::mirror_key).collect();
         for key in self.health.keys() {
             if !live.contains(&key) {
                 self.health.forget(&key);
@@ -754,10 +748,10 @@ impl Monitor {
             .await;
         let mut by_mirror: BTreeMap<String, (ObjectRef<RegistryMirror>, Readings)> = BTreeMap::new();
         for (t, sample) in read {
-            let entry = by_mirror.entry(t.mirror_key.clone()).or_insert_with(|| (t.mirror.clone(), BTreeMap::new()));
+            let entry = by_mirror.entry(t.mirror_key()).or_insert_with(|| (t.mirror.clone(), BTreeMap::new()));
             let readings = entry.1.entry(t.upstream.clone()).or_default();
             match sample {
-                Some(s) => readings.push((PodId { uid: t.uid, namespace: t.namespace, name: t.name }, s)),
+                Some(s) => readings.push((t.pod, s)),
                 None => debug!(url = %t.url, "sidecar counters not readable"),
             }
         }
