@@ -190,6 +190,7 @@ pub fn children_documents(children: &DesiredChildren, include_secrets: bool) -> 
         secrets,
         config_maps,
         persistent_volume_claims,
+        network_policies,
         services,
         deployments,
         daemon_sets,
@@ -210,6 +211,7 @@ pub fn children_documents(children: &DesiredChildren, include_secrets: bool) -> 
     }
     docs(&mut out, config_maps);
     docs(&mut out, persistent_volume_claims);
+    docs(&mut out, network_policies);
     docs(&mut out, services);
     docs(&mut out, deployments);
     docs(&mut out, daemon_sets);

@@ -171,11 +171,12 @@ fn reconcile_requests() -> Vec<Recorded> {
             reconcile(mirror(&api, &public), ctx.clone()).await
         }
         .expect("second reconcile");
-        // Persistent cache volumes.
+        // Persistent cache volumes, and NetworkPolicies.
         user_patch(
             public.clone(),
             json!({"spec": {"proxy": {"storage":
-            {"emptyDir": null, "persistentVolumeClaim": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}}}}),
+            {"emptyDir": null, "persistentVolumeClaim": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}},
+            "networkPolicy": {"fromNamespaces": ["ci"], "fromCIDRs": ["10.0.0.0/16"]}}}),
         )
         .await;
         {
@@ -188,7 +189,7 @@ fn reconcile_requests() -> Vec<Recorded> {
         upstreams.pop();
         user_patch(
             public.clone(),
-            json!({"spec": {"edge": null, "cleanup": null, "clientAuth": null, "nodeConfig": null,
+            json!({"spec": {"edge": null, "cleanup": null, "clientAuth": null, "nodeConfig": null, "networkPolicy": null,
             "upstreams": upstreams,
             "proxy": {"storage": {"persistentVolumeClaim": null, "emptyDir": {}}}}}),
         )
@@ -233,6 +234,7 @@ fn reconcile_requests() -> Vec<Recorded> {
             "daemonsets",
             "cronjobs",
             "persistentvolumeclaims",
+            "networkpolicies",
             "serviceaccounts",
             "roles",
             "rolebindings",
@@ -248,7 +250,7 @@ fn reconcile_requests() -> Vec<Recorded> {
 
 /// (group, plural) of the kinds the controller names by Rust type.
 fn kind_resource(kind: &str) -> (String, String) {
-    use k8s_openapi::api::{apps, batch, core, rbac};
+    use k8s_openapi::api::{apps, batch, core, networking, rbac};
     fn of<K: k8s_openapi::Resource>() -> (String, String) {
         (K::GROUP.to_string(), K::URL_PATH_SEGMENT.to_string())
     }
@@ -263,6 +265,7 @@ fn kind_resource(kind: &str) -> (String, String) {
         "PersistentVolumeClaim" => of::<core::v1::PersistentVolumeClaim>(),
         "ServiceAccount" => of::<core::v1::ServiceAccount>(),
         "CronJob" => of::<batch::v1::CronJob>(),
+        "NetworkPolicy" => of::<networking::v1::NetworkPolicy>(),
         "Job" => of::<batch::v1::Job>(),
         "Role" => of::<rbac::v1::Role>(),
         "RoleBinding" => of::<rbac::v1::RoleBinding>(),
@@ -329,7 +332,7 @@ fn needs() -> Needs {
     }
     // Children and their owner reference; child Roles need what they grant.
     let settings = Settings { operator_image: "example/mirrorfleet:test".into(), ..Settings::default() };
-    for file in ["public-mirrors.yaml", "private-upstream.yaml", "minimal.yaml"] {
+    for file in ["public-mirrors.yaml", "private-upstream.yaml", "minimal.yaml", "restricted.yaml"] {
         for child_role_rule in child_role_rules(file, &settings) {
             for group in child_role_rule.api_groups.iter().flatten() {
                 for resource in child_role_rule.resources.iter().flatten() {

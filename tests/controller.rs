@@ -198,6 +198,7 @@ async fn desired_names(h: &Harness, name: &str) -> BTreeSet<(String, String)> {
         secrets,
         config_maps,
         persistent_volume_claims,
+        network_policies,
         services,
         deployments,
         daemon_sets,
@@ -211,6 +212,7 @@ async fn desired_names(h: &Harness, name: &str) -> BTreeSet<(String, String)> {
     add("secrets", secrets.iter().map(|o| o.name_any()).collect());
     add("configmaps", config_maps.iter().map(|o| o.name_any()).collect());
     add("persistentvolumeclaims", persistent_volume_claims.iter().map(|o| o.name_any()).collect());
+    add("networkpolicies", network_policies.iter().map(|o| o.name_any()).collect());
     add("services", services.iter().map(|o| o.name_any()).collect());
     add("deployments", deployments.iter().map(|o| o.name_any()).collect());
     add("daemonsets", daemon_sets.iter().map(|o| o.name_any()).collect());

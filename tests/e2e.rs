@@ -398,7 +398,7 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     eventually("public deleted once the agents reported", Duration::from_secs(30), || {
         get(ns, "registrymirror/public").is_none().then_some(())
     });
-    let kinds = "deployments,daemonsets,services,configmaps,secrets,cronjobs,serviceaccounts,roles,rolebindings,persistentvolumeclaims";
+    let kinds = "deployments,daemonsets,services,configmaps,secrets,cronjobs,serviceaccounts,roles,rolebindings,persistentvolumeclaims,networkpolicies";
     eventually("every child of public garbage-collected", TIMEOUT, || {
         items(ns, kinds, "app.kubernetes.io/instance=public").is_empty().then_some(())
     });

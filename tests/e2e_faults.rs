@@ -388,7 +388,7 @@ impl Fleet {
 
 // ---------------------------------------------------------------- convergence
 
-const KINDS: &str = "serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,secrets,configmaps,persistentvolumeclaims,services,deployments.apps,daemonsets.apps,cronjobs.batch";
+const KINDS: &str = "serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,secrets,configmaps,persistentvolumeclaims,networkpolicies.networking.k8s.io,services,deployments.apps,daemonsets.apps,cronjobs.batch";
 
 fn strip(mut v: Value) -> Value {
     if let Some(m) = v["metadata"].as_object_mut() {

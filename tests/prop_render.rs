@@ -421,6 +421,39 @@ fn abs_path() -> BoxedStrategy<String> {
     .boxed()
 }
 
+/// CIDRs valid, with host bits, out of range or malformed; namespace names valid or not.
+fn network_policy() -> BoxedStrategy<Value> {
+    let cidr = prop_oneof![
+        (any::<[u8; 4]>(), 0u8..=34).prop_map(|(a, p)| format!("{}.{}.{}.{}/{p}", a[0], a[1], a[2], a[3])),
+        (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+            format!("{}/{p}", std::net::Ipv4Addr::from(u32::from_be_bytes(a) & mask))
+        }),
+        (any::<u128>(), 0u8..=130).prop_map(|(a, p)| format!("{}/{p}", std::net::Ipv6Addr::from(a))),
+        "[0-9a-f:./]{1,20}",
+    ];
+    let names = prop::collection::vec(prop_oneof![4 => "[a-z][-a-z0-9]{0,10}[a-z0-9]", 1 => "[ -~]{0,12}"], 0..4);
+    (
+        proptest::option::of(names.clone()),
+        proptest::option::of(prop::collection::vec(cidr, 0..4)),
+        proptest::option::of(names),
+    )
+        .prop_map(|(ns, cidrs, metrics)| {
+            let mut n = json!({});
+            if let Some(v) = ns {
+                n["fromNamespaces"] = json!(v);
+            }
+            if let Some(v) = cidrs {
+                n["fromCIDRs"] = json!(v);
+            }
+            if let Some(v) = metrics {
+                n["metricsFromNamespaces"] = json!(v);
+            }
+            n
+        })
+        .boxed()
+}
+
 fn node_config() -> BoxedStrategy<Value> {
     (
         proptest::option::of((proptest::option::of(abs_path()), proptest::option::of(abs_path()))),
@@ -487,7 +520,7 @@ fn sample_mirrors() -> Vec<Value> {
             }
         }
     }
-    assert_eq!(out.len(), 3, "the three samples seed the generator");
+    assert_eq!(out.len(), common::SAMPLES.len(), "each sample seeds the generator");
     out
 }
 
@@ -509,9 +542,10 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![1 => Just(None), 1 => Just(Some(None)), 2 => edge().prop_map(|e| Some(Some(e)))],
         prop_oneof![1 => Just(None), 1 => Just(Some(None)), 2 => cleanup().prop_map(|c| Some(Some(c)))],
         prop_oneof![1 => Just(None), 1 => Just(Some(None)), 2 => node_config().prop_map(|n| Some(Some(n)))],
+        prop_oneof![2 => Just(None), 1 => Just(Some(None)), 1 => network_policy().prop_map(|n| Some(Some(n)))],
         users,
     )
-        .prop_map(|(mut mirror, name, ups, proxy, auth, node_user, edge, cleanup, node, users)| {
+        .prop_map(|(mut mirror, name, ups, proxy, auth, node_user, edge, cleanup, node, policy, users)| {
             if let Some(n) = name {
                 mirror["metadata"]["name"] = json!(n);
             }
@@ -547,6 +581,7 @@ fn case() -> impl Strategy<Value = Case> {
             section("edge", edge);
             section("cleanup", cleanup);
             section("nodeConfig", node);
+            section("networkPolicy", policy);
             Case { mirror, users }
         })
 }
@@ -597,6 +632,25 @@ fn bytes_of(rendered: &[Rendered]) -> String {
 /// runtime config on the host) and on the host network (it probes mirrors as the node's runtime
 /// will reach them) — still without privilege, escalation, capabilities or a writable root fs,
 /// and its writable host paths are only the enabled runtimes' config dirs.
+/// A policy exists exactly when the spec asks for one, and none of its rules admits every source
+/// or every port (an empty `from` or `ports` means all to the API).
+fn check_network_policies(r: &Rendered) -> Result<(), TestCaseError> {
+    let policies = &r.fleet.children.network_policies;
+    let want = match (&r.mirror.spec.network_policy, &r.mirror.spec.edge) {
+        (None, _) => 0,
+        (Some(_), None) => 1,
+        (Some(_), Some(_)) => 2,
+    };
+    prop_assert_eq!(policies.len(), want);
+    for p in policies {
+        for rule in p.spec.as_ref().unwrap().ingress.as_ref().expect("ingress written") {
+            prop_assert!(rule.from.as_ref().is_some_and(|f| !f.is_empty()), "{rule:?} admits every source");
+            prop_assert!(rule.ports.as_ref().is_some_and(|f| !f.is_empty()), "{rule:?} opens every port");
+        }
+    }
+    Ok(())
+}
+
 fn check_pods(r: &Rendered) -> Result<(), TestCaseError> {
     for (id, obj) in common::objects(r) {
         let template = match obj["kind"].as_str().unwrap() {
@@ -732,6 +786,7 @@ fn accepted_specs_render_deterministically_and_safely() {
                 for r in &a {
                     check_pods(r)?;
                     check_no_credentials(r, &creds)?;
+                    check_network_policies(r)?;
                 }
             }
             (Err(a), Err(b)) => {

@@ -258,6 +258,7 @@ fn children_as_json(c: &mirrorfleet::build::DesiredChildren) -> Vec<Value> {
     all(&mut out, &c.secrets);
     all(&mut out, &c.config_maps);
     all(&mut out, &c.persistent_volume_claims);
+    all(&mut out, &c.network_policies);
     all(&mut out, &c.services);
     all(&mut out, &c.deployments);
     all(&mut out, &c.daemon_sets);

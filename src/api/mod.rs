@@ -33,6 +33,8 @@ pub const REGISTRY_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 pub const HOST_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$";
 /// Go `time.ParseDuration` syntax, as Distribution reads `proxy.ttl`.
 pub const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+/// The shape of an IPv4 or IPv6 CIDR; [`validate`] parses it (CEL's `isCIDR` needs Kubernetes 1.31).
+pub const CIDR: &str = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*)/[0-9]{1,3}$";
 /// Five-field cron or one of the `@` macros the CronJob controller understands.
 pub const CRON_SCHEDULE: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
 
@@ -124,6 +126,35 @@ pub struct RegistryMirrorSpec {
     /// Optional node agent that points every selected node's container runtime at the mirrors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_config: Option<NodeConfigSpec>,
+
+    /// Optional NetworkPolicies in front of the proxies and the edge: only the edge, the operator,
+    /// the listed namespaces and the listed address ranges reach them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// Who may reach the mirror's pods. The operator renders one NetworkPolicy for the proxies and,
+/// with an edge, one for the edge; both admit only what is listed here, plus the edge (to the
+/// proxies) and the operator (the upstream sidecars' counters). Kubelet probes and traffic from a
+/// pod's own node are allowed by every policy implementation; node pulls from other nodes come
+/// from the nodes' addresses, so list them in `fromCIDRs` (a CNI that does not filter host traffic
+/// lets them through anyway). Without a policy implementation in the cluster, nothing is enforced.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Namespaces (by name) whose pods may pull through the proxies and the edge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL)))]
+    pub from_namespaces: Vec<String>,
+    /// Address ranges that may pull, as CIDRs (`10.0.0.0/16`, `fd00::/64`): the nodes' addresses,
+    /// and clients outside the cluster that use the edge.
+    #[serde(default, rename = "fromCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 3, max = 43), regex(pattern = CIDR)))]
+    pub from_cidrs: Vec<String>,
+    /// Namespaces (by name) whose pods may scrape the `metrics` ports (Prometheus).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = DNS1123_LABEL)))]
+    pub metrics_from_namespaces: Vec<String>,
 }
 
 /// One upstream registry and its pull-through cache.

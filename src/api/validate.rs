@@ -136,11 +136,62 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
             p.add("spec.nodeConfig.via", "Edge needs edge with tlsSecretRef");
         }
     }
+    if let Some(policy) = &spec.network_policy {
+        validate_network_policy(policy, &mut p);
+    }
     if p.0.is_empty() {
         Ok(())
     } else {
         Err(InvalidSpec(p.0))
     }
+}
+
+fn validate_network_policy(policy: &NetworkPolicySpec, p: &mut Problems) {
+    let lists = [
+        ("spec.networkPolicy.fromNamespaces", &policy.from_namespaces),
+        ("spec.networkPolicy.metricsFromNamespaces", &policy.metrics_from_namespaces),
+    ];
+    for (path, list) in lists {
+        for (i, ns) in list.iter().enumerate() {
+            if !RE_LABEL.is_match(ns) || ns.len() > 63 {
+                p.add(format!("{path}[{i}]"), format!("{ns:?} is not a namespace name (a DNS-1123 label)"));
+            }
+        }
+    }
+    for (i, cidr) in policy.from_cidrs.iter().enumerate() {
+        if let Err(e) = check_cidr(cidr) {
+            p.add(format!("spec.networkPolicy.fromCIDRs[{i}]"), e);
+        }
+    }
+}
+
+/// An IPv4 or IPv6 network in CIDR notation, with the host bits zero (what a NetworkPolicy's
+/// `ipBlock.cidr` means; `10.0.0.1/8` is refused with the network address it probably meant).
+pub fn check_cidr(cidr: &str) -> Result<std::net::IpAddr, String> {
+    let (addr, prefix) =
+        cidr.split_once('/').ok_or_else(|| format!("{cidr:?} is not a CIDR (address/prefix length)"))?;
+    let addr: std::net::IpAddr =
+        addr.parse().map_err(|_| format!("{cidr:?} is not a CIDR: {addr:?} is not an IP address"))?;
+    let bits: u32 = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u32 = prefix
+        .parse()
+        .ok()
+        .filter(|n| *n <= bits)
+        .ok_or_else(|| format!("{cidr:?} is not a CIDR: the prefix length must be 0 to {bits}"))?;
+    let network = match addr {
+        std::net::IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+            std::net::IpAddr::V4((u32::from(a) & mask).into())
+        }
+        std::net::IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            std::net::IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    if network != addr {
+        return Err(format!("{cidr:?} has host bits set: the network is {network}/{prefix}"));
+    }
+    Ok(addr)
 }
 
 fn validate_upstreams(mirror_name: &str, spec: &RegistryMirrorSpec, p: &mut Problems) {
@@ -255,8 +306,15 @@ fn validate_upstream_auth(u: &Upstream, auth: &UpstreamAuth, at: &str, p: &mut P
 /// (or the edge) gets them without a password. Not an error — a mirror for one trusted namespace
 /// may want exactly that — but worth a Warning: `render` prints these, the controller shows them
 /// as the `CredentialsExposed` condition and a Warning Event.
+///
+/// A `networkPolicy` that admits no range of everyone (`0.0.0.0/0`, `::/0`) answers it too: then
+/// only the namespaces and ranges the user listed reach the proxies.
 pub fn exposed_credentials(mirror: &RegistryMirror) -> Vec<Problem> {
     if mirror.spec.client_auth.is_some() {
+        return Vec::new();
+    }
+    let open_to_all = |policy: &NetworkPolicySpec| policy.from_cidrs.iter().any(|c| c.ends_with("/0"));
+    if mirror.spec.network_policy.as_ref().is_some_and(|policy| !open_to_all(policy)) {
         return Vec::new();
     }
     mirror
@@ -271,7 +329,7 @@ pub fn exposed_credentials(mirror: &RegistryMirror) -> Vec<Problem> {
                 message: format!(
                     "upstream {:?} pulls with the credentials in Secret {secret:?} and spec.clientAuth is not set: \
                      every pod that reaches the mirror gets this upstream's private images without a password \
-                     (set clientAuth, or keep other pods away with a NetworkPolicy)",
+                     (set clientAuth, or spec.networkPolicy to keep other pods away)",
                     u.name
                 ),
             })
@@ -444,7 +502,27 @@ pub fn go_duration(s: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_cron, go_duration, Duration};
+    use super::{check_cidr, check_cron, go_duration, Duration};
+
+    #[test]
+    fn cidrs_are_networks() {
+        for ok in ["10.0.0.0/8", "192.168.1.7/32", "0.0.0.0/0", "fd00::/64", "::/0", "2001:db8::1/128"] {
+            assert!(check_cidr(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("10.0.0.0", "not a CIDR"),
+            ("10.0.0/8", "not an IP address"),
+            ("10.0.0.0/33", "0 to 32"),
+            ("fd00::/129", "0 to 128"),
+            ("10.0.0.0/-1", "0 to 32"),
+            ("10.1.2.3/16", "the network is 10.1.0.0/16"),
+            ("fd00::1/64", "the network is fd00::/64"),
+            ("host.example/24", "not an IP address"),
+        ] {
+            let e = check_cidr(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn go_durations_parse_as_go_does() {

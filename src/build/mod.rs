@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cleanup;
 pub mod edge;
 pub mod meta;
+pub mod network;
 pub mod node;
 pub mod pod;
 pub mod proxy;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 
 use crate::api::validate::{validate, InvalidSpec, Problem};
@@ -76,6 +78,8 @@ pub struct DesiredChildren {
     pub secrets: Vec<Secret>,
     pub config_maps: Vec<ConfigMap>,
     pub persistent_volume_claims: Vec<PersistentVolumeClaim>,
+    /// `spec.networkPolicy`: applied before the pods they guard.
+    pub network_policies: Vec<NetworkPolicy>,
     pub services: Vec<Service>,
     pub deployments: Vec<Deployment>,
     pub daemon_sets: Vec<DaemonSet>,
@@ -164,6 +168,8 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
     c.deployments.reserve(per_upstream);
     c.services.reserve(per_upstream);
     let mut files = BTreeMap::new();
+
+    c.network_policies = network::network_policies(mirror);
 
     // Proxies and what they read.
     let htpasswd =

@@ -33,6 +33,7 @@ use futures::Stream;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, DeploymentSpec, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount, ServiceSpec};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Resource as _;
@@ -146,6 +147,7 @@ pub struct ChildStores {
     pub secrets: Store<PartialObjectMeta<Secret>>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub persistent_volume_claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub network_policies: Store<PartialObjectMeta<NetworkPolicy>>,
     pub cron_jobs: Store<PartialObjectMeta<CronJob>>,
     pub services: Store<Service>,
     pub deployments: Store<Deployment>,
@@ -164,6 +166,7 @@ pub struct ChildWriters {
     pub secrets: Writer<PartialObjectMeta<Secret>>,
     pub config_maps: Writer<PartialObjectMeta<ConfigMap>>,
     pub persistent_volume_claims: Writer<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub network_policies: Writer<PartialObjectMeta<NetworkPolicy>>,
     pub cron_jobs: Writer<PartialObjectMeta<CronJob>>,
     pub services: Writer<Service>,
     pub deployments: Writer<Deployment>,
@@ -179,6 +182,7 @@ pub fn stores() -> (ChildStores, ChildWriters) {
     let (secrets, w_secrets) = reflector::store();
     let (config_maps, w_cms) = reflector::store();
     let (persistent_volume_claims, w_pvcs) = reflector::store();
+    let (network_policies, w_nps) = reflector::store();
     let (cron_jobs, w_cjs) = reflector::store();
     let (services, w_services) = reflector::store();
     let (deployments, w_deployments) = reflector::store();
@@ -192,6 +196,7 @@ pub fn stores() -> (ChildStores, ChildWriters) {
             secrets,
             config_maps,
             persistent_volume_claims,
+            network_policies,
             cron_jobs,
             services,
             deployments,
@@ -206,6 +211,7 @@ pub fn stores() -> (ChildStores, ChildWriters) {
             secrets: w_secrets,
             config_maps: w_cms,
             persistent_volume_claims: w_pvcs,
+            network_policies: w_nps,
             cron_jobs: w_cjs,
             services: w_services,
             deployments: w_deployments,
@@ -272,6 +278,7 @@ impl ChildStores {
             self.secrets.wait_until_ready(),
             self.config_maps.wait_until_ready(),
             self.persistent_volume_claims.wait_until_ready(),
+            self.network_policies.wait_until_ready(),
             self.cron_jobs.wait_until_ready(),
             self.services.wait_until_ready(),
             self.deployments.wait_until_ready(),
@@ -296,6 +303,7 @@ impl ChildStores {
         live.metas.insert(Secret::KIND, metas_of(&self.secrets, &ns, &name));
         live.metas.insert(ConfigMap::KIND, metas_of(&self.config_maps, &ns, &name));
         live.metas.insert(PersistentVolumeClaim::KIND, metas_of(&self.persistent_volume_claims, &ns, &name));
+        live.metas.insert(NetworkPolicy::KIND, metas_of(&self.network_policies, &ns, &name));
         live.metas.insert(CronJob::KIND, metas_of(&self.cron_jobs, &ns, &name));
         let services_meta = live.services.iter().map(|(n, s)| (n.clone(), s.metadata.clone())).collect();
         live.metas.insert(Service::KIND, services_meta);
@@ -471,13 +479,14 @@ impl ChildWriters {
     pub async fn relist(&mut self, client: &Client, namespace: &str) -> Result<()> {
         let owned = owned_selector();
         let cleanup = cleanup_jobs_selector();
-        let (sa, roles, rbs, secrets, cms, pvcs, cjs, services, deployments, daemon_sets, jobs) = futures::try_join!(
+        let (sa, roles, rbs, secrets, cms, pvcs, nps, cjs, services, deployments, daemon_sets, jobs) = futures::try_join!(
             relist_meta::<ServiceAccount>(client, namespace),
             relist_meta::<Role>(client, namespace),
             relist_meta::<RoleBinding>(client, namespace),
             relist_meta::<Secret>(client, namespace),
             relist_meta::<ConfigMap>(client, namespace),
             relist_meta::<PersistentVolumeClaim>(client, namespace),
+            relist_meta::<NetworkPolicy>(client, namespace),
             relist_meta::<CronJob>(client, namespace),
             relist_full::<Service>(client, namespace, &owned),
             relist_full::<Deployment>(client, namespace, &owned),
@@ -490,6 +499,7 @@ impl ChildWriters {
         replace(&mut self.secrets, secrets);
         replace(&mut self.config_maps, cms);
         replace(&mut self.persistent_volume_claims, pvcs);
+        replace(&mut self.network_policies, nps);
         replace(&mut self.cron_jobs, cjs);
         replace(&mut self.services, services);
         replace(&mut self.deployments, deployments);

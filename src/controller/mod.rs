@@ -47,6 +47,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ListParams;
 use kube::client::{Body, ClientBuilder};
@@ -521,6 +522,10 @@ pub async fn run_controller(
         .owns_stream(log_errors(
             "PersistentVolumeClaim",
             children::watch_meta::<PersistentVolumeClaim>(&client, ns, owned_cfg(), w.persistent_volume_claims),
+        ))
+        .owns_stream(log_errors(
+            "NetworkPolicy",
+            children::watch_meta::<NetworkPolicy>(&client, ns, owned_cfg(), w.network_policies),
         ))
         .owns_stream(log_errors(
             "ServiceAccount",

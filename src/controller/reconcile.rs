@@ -287,6 +287,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         applier.apply(&c.secrets),
         applier.apply(&early_config_maps),
         applier.apply(&c.persistent_volume_claims),
+        applier.apply(&c.network_policies),
     )?;
     let mut services = known_services;
     services.extend(applied_services);
@@ -303,17 +304,19 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         secrets,
         config_maps,
         persistent_volume_claims,
+        network_policies,
         services: desired_services,
         deployments,
         daemon_sets,
         cron_jobs,
     } = fleet.children;
     // Objects of the first wave are skipped here unless the second build changed them.
-    let (_, _, _, _, _, applied_deployments, applied_daemon_sets, _) = futures::try_join!(
+    let (_, _, _, _, _, _, applied_deployments, applied_daemon_sets, _) = futures::try_join!(
         apply_rbac(&applier, &service_accounts, &roles, &role_bindings),
         applier.apply(&secrets),
         applier.apply(&config_maps),
         applier.apply(&persistent_volume_claims),
+        applier.apply(&network_policies),
         applier.apply(&desired_services),
         applier.apply(&deployments),
         applier.apply(&daemon_sets),
@@ -339,6 +342,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
     futures::try_join!(
         applier.delete_orphans(&desired_services, &uid, keep),
         applier.delete_orphans(&persistent_volume_claims, &uid, keep),
+        applier.delete_orphans(&network_policies, &uid, keep),
         applier.delete_orphans(&config_maps, &uid, keep),
         applier.delete_orphans(&secrets, &uid, keep),
         applier.delete_orphans(&role_bindings, &uid, keep),

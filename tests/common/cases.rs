@@ -356,6 +356,34 @@ pub fn cases() -> Vec<Case> {
             admission: Schema,
         },
         Case {
+            what: "network policy namespace not a name",
+            edit: |v| v["spec"]["networkPolicy"] = serde_json::json!({"fromNamespaces": ["ci", "CI_Builds"]}),
+            path: "spec.networkPolicy.fromNamespaces[1]",
+            message: "not a namespace name",
+            admission: Schema,
+        },
+        Case {
+            what: "network policy range not a CIDR",
+            edit: |v| v["spec"]["networkPolicy"] = serde_json::json!({"fromCIDRs": ["10.0.0/8"]}),
+            path: "spec.networkPolicy.fromCIDRs[0]",
+            message: "not a CIDR",
+            admission: Schema,
+        },
+        Case {
+            what: "network policy range with a bad prefix",
+            edit: |v| v["spec"]["networkPolicy"] = serde_json::json!({"fromCIDRs": ["10.0.0.0/33"]}),
+            path: "spec.networkPolicy.fromCIDRs[0]",
+            message: "prefix length must be 0 to 32",
+            admission: Operator,
+        },
+        Case {
+            what: "network policy range with host bits",
+            edit: |v| v["spec"]["networkPolicy"] = serde_json::json!({"fromCIDRs": ["10.1.2.3/16"]}),
+            path: "spec.networkPolicy.fromCIDRs[0]",
+            message: "the network is 10.1.0.0/16",
+            admission: Operator,
+        },
+        Case {
             what: "misspelt field",
             edit: |v| {
                 v["spec"]["proxy"]["replica"] = 3.into();
