@@ -26,6 +26,21 @@ fn credentials_without_client_auth_are_named_per_upstream() {
 }
 
 #[test]
+fn a_network_policy_answers_the_warning_unless_it_admits_everyone() {
+    let vendor = mirror("restricted.yaml");
+    assert!(vendor.spec.client_auth.is_none() && vendor.spec.upstreams[0].credentials_secret_ref.is_some());
+    assert!(exposed_credentials(&vendor).is_empty(), "only the listed namespaces and ranges reach it");
+    for open in ["0.0.0.0/0", "::/0"] {
+        let mut wide = vendor.clone();
+        wide.spec.network_policy.as_mut().unwrap().from_cidrs.push(open.into());
+        assert_eq!(exposed_credentials(&wide).len(), 1, "{open} admits everyone");
+    }
+    let mut none = vendor.clone();
+    none.spec.network_policy = None;
+    assert_eq!(exposed_credentials(&none).len(), 1);
+}
+
+#[test]
 fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
     let corp = mirror("private-upstream.yaml");
     let empty = Default::default();

@@ -342,3 +342,73 @@ fn rendered_yaml_reads_back_as_the_objects_it_was_made_from() {
         assert!(value.starts_with('"') || value.starts_with('\''), "{word:?} is not quoted: {line}");
     }
 }
+
+/// `zoneLocal` (on unless set false): every serving Deployment spreads its own pods over zones as
+/// a preference, per rollout, and every serving Service prefers same-zone endpoints; off, neither.
+#[test]
+fn zone_local_spreads_serving_pods_over_zones_and_keeps_traffic_in_the_zone() {
+    let text = common::sample_text("public-mirrors");
+    for zone_local in [None, Some(true), Some(false)] {
+        let text = match zone_local {
+            None => text.clone(),
+            Some(on) => text.replacen("spec:\n", &format!("spec:\n  zoneLocal: {on}\n"), 1),
+        };
+        let rendered = render_str(&text, &common::opts()).unwrap();
+        let on = zone_local.unwrap_or(true);
+        assert_eq!(rendered[0].mirror.spec.zone_local, on);
+        let objects = common::objects(&rendered[0]);
+        let (mut deployments, mut services) = (0, 0);
+        for (id, obj) in &objects {
+            match obj["kind"].as_str().unwrap() {
+                "Deployment" => {
+                    deployments += 1;
+                    let pod = &obj["spec"]["template"];
+                    let spread = &pod["spec"]["topologySpreadConstraints"];
+                    if !on {
+                        assert!(spread.is_null(), "{id}: {spread}");
+                        continue;
+                    }
+                    let spread = spread.as_array().unwrap_or_else(|| panic!("{id} does not spread"));
+                    assert_eq!(spread.len(), 1, "{id}");
+                    assert_eq!(spread[0]["topologyKey"], "topology.kubernetes.io/zone", "{id}");
+                    assert_eq!(spread[0]["whenUnsatisfiable"], "ScheduleAnyway", "{id}: a preference only");
+                    assert_eq!(spread[0]["maxSkew"], 1, "{id}");
+                    assert_eq!(spread[0]["matchLabelKeys"], serde_json::json!(["pod-template-hash"]), "{id}");
+                    // It counts this Deployment's pods: its own selector, which its template matches.
+                    assert_eq!(
+                        spread[0]["labelSelector"]["matchLabels"], obj["spec"]["selector"]["matchLabels"],
+                        "{id}"
+                    );
+                    for (k, v) in obj["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+                        assert_eq!(&pod["metadata"]["labels"][k], v, "{id}");
+                    }
+                }
+                "Service" => {
+                    services += 1;
+                    let want = if on { serde_json::json!("PreferClose") } else { Value::Null };
+                    assert_eq!(obj["spec"]["trafficDistribution"], want, "{id}");
+                }
+                _ => {}
+            }
+        }
+        // Every proxy and the edge.
+        let upstreams = rendered[0].mirror.spec.upstreams.len();
+        assert_eq!((deployments, services), (upstreams + 1, upstreams + 1));
+    }
+}
+
+/// A regional mirror pins its proxies and its edge with their node selectors.
+#[test]
+fn the_edge_and_the_proxies_take_a_node_selector() {
+    let text = common::sample_text("public-mirrors")
+        .replace("  edge:\n", "  edge:\n    nodeSelector: {topology.kubernetes.io/region: eu-west-1}\n");
+    let text =
+        text.replacen("  proxy:\n", "  proxy:\n    nodeSelector: {topology.kubernetes.io/region: eu-west-1}\n", 1);
+    let rendered = render_str(&text, &common::opts()).unwrap();
+    for (id, obj) in common::objects(&rendered[0]) {
+        if obj["kind"] == "Deployment" {
+            let selector = &obj["spec"]["template"]["spec"]["nodeSelector"];
+            assert_eq!(selector["topology.kubernetes.io/region"], "eu-west-1", "{id}");
+        }
+    }
+}

@@ -131,6 +131,14 @@ pub struct RegistryMirrorSpec {
     /// the listed namespaces and the listed address ranges reach them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+
+    /// Zone-local serving: the replicas of each proxy and of the edge spread over zones
+    /// (`topology.kubernetes.io/zone`, best effort), and their Services send each client to
+    /// endpoints in its own zone when that zone has some (`trafficDistribution: PreferClose`,
+    /// Kubernetes 1.31 and newer; 1.30 drops the field and routes to every endpoint). `false`:
+    /// every endpoint, whatever its zone.
+    #[serde(default = "default_true")]
+    pub zone_local: bool,
 }
 
 /// Who may reach the mirror's pods. The operator renders one NetworkPolicy for the proxies and,
@@ -333,6 +341,11 @@ pub struct ProxySpec {
     pub tolerations: Vec<Toleration>,
 }
 
+/// The zone label every cloud provider sets on its nodes.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The region label, for one mirror per region (`proxy.nodeSelector`, `nodeConfig.nodeSelector`).
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
 impl Default for ProxySpec {
     fn default() -> Self {
         Self {
@@ -497,6 +510,9 @@ pub struct EdgeSpec {
     /// limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Node selector for the Envoy pods (a regional mirror: `topology.kubernetes.io/region`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
 }
 
 impl EdgeSpec {

@@ -19,7 +19,7 @@ use kube::ResourceExt;
 use serde_json::{json, Map, Value};
 
 use super::meta::{self, names, Component};
-use super::proxy::{spread_over_nodes, REGISTRY_PORT};
+use super::proxy::{spread_over_nodes, spread_over_zones, traffic_distribution, REGISTRY_PORT};
 use super::{pod, Inputs};
 use crate::api::validate::effective_host;
 use crate::api::{EdgeSpec, RegistryMirror};
@@ -395,6 +395,8 @@ pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFi
                     containers: vec![container],
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(45),
+                    node_selector: (!edge.node_selector.is_empty()).then(|| edge.node_selector.clone()),
+                    topology_spread_constraints: spread_over_zones(mirror, &selector),
                     affinity: Some(spread_over_nodes(selector)),
                     ..Default::default()
                 }),
@@ -429,6 +431,7 @@ pub fn edge_service(mirror: &RegistryMirror, edge: &EdgeSpec) -> Service {
             type_: Some(edge.service.type_.as_str().into()),
             selector: Some(meta::selector_labels(mirror, Component::Edge, None)),
             ports: Some(ports),
+            traffic_distribution: traffic_distribution(mirror),
             ..Default::default()
         }),
         ..Default::default()

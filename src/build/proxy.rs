@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
     Lifecycle, LifecycleHandler, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
     PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, SecretVolumeSource, Service,
-    ServicePort, ServiceSpec, SleepAction, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    ServicePort, ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -17,7 +18,7 @@ use serde_json::json;
 
 use super::meta::{self, names, Component};
 use super::{cleanup, pod, sidecar, Inputs, Settings};
-use crate::api::{default_envoy_image, RegistryMirror, Upstream};
+use crate::api::{default_envoy_image, RegistryMirror, Upstream, ZONE_LABEL};
 
 pub const REGISTRY_PORT: i32 = 5000;
 pub const METRICS_PORT: i32 = 5001;
@@ -138,6 +139,7 @@ pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream) -> Service {
             type_: Some("ClusterIP".into()),
             selector: Some(meta::selector_labels(mirror, Component::Proxy, Some(&upstream.name))),
             ports: Some(vec![port("http", REGISTRY_PORT), port("metrics", METRICS_PORT)]),
+            traffic_distribution: traffic_distribution(mirror),
             ..Default::default()
         }),
         ..Default::default()
@@ -363,6 +365,7 @@ pub fn proxy_deployment(
                     node_selector: (!spec.proxy.node_selector.is_empty()).then(|| spec.proxy.node_selector.clone()),
                     tolerations: (!spec.proxy.tolerations.is_empty()).then(|| spec.proxy.tolerations.clone()),
                     termination_grace_period_seconds: Some(60),
+                    topology_spread_constraints: spread_over_zones(mirror, &selector),
                     affinity: Some(spread_over_nodes(selector)),
                     ..Default::default()
                 }),
@@ -371,6 +374,30 @@ pub fn proxy_deployment(
         }),
         ..Default::default()
     }
+}
+
+/// With `zoneLocal`: replicas of one Deployment spread over zones, one at most ahead of another
+/// (counted per rollout: `pod-template-hash`), as a preference (`ScheduleAnyway`): a cluster
+/// with one zone, or nodes without the label, schedules as before.
+pub fn spread_over_zones(
+    mirror: &RegistryMirror,
+    selector: &BTreeMap<String, String>,
+) -> Option<Vec<TopologySpreadConstraint>> {
+    mirror.spec.zone_local.then(|| {
+        vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: ZONE_LABEL.into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector { match_labels: Some(selector.clone()), match_expressions: None }),
+            match_label_keys: Some(vec!["pod-template-hash".into()]),
+            ..Default::default()
+        }]
+    })
+}
+
+/// With `zoneLocal`, a Service's clients go to endpoints in their own zone when it has some.
+pub fn traffic_distribution(mirror: &RegistryMirror) -> Option<String> {
+    mirror.spec.zone_local.then(|| "PreferClose".to_string())
 }
 
 /// Prefer replicas of one upstream on different nodes, so a node loss keeps the cache serving.
