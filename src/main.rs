@@ -53,6 +53,11 @@ struct RenderArgs {
     /// Cluster DNS domain.
     #[arg(long, default_value = "cluster.local", env = "MIRRORFLEET_CLUSTER_DOMAIN")]
     cluster_domain: String,
+    /// Kubernetes version the output is for (`1.34`): from 1.34 on, Services get
+    /// `trafficDistribution: PreferSameZone` instead of its deprecated name `PreferClose`, as the
+    /// operator does after reading the API server's version.
+    #[arg(long, value_name = "1.MINOR", value_parser = parse_kube_minor)]
+    kubernetes_version: Option<u32>,
     /// Mirror endpoint nodes use for an upstream, as NAME=URL (the controller uses the Service's
     /// cluster IP; render falls back to the Service DNS name).
     #[arg(long = "endpoint", value_parser = parse_endpoint)]
@@ -60,6 +65,11 @@ struct RenderArgs {
     /// Show Secret data instead of redacting it.
     #[arg(long)]
     include_secrets: bool,
+}
+
+fn parse_kube_minor(s: &str) -> Result<u32, String> {
+    let minor = s.strip_prefix('v').unwrap_or(s).strip_prefix("1.").and_then(|m| m.split('.').next());
+    minor.and_then(|m| m.parse().ok()).ok_or_else(|| format!("{s:?} is not a Kubernetes version like 1.34"))
 }
 
 fn parse_endpoint(s: &str) -> Result<(String, String), String> {
@@ -102,6 +112,9 @@ fn run_render(args: RenderArgs) -> anyhow::Result<()> {
     let mut settings = Settings { cluster_domain: args.cluster_domain, ..Settings::default() };
     if let Some(image) = args.operator_image {
         settings.operator_image = image;
+    }
+    if let Some(minor) = args.kubernetes_version {
+        settings.same_zone_traffic = mirrorfleet::build::same_zone_value(minor);
     }
     let opts = RenderOptions {
         namespace: args.namespace,

@@ -78,3 +78,30 @@ fn crd_subcommand_prints_the_committed_crd() {
         std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/registrymirrors.mirrorfleet.io.yaml")).unwrap();
     assert_eq!(out.stdout, committed);
 }
+
+/// `--kubernetes-version` picks the Services' `trafficDistribution` value as the operator does
+/// from the API server's version: the new name from 1.34, the old one before.
+#[test]
+fn the_kubernetes_version_picks_the_same_zone_traffic_value() {
+    let render = |args: &[&str]| {
+        let out = mirrorfleet().arg("render").args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let count = |text: &str, value: &str| text.matches(&format!("trafficDistribution: {value}\n")).count();
+    let (ok, default, _) = render(&[]);
+    assert!(ok);
+    let services = default.matches("\nkind: Service\n").count();
+    assert!(services >= 3, "{services}");
+    assert_eq!(count(&default, "PreferClose"), services, "without a version: the name every 1.31+ reads");
+    for (version, value) in [("1.33", "PreferClose"), ("1.34", "PreferSameZone"), ("v1.36.2", "PreferSameZone")] {
+        let (ok, out, err) = render(&["--kubernetes-version", version]);
+        assert!(ok, "{version}: {err}");
+        assert_eq!(count(&out, value), services, "{version}");
+    }
+    let (ok, _, err) = render(&["--kubernetes-version", "34"]);
+    assert!(!ok && err.contains("not a Kubernetes version like 1.34"), "{err}");
+}

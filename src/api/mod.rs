@@ -134,8 +134,9 @@ pub struct RegistryMirrorSpec {
 
     /// Zone-local serving: the replicas of each proxy and of the edge spread over zones
     /// (`topology.kubernetes.io/zone`, best effort), and their Services send each client to
-    /// endpoints in its own zone when that zone has some (`trafficDistribution: PreferClose`,
-    /// Kubernetes 1.31 and newer; 1.30 drops the field and routes to every endpoint). `false`:
+    /// endpoints in its own zone when that zone has some (`trafficDistribution`: `PreferSameZone`
+    /// from Kubernetes 1.34, `PreferClose` on 1.31-1.33; 1.30 drops the field and routes to every
+    /// endpoint). `false`:
     /// every endpoint, whatever its zone.
     #[serde(default = "default_true")]
     pub zone_local: bool,

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use super::meta::{self, names, Component};
 use super::proxy::{spread_over_nodes, spread_over_zones, traffic_distribution, REGISTRY_PORT};
-use super::{pod, Inputs};
+use super::{pod, Inputs, Settings};
 use crate::api::validate::effective_host;
 use crate::api::{EdgeSpec, RegistryMirror};
 
@@ -407,7 +407,7 @@ pub fn edge_deployment(mirror: &RegistryMirror, edge: &EdgeSpec, files: &EnvoyFi
     }
 }
 
-pub fn edge_service(mirror: &RegistryMirror, edge: &EdgeSpec) -> Service {
+pub fn edge_service(mirror: &RegistryMirror, edge: &EdgeSpec, settings: &Settings) -> Service {
     let port = |name: &str, port: i32, target: &str| ServicePort {
         name: Some(name.into()),
         port,
@@ -431,7 +431,7 @@ pub fn edge_service(mirror: &RegistryMirror, edge: &EdgeSpec) -> Service {
             type_: Some(edge.service.type_.as_str().into()),
             selector: Some(meta::selector_labels(mirror, Component::Edge, None)),
             ports: Some(ports),
-            traffic_distribution: traffic_distribution(mirror),
+            traffic_distribution: traffic_distribution(mirror, settings),
             ..Default::default()
         }),
         ..Default::default()

@@ -43,6 +43,23 @@ pub struct Settings {
     pub operator_image: String,
     /// The cluster's DNS domain, for Service names Envoy resolves.
     pub cluster_domain: String,
+    /// The Services' `trafficDistribution` with `zoneLocal`: [`PREFER_CLOSE`] everywhere it
+    /// exists (1.31+), [`PREFER_SAME_ZONE`], its new name, from 1.34 on ([`same_zone_value`]).
+    pub same_zone_traffic: &'static str,
+}
+
+/// `trafficDistribution` for "same zone first", Kubernetes 1.31 to 1.33 (deprecated from 1.34).
+pub const PREFER_CLOSE: &str = "PreferClose";
+/// Its name from Kubernetes 1.34 (beta, on by default; GA in 1.35).
+pub const PREFER_SAME_ZONE: &str = "PreferSameZone";
+
+/// The `trafficDistribution` value for an API server of this minor version.
+pub fn same_zone_value(minor: u32) -> &'static str {
+    if minor >= 34 {
+        PREFER_SAME_ZONE
+    } else {
+        PREFER_CLOSE
+    }
 }
 
 impl Default for Settings {
@@ -50,6 +67,7 @@ impl Default for Settings {
         Self {
             operator_image: format!("ghcr.io/mirrorfleet/mirrorfleet:{}", env!("CARGO_PKG_VERSION")),
             cluster_domain: "cluster.local".into(),
+            same_zone_traffic: PREFER_CLOSE,
         }
     }
 }
@@ -194,7 +212,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
             inputs,
             settings,
         ));
-        c.services.push(proxy::proxy_service(mirror, upstream));
+        c.services.push(proxy::proxy_service(mirror, upstream, settings));
         c.persistent_volume_claims.extend(proxy::proxy_pvc(mirror, upstream));
         files.insert(format!("proxy/{}/{}", upstream.name, proxy::CONFIG_FILE), config);
         if let Some(envoy) = envoy {
@@ -210,7 +228,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         c.service_accounts.push(rbac::service_account(mirror, names::edge(mirror), Component::Edge, false));
         c.config_maps.push(edge::edge_config_map(mirror, &envoy));
         c.deployments.push(edge::edge_deployment(mirror, edge, &envoy, inputs));
-        c.services.push(edge::edge_service(mirror, edge));
+        c.services.push(edge::edge_service(mirror, edge, settings));
         files.insert(format!("edge/{}", edge::BOOTSTRAP_FILE), envoy.bootstrap);
         files.insert(format!("edge/{}", edge::LDS_FILE), envoy.lds);
         files.insert(format!("edge/{}", edge::CDS_FILE), envoy.cds);

@@ -119,7 +119,7 @@ pub fn proxy_config_map(
     }
 }
 
-pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream) -> Service {
+pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream, settings: &Settings) -> Service {
     let port = |name: &str, port: i32| ServicePort {
         name: Some(name.into()),
         port,
@@ -139,7 +139,7 @@ pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream) -> Service {
             type_: Some("ClusterIP".into()),
             selector: Some(meta::selector_labels(mirror, Component::Proxy, Some(&upstream.name))),
             ports: Some(vec![port("http", REGISTRY_PORT), port("metrics", METRICS_PORT)]),
-            traffic_distribution: traffic_distribution(mirror),
+            traffic_distribution: traffic_distribution(mirror, settings),
             ..Default::default()
         }),
         ..Default::default()
@@ -396,8 +396,8 @@ pub fn spread_over_zones(
 }
 
 /// With `zoneLocal`, a Service's clients go to endpoints in their own zone when it has some.
-pub fn traffic_distribution(mirror: &RegistryMirror) -> Option<String> {
-    mirror.spec.zone_local.then(|| "PreferClose".to_string())
+pub fn traffic_distribution(mirror: &RegistryMirror, settings: &Settings) -> Option<String> {
+    mirror.spec.zone_local.then(|| settings.same_zone_traffic.to_string())
 }
 
 /// Prefer replicas of one upstream on different nodes, so a node loss keeps the cache serving.

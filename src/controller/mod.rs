@@ -254,6 +254,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(image) = &args.operator_image {
         settings.operator_image = image.clone();
     }
+    match client.apiserver_version().await {
+        Ok(info) => {
+            // "1.34", "34+" on some distributions.
+            let minor: u32 = info.minor.trim_end_matches('+').parse().unwrap_or(0);
+            settings.same_zone_traffic = crate::build::same_zone_value(minor);
+            info!(version = %info.git_version, traffic_distribution = settings.same_zone_traffic, "API server");
+        }
+        Err(e) => warn!(error = %e, "API server version unknown; Services get trafficDistribution PreferClose"),
+    }
     let options = Options {
         requeue: Duration::from_secs(args.requeue_seconds),
         node_removal_timeout: Duration::from_secs(args.node_removal_timeout_seconds),
