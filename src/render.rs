@@ -12,7 +12,7 @@ use k8s_openapi::ByteString;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::validate::InvalidSpec;
+use crate::api::validate::{InvalidSpec, Problem};
 use crate::api::RegistryMirror;
 use crate::build::{self, DesiredChildren, Fleet, Inputs, Settings};
 
@@ -119,6 +119,26 @@ pub fn render_str(input: &str, opts: &RenderOptions) -> Result<Vec<Rendered>, Re
             _ => {} // Other objects (Namespaces, ...) pass through untouched by render.
         }
     }
+
+    // Two mirrors of the input that would configure one registry on the same nodes: the later
+    // one (as the operator judges it: creation time, then namespace/name) is refused.
+    let all: Vec<&RegistryMirror> = mirrors.iter().map(|(_, m)| m).collect();
+    let refusals: Vec<Option<Problem>> = mirrors
+        .iter()
+        .map(|(_, m)| {
+            let first =
+                crate::api::conflicts::node_conflicts(m, all.iter().copied()).into_iter().find(|c| c.other_first)?;
+            Some(Problem { path: "spec.nodeConfig.nodeSelector".into(), message: first.refusal() })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    for ((doc_no, mirror), refusal) in mirrors.into_iter().zip(refusals) {
+        match refusal {
+            Some(problem) => invalid.push((describe(&mirror, doc_no), InvalidSpec(vec![problem]))),
+            None => kept.push((doc_no, mirror)),
+        }
+    }
+    let mirrors = kept;
 
     // Mirrors build independently (bcrypt hashing is most of a small fleet's cost).
     let built = par_map(&mirrors, |(_, mirror)| {

@@ -332,7 +332,7 @@ fn needs() -> Needs {
     }
     // Children and their owner reference; child Roles need what they grant.
     let settings = Settings { operator_image: "example/mirrorfleet:test".into(), ..Settings::default() };
-    for file in ["public-mirrors.yaml", "private-upstream.yaml", "minimal.yaml", "restricted.yaml"] {
+    for file in ["public-mirrors.yaml", "private-upstream.yaml", "minimal.yaml", "restricted.yaml", "regional.yaml"] {
         for child_role_rule in child_role_rules(file, &settings) {
             for group in child_role_rule.api_groups.iter().flatten() {
                 for resource in child_role_rule.resources.iter().flatten() {

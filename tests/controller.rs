@@ -1121,3 +1121,53 @@ async fn children_deleted_or_edited_while_the_watches_were_down_are_repaired_aft
     let (quay, applied) = restart_relist_of_services(false).await;
     assert!(quay.is_none() && applied.is_empty(), "{applied:?}");
 }
+
+/// Two mirrors that would configure docker.io on the same nodes: the one created first keeps it
+/// and says so, the other is refused with the field to change and writes nothing; once their
+/// node selectors part (a mirror per region), both are served and the conditions go.
+#[tokio::test]
+async fn the_newer_of_two_mirrors_configuring_one_registry_on_the_same_nodes_is_refused() {
+    let h = harness();
+    let node_mirror = |name: &str, created: &str| {
+        let text = sample("minimal").replace("name: minimal", &format!("name: {name}"));
+        let name = h.load(&format!("{text}  nodeConfig: {{}}\n"));
+        h.api.edit(MIRRORS, NS, &name, "test", None, |m| m["metadata"]["creationTimestamp"] = json!(created));
+        name
+    };
+    let first = node_mirror("hub-b", "2026-01-01T00:00:00Z");
+    // Created later, though its name sorts first: the creation time decides.
+    let second = node_mirror("hub-a", "2026-02-01T00:00:00Z");
+
+    h.reconcile(&first).await.expect("the first keeps docker.io");
+    let kept = h.condition(&first, "NodeConfigConflict");
+    assert_eq!((kept.status.as_str(), kept.reason.as_str()), ("True", "OtherMirrorRefused"));
+    assert!(kept.message.contains(&format!("{NS}/{second} also asks to configure docker.io")), "{}", kept.message);
+
+    let before = h.api.requests().len();
+    let err = h.reconcile(&second).await.expect_err("the second is refused");
+    assert_eq!(err.reason(), "NodeConfigConflict");
+    let ready = h.condition(&second, "Ready");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NodeConfigConflict"));
+    assert!(
+        ready.message.contains(&format!("{NS}/{first} already configures docker.io"))
+            && ready.message.contains("nodeSelector"),
+        "{}",
+        ready.message
+    );
+    let writes: Vec<Recorded> = h.api.requests()[before..].iter().filter(|r| r.is_write()).cloned().collect();
+    assert!(child_writes(&writes).is_empty(), "a refused mirror writes no child: {:?}", applies(&writes));
+    assert!(event_reasons(&writes).contains(&("Warning".into(), "NodeConfigConflict".into())));
+    assert_eq!(err.class(), ErrorClass::WaitForChange, "waits for an edit, not a retry loop");
+
+    // One mirror per region: no node can carry both selectors.
+    h.edit_spec(&first, |s| s["nodeConfig"]["nodeSelector"] = json!({"topology.kubernetes.io/region": "eu"}));
+    h.edit_spec(&second, |s| s["nodeConfig"]["nodeSelector"] = json!({"topology.kubernetes.io/region": "us"}));
+    h.reconcile(&second).await.expect("no conflict any more");
+    h.reconcile(&first).await.expect("no conflict any more");
+    assert_ne!(h.condition(&second, "Ready").reason, "NodeConfigConflict");
+    for name in [&first, &second] {
+        let conditions = h.mirror(name).status.unwrap().conditions;
+        assert!(!conditions.iter().any(|c| c.type_ == "NodeConfigConflict"), "{name}: {conditions:?}");
+        assert!(h.api.get(DAEMONSETS, NS, &format!("{name}-node-agent")).is_some(), "{name} configures its nodes");
+    }
+}

@@ -54,6 +54,7 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
         cleanup_pods: &[],
         removing_nodes: None,
         upstream_health: &health,
+        node_conflicts: &[],
     };
     let now = mirrorfleet::controller::status::now();
     let status = observed_status(&corp, obs, &now);

@@ -417,3 +417,102 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     let status = b.stop();
     assert!(status.success(), "operator b exited with {status} after SIGTERM");
 }
+
+/// Two mirrors that would configure docker.io on the same nodes, created a second apart: the
+/// later one is refused and writes nothing, the earlier one says so; when the earlier one's node
+/// selector moves to another region, the watch on mirrors brings the refused one back at once
+/// (not at its 5-minute requeue) and both serve.
+#[test]
+#[ignore = "needs a cluster: make e2e"]
+fn a_node_config_conflict_refuses_the_later_mirror_until_the_selectors_part() {
+    require_cluster();
+    install_crd();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let ns = format!("mf-e2e-conflict-{stamp}");
+    create_namespace(&ns);
+    let _cleanup = Cleanup { ns: ns.clone(), pvs: Vec::new() };
+    let ns = ns.as_str();
+    let op = Operator::start("operator-c", ns);
+    eventually("operator ready", Duration::from_secs(30), || (http_get(op.port, "/readyz")?.0 == 200).then_some(()));
+
+    let mirror = |name: &str, selector: Value| {
+        json!({"apiVersion": "mirrorfleet.io/v1alpha1", "kind": "RegistryMirror",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"upstreams": [{"name": "dockerhub", "registry": "docker.io",
+                                       "remoteURL": "https://registry-1.docker.io"}],
+                        "nodeConfig": {"nodeSelector": selector}}})
+    };
+    // Created first, though its name sorts last: the creation time decides.
+    apply_json(ns, &mirror("hub-b", json!({})));
+    eventually("hub-b configures nodes", TIMEOUT, || get(ns, "daemonset/hub-b-node-agent"));
+    std::thread::sleep(Duration::from_millis(1100)); // creation times have a second's resolution
+    apply_json(ns, &mirror("hub-a", json!({})));
+
+    let refused = eventually("hub-a refused", TIMEOUT, || {
+        let m = get(ns, "registrymirror/hub-a")?;
+        (condition(&m, "Ready")? == ("False".into(), "NodeConfigConflict".into())).then_some(m)
+    });
+    let message = refused["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap()
+        ["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains(&format!("{ns}/hub-b already configures docker.io")), "{message}");
+    eventually("hub-b says it keeps docker.io", TIMEOUT, || {
+        let m = get(ns, "registrymirror/hub-b")?;
+        (condition(&m, "NodeConfigConflict")? == ("True".into(), "OtherMirrorRefused".into())).then_some(())
+    });
+    assert!(items(ns, "deployments,daemonsets,services,configmaps", "app.kubernetes.io/instance=hub-a").is_empty());
+    let events =
+        must(&["-n", ns, "get", "events", "--field-selector", "involvedObject.name=hub-a", "-o", "json"], None);
+    assert!(events.contains("NodeConfigConflict"), "a Warning Event says why: {events}");
+
+    // A mirror per region. hub-a moves to us first: hub-b (no selector) still covers every node.
+    must(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "registrymirror/hub-a",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"nodeConfig":{"nodeSelector":{"topology.kubernetes.io/region":"us"}}}}"#,
+        ],
+        None,
+    );
+    eventually("hub-a, edited, is judged again and still refused", TIMEOUT, || {
+        let m = get(ns, "registrymirror/hub-a")?;
+        (m["status"]["conditions"].as_array()?.iter().any(|c| {
+            c["type"] == "Ready"
+                && c["reason"] == "NodeConfigConflict"
+                && c["observedGeneration"] == m["metadata"]["generation"]
+        }))
+        .then_some(())
+    });
+    assert!(get(ns, "daemonset/hub-a-node-agent").is_none());
+    // Then hub-b moves to eu: only the watch on mirrors can bring hub-a back now (a refused mirror
+    // waits for a change of its own otherwise).
+    let parted = Instant::now();
+    must(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "registrymirror/hub-b",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"nodeConfig":{"nodeSelector":{"topology.kubernetes.io/region":"eu"}}}}"#,
+        ],
+        None,
+    );
+    eventually("hub-a applied once hub-b's selector parted", Duration::from_secs(30), || {
+        get(ns, "daemonset/hub-a-node-agent")
+    });
+    eprintln!("e2e FIGURE: refused mirror applied {:.1}s after the other's edit", parted.elapsed().as_secs_f64());
+    eventually("both conditions gone", Duration::from_secs(30), || {
+        let a = get(ns, "registrymirror/hub-a")?;
+        let b = get(ns, "registrymirror/hub-b")?;
+        (condition(&a, "Ready")?.1 != "NodeConfigConflict" && condition(&b, "NodeConfigConflict").is_none())
+            .then_some(())
+    });
+}

@@ -520,7 +520,7 @@ fn sample_mirrors() -> Vec<Value> {
             }
         }
     }
-    assert_eq!(out.len(), common::SAMPLES.len(), "each sample seeds the generator");
+    assert!(out.len() >= common::SAMPLES.len(), "each sample seeds the generator");
     out
 }
 

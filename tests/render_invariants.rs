@@ -412,3 +412,31 @@ fn the_edge_and_the_proxies_take_a_node_selector() {
         }
     }
 }
+
+/// Two mirrors of one input that would configure docker.io on the same nodes: render refuses the
+/// one the operator would refuse, with the field to change; a mirror per region renders.
+#[test]
+fn render_refuses_the_second_mirror_configuring_a_registry_on_the_same_nodes() {
+    let second = |selector: &str| {
+        format!(
+            "---\napiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: team, namespace: mirrors}}\n\
+             spec:\n  upstreams:\n  - {{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}}\n\
+             \x20 nodeConfig: {{nodeSelector: {selector}}}\n"
+        )
+    };
+    let public = common::sample_text("public-mirrors");
+    let err = render_str(&format!("{public}{}", second("{}")), &common::opts()).err().expect("refused").to_string();
+    assert!(err.contains("RegistryMirror mirrors/team (document"), "{err}");
+    assert!(
+        err.contains("spec.nodeConfig.nodeSelector: RegistryMirror mirrors/public already configures docker.io"),
+        "{err}"
+    );
+    assert!(!err.contains("RegistryMirror mirrors/public (document"), "the first one is fine: {err}");
+    // Exclusive selectors: both render.
+    let regional =
+        public.replacen("  nodeConfig:\n", "  nodeConfig:\n    nodeSelector: {topology.kubernetes.io/region: eu}\n", 1);
+    assert_ne!(regional, public, "the sample has a nodeConfig block");
+    let both = render_str(&format!("{regional}{}", second("{topology.kubernetes.io/region: us}")), &common::opts())
+        .expect("one mirror per region");
+    assert_eq!(both.len(), 2);
+}

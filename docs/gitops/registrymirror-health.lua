@@ -30,7 +30,7 @@ local converging = {
 local needs_person = {
   InvalidSpec = true, SecretMissing = true, SecretKeyMissing = true,
   Forbidden = true, Rejected = true, Conflict = true, ApiError = true, BuildError = true,
-  MissingMetadata = true, ApplyFailed = true,
+  MissingMetadata = true, ApplyFailed = true, NodeConfigConflict = true,
 }
 local ready = nil
 local degraded = nil

@@ -7,6 +7,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod conflicts;
 pub mod crd;
 pub mod fields;
 pub mod validate;

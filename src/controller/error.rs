@@ -61,6 +61,11 @@ pub enum Error {
     /// The object lacks something the API server always sets (name, namespace, uid).
     #[error("RegistryMirror has no {0}")]
     MissingMetadata(&'static str),
+
+    /// Another mirror that came first configures one of this mirror's registries on nodes this
+    /// one selects too ([`crate::api::conflicts`]).
+    #[error("{0}")]
+    NodeConfigConflict(String),
 }
 
 impl Error {
@@ -101,6 +106,7 @@ impl Error {
             },
             Error::Serialize { .. } => "BuildError",
             Error::MissingMetadata(_) => "MissingMetadata",
+            Error::NodeConfigConflict(_) => "NodeConfigConflict",
         }
     }
 
@@ -143,9 +149,10 @@ impl Error {
 
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidSpec(_) | Error::SecretMissing { .. } | Error::SecretKeyMissing { .. } => {
-                ErrorClass::WaitForChange
-            }
+            Error::InvalidSpec(_)
+            | Error::SecretMissing { .. }
+            | Error::SecretKeyMissing { .. }
+            | Error::NodeConfigConflict(_) => ErrorClass::WaitForChange,
             Error::ChildWrite { .. } | Error::Api { .. } | Error::Serialize { .. } | Error::MissingMetadata(_) => {
                 ErrorClass::Transient
             }

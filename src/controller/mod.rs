@@ -35,6 +35,7 @@ pub mod reconcile;
 pub mod status;
 pub mod upstreams;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,7 +53,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::ListParams;
 use kube::client::{Body, ClientBuilder};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -426,6 +427,29 @@ fn deletion(mirror: &RegistryMirror) -> Option<u64> {
     Some(u64::from(mirror.metadata.deletion_timestamp.is_some()))
 }
 
+/// The mirrors whose node-config conflicts may change with `mirror` (created, edited, deleted):
+/// those serving one of its registries on nodes, and those whose status names a conflict now
+/// (the registries `mirror` had before an edit are not known here; the conflict it was in is).
+fn conflict_related(store: &Store<RegistryMirror>, mirror: &RegistryMirror) -> Vec<ObjectRef<RegistryMirror>> {
+    let me = crate::api::conflicts::reference(mirror);
+    let in_conflict = |m: &RegistryMirror| {
+        m.status.iter().flat_map(|s| &s.conditions).any(|c| {
+            c.type_ == status::NODE_CONFIG_CONFLICT || (c.type_ == status::READY && c.reason == "NodeConfigConflict")
+        })
+    };
+    store
+        .state()
+        .into_iter()
+        .filter(|other| crate::api::conflicts::reference(other) != me)
+        .filter(|other| {
+            let shares = other.spec.node_config.is_some()
+                && other.spec.upstreams.iter().any(|u| mirror.spec.upstreams.iter().any(|v| v.registry == u.registry));
+            shares || in_conflict(other)
+        })
+        .map(|other| ObjectRef::from_obj(&*other))
+        .collect()
+}
+
 /// Runs the controller until `stop` resolves; running reconciles finish first.
 pub async fn run_controller(
     client: Client,
@@ -449,6 +473,31 @@ pub async fn run_controller(
         // managedFields are never read here (writes are server-side applies): not kept.
         .modify(|m: &mut RegistryMirror| m.metadata.managed_fields = None)
         .reflect(writer);
+    // A mirror created, deleted or edited may start or end a node-config conflict with others:
+    // they are reconciled too.
+    let (related_tx, related_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mirror_events = mirror_events.inspect({
+        let store = store.clone();
+        let mut seen: HashMap<String, (Option<i64>, bool)> = HashMap::new();
+        move |event| {
+            let (mirror, gone) = match event {
+                Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => (m, false),
+                Ok(watcher::Event::Delete(m)) => (m, true),
+                _ => return,
+            };
+            let key = crate::api::conflicts::reference(mirror);
+            let now = (mirror.metadata.generation, mirror.metadata.deletion_timestamp.is_some());
+            let changed = if gone { seen.remove(&key).is_some() } else { seen.insert(key, now) != Some(now) };
+            if changed {
+                for other in conflict_related(&store, mirror) {
+                    let _ = related_tx.send(other);
+                }
+            }
+        }
+    });
+    let related_triggers =
+        futures::stream::unfold(related_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    ctx.set_mirror_store(store.clone());
     // After a relist, the reconcile must read the relisted spec, not the one from before it.
     let mirror_stream = children::triggers(mirror_events, store.clone()).predicate_filter(changed, Default::default());
     let mirror_stream = log_errors("RegistryMirror", mirror_stream);
@@ -558,6 +607,7 @@ pub async fn run_controller(
         .watches_stream(agents, |pod: PartialObjectMeta<Pod>| mirror_of_labels(&pod))
         .watches_stream(jobs, |job: Job| mirror_of_labels(&job))
         .reconcile_on(health_triggers)
+        .reconcile_on(related_triggers)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx.clone())

@@ -4,7 +4,7 @@
 //! and the finalizer are in [`super::nodes`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -16,6 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -28,6 +29,7 @@ use super::metrics::Metrics;
 use super::nodes::{self, Removal};
 use super::status::{self, Observed};
 use super::upstreams::{self, HealthStore};
+use crate::api::conflicts::{self, NodeConflict};
 use crate::api::{RegistryMirror, RegistryMirrorStatus};
 use crate::build::meta::{names, Component, LABEL_COMPONENT};
 use crate::build::{self, DesiredChildren, Settings};
@@ -83,6 +85,9 @@ pub struct Context {
     /// What the proxies' upstream sidecars see of each upstream ([`super::upstreams::monitor`]).
     pub upstream_health: Arc<HealthStore>,
     removal_started: Mutex<HashMap<String, Instant>>,
+    /// Every mirror the controller watches, for the rule that two mirrors do not configure one
+    /// registry on one node ([`conflicts`]). Unset (request-level tests): listed when needed.
+    mirrors: OnceLock<Store<RegistryMirror>>,
 }
 
 impl Context {
@@ -110,7 +115,30 @@ impl Context {
             failures: Mutex::default(),
             upstream_health: Arc::default(),
             removal_started: Mutex::default(),
+            mirrors: OnceLock::new(),
         }
+    }
+
+    /// Hands the controller's mirror store to the reconciles (once).
+    pub fn set_mirror_store(&self, store: Store<RegistryMirror>) {
+        let _ = self.mirrors.set(store);
+    }
+
+    /// The conflicts of `mirror`'s node config with every other mirror's ([`conflicts`]): from the
+    /// controller's store, or, without one, from a list.
+    async fn node_conflicts(&self, mirror: &RegistryMirror) -> Result<Vec<NodeConflict>> {
+        if mirror.spec.node_config.is_none() {
+            return Ok(Vec::new());
+        }
+        if let Some(store) = self.mirrors.get() {
+            let all = store.state();
+            return Ok(conflicts::node_conflicts(mirror, all.iter().map(|m| m.as_ref())));
+        }
+        let all = Api::<RegistryMirror>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| Error::api("list", "RegistryMirror", "", e))?;
+        Ok(conflicts::node_conflicts(mirror, all.items.iter()))
     }
 
     /// Drops what is remembered of a mirror that is gone (or going): its apply records, Service
@@ -247,6 +275,12 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         Err(e) if e.class() == ErrorClass::WaitForChange => return Err(report_problem(mirror, ctx, e).await),
         Err(e) => return Err(e),
     };
+    // A registry another mirror already configures on nodes this one selects: refused, nothing
+    // written, until the other goes or one of them changes (the mirror watch brings that).
+    let node_conflicts = ctx.node_conflicts(mirror).await?;
+    if let Some(first) = node_conflicts.iter().find(|c| c.other_first) {
+        return Err(report_problem(mirror, ctx, Error::NodeConfigConflict(first.refusal())).await);
+    }
 
     let removing_nodes = mirror.spec.node_config.is_none() && nodes::has_finalizer(mirror);
     if mirror.spec.node_config.is_some() && !nodes::has_finalizer(mirror) {
@@ -402,6 +436,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
             cleanup_pods: &cleanup_pods,
             removing_nodes: removal_pending.as_deref(),
             upstream_health: &upstream_health,
+            node_conflicts: &node_conflicts,
         };
         let now = status::now();
         let new_status = status::observed_status(mirror, observed, &now);

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::api::conflicts::NodeConflict;
 use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus};
 use crate::build::cleanup::{CleanupOutcome, CleanupReport, CLEANUP_CONTAINER};
 use crate::build::meta::names;
@@ -24,9 +25,12 @@ pub const NODES_CONFIGURED: &str = "NodesConfigured";
 pub const DEGRADED: &str = "Degraded";
 /// Present only while an upstream's credentials serve anyone ([`crate::api::validate::exposed_credentials`]).
 pub const CREDENTIALS_EXPOSED: &str = "CredentialsExposed";
+/// Present only while another mirror is refused for configuring this one's registries on the
+/// same nodes ([`crate::api::conflicts`]); the refused one says so in its Ready condition.
+pub const NODE_CONFIG_CONFLICT: &str = "NodeConfigConflict";
 /// Every condition type, in the order they are written.
-pub const CONDITION_TYPES: [&str; 6] =
-    [READY, PROXIES_AVAILABLE, EDGE_AVAILABLE, NODES_CONFIGURED, DEGRADED, CREDENTIALS_EXPOSED];
+pub const CONDITION_TYPES: [&str; 7] =
+    [READY, PROXIES_AVAILABLE, EDGE_AVAILABLE, NODES_CONFIGURED, DEGRADED, CREDENTIALS_EXPOSED, NODE_CONFIG_CONFLICT];
 
 /// What the status is computed from.
 #[derive(Clone, Copy)]
@@ -45,6 +49,8 @@ pub struct Observed<'a> {
     pub removing_nodes: Option<&'a [String]>,
     /// Per upstream name: what its proxies' sidecars see of it (empty: nothing known).
     pub upstream_health: &'a BTreeMap<String, UpstreamHealth>,
+    /// Mirrors refused because this one configures their registries on the same nodes first.
+    pub node_conflicts: &'a [NodeConflict],
 }
 
 /// Now, to the second (what the API server stores).
@@ -317,6 +323,10 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
     if !exposed.is_empty() {
         conditions.push(condition(CREDENTIALS_EXPOSED, true, "NoClientAuth", exposed.join("; "), generation));
     }
+    let refused: Vec<String> = obs.node_conflicts.iter().filter(|c| !c.other_first).map(NodeConflict::kept).collect();
+    if !refused.is_empty() {
+        conditions.push(condition(NODE_CONFIG_CONFLICT, true, "OtherMirrorRefused", refused.join("; "), generation));
+    }
     let previous = mirror.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     RegistryMirrorStatus {
         observed_generation: generation,
@@ -366,10 +376,10 @@ pub fn transitions<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<(&'a
         .filter(|c| match previous.iter().find(|p| p.type_ == c.type_) {
             Some(p) => p.status != c.status || p.reason != c.reason,
             // A condition's first appearance is news only for Ready and an exposure.
-            None => c.type_ == READY || c.type_ == CREDENTIALS_EXPOSED,
+            None => [READY, CREDENTIALS_EXPOSED, NODE_CONFIG_CONFLICT].contains(&c.type_.as_str()),
         })
         .map(|c| {
-            let bad = if [DEGRADED, CREDENTIALS_EXPOSED].contains(&c.type_.as_str()) {
+            let bad = if [DEGRADED, CREDENTIALS_EXPOSED, NODE_CONFIG_CONFLICT].contains(&c.type_.as_str()) {
                 c.status == "True"
             } else {
                 c.status != "True"

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use mirrorfleet::render::{render_str, RenderOptions, Rendered};
 
-pub const SAMPLES: &[&str] = &["public-mirrors", "minimal", "private-upstream", "restricted"];
+pub const SAMPLES: &[&str] = &["public-mirrors", "minimal", "private-upstream", "restricted", "regional"];
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
