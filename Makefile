@@ -56,9 +56,9 @@ e2e-node: image-oci ## Real-node tier: helm install, a full RegistryMirror, the 
 	else echo "e2e-node: MIRRORFLEET_REGISTRY_V3 not set: ran with the Distribution 2.8 proxy image only"; fi
 
 .PHONY: test-containerd2
-test-containerd2: ## The node's containerd 2.x honours the agent's dial_timeout (MIRRORFLEET_CONTAINERD2=/path/to/containerd, built outside the repository; root)
+test-containerd2: ## The node's containerd 2.x honours the agent's dial_timeout for the mirror and the peer (MIRRORFLEET_CONTAINERD2=/path/to/containerd, built outside the repository; root)
 	@test -n "$$MIRRORFLEET_CONTAINERD2" || { echo "test-containerd2: set MIRRORFLEET_CONTAINERD2 to a containerd 2.x binary (ctr2 or ctr beside it, or MIRRORFLEET_CTR2)"; exit 1; }
-	$(CARGO) test --locked --test agent_containerd -- --ignored --nocapture --exact containerd_2_leaves_a_dark_mirror_after_the_dial_timeout_and_1_6_keeps_the_entry
+	$(CARGO) test --locked --test agent_containerd -- --ignored --nocapture --test-threads=1 containerd_2_
 
 .PHONY: e2e-faults
 e2e-faults: ## Fault injection against the KUBECONFIG cluster: operator SIGKILLed 20x mid-reconcile, leader killed, hand edits, stalled watches, kube-apiserver restart (k8s harness)

@@ -187,22 +187,30 @@ fn a_pass_over_a_directory_of_random_files_never_panics_and_leaves_foreign_files
             })).collect::<Vec<_>>(),
             "crio": {"dropInDir": etc.display().to_string()},
             "docker": {"daemonJson": etc.join("daemon.json").display().to_string()},
+            "peer": (rng.below(2) == 0).then(|| serde_json::json!({
+                "endpoint": "http://${NODE_IP}:30020", "dialTimeout": "200ms",
+                "registryHeader": (rng.below(2) == 0).then_some("X-Dragonfly-Registry"),
+            })),
         }))
         .unwrap();
-        let health = BTreeMap::from([(
-            "http://10.0.0.1:5000".to_string(),
-            match rng.below(3) {
-                0 => Health::Up,
-                1 => Health::Down { reason: "fuzz".into() },
-                _ => Health::Unknown,
-            },
-        )]);
+        let health_of = |rng: &mut Rng| match rng.below(3) {
+            0 => Health::Up,
+            1 => Health::Down { reason: "fuzz".into() },
+            _ => Health::Unknown,
+        };
+        const PEER: &str = "http://10.0.0.9:30020";
+        let health = BTreeMap::from([
+            ("http://10.0.0.1:5000".to_string(), health_of(&mut rng)),
+            (PEER.to_string(), health_of(&mut rng)),
+        ]);
+        let peer_endpoint = config.peer.as_ref().map(|_| if rng.below(4) == 0 { Err("no NODE_IP") } else { Ok(PEER) });
         let auth = (rng.below(2) == 0).then_some("Basic Zm9vOmJhcg==");
         let report = apply(&Inputs {
             config: &config,
             authorization: auth,
             health: &health,
             containerd_config: Some(&containerd_config),
+            peer_endpoint,
         });
         let _ = (report.problems(), report.applied(), serde_json::to_string(&report).unwrap());
 

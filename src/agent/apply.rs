@@ -14,6 +14,10 @@
 //!    mirror-only (air-gapped) entries are never withdrawn: there is nothing to fall back to;
 //! 5. otherwise the file is written if its bytes or mode differ.
 //!
+//! With a peer (`nodeConfig.peers`) probed Up, every file names it first, before the mirror (or,
+//! while the mirror is withdrawn, before the upstream); a peer that is Down or not probed yet is
+//! left out. The peer is a shortcut, not a requirement: its health never makes the node unready.
+//!
 //! With an edge CA in the config (`via: Edge`), each entry is two files: the CA
 //! (`mirrorfleet-edge-ca.crt`, marked like the rest) and the `hosts.toml` naming it as the
 //! mirror's `ca`. The CA is written before the `hosts.toml` that needs it and removed after it,
@@ -34,8 +38,8 @@ use super::files::{self, Owner, Removal};
 use super::probe::Health;
 use super::{crio, docker};
 use crate::build::node::{
-    edge_ca_certificates, edge_ca_file, edge_ca_path, hosts_toml_upstream_only, hosts_toml_with_ca, NodeConfig,
-    NodeRegistry, EDGE_CA_FILE,
+    edge_ca_certificates, edge_ca_file, edge_ca_path, hosts_toml_peer_then_upstream, hosts_toml_upstream_only,
+    hosts_toml_with_peer, NodeConfig, NodeRegistry, PeerHost, EDGE_CA_FILE,
 };
 
 /// What this pass did to one registry's entry.
@@ -100,6 +104,17 @@ pub struct Report {
     pub removed_stale: Vec<String>,
     /// Errors not tied to one registry (unreadable certs dir, ...).
     pub errors: Vec<String>,
+    /// The peer, when the config has one: where it is on this node and whether it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerOutcome>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerOutcome {
+    pub endpoint: String,
+    /// Up: named first in every file; otherwise left out.
+    pub health: Health,
 }
 
 impl Report {
@@ -160,6 +175,22 @@ pub struct Inputs<'a> {
     pub health: &'a BTreeMap<String, Health>,
     /// containerd's config.toml as mounted into the agent, when given.
     pub containerd_config: Option<&'a Path>,
+    /// The peer's endpoint on this node ([`crate::build::node::PeerConfig::resolve`]), when the
+    /// config has a peer.
+    pub peer_endpoint: Option<Result<&'a str, &'a str>>,
+}
+
+impl Inputs<'_> {
+    /// The peer as files name it: only while it answers.
+    fn peer_host(&self) -> Option<PeerHost<'_>> {
+        let peer = self.config.peer.as_ref()?;
+        let endpoint = self.peer_endpoint?.ok()?;
+        (self.health.get(endpoint) == Some(&Health::Up)).then_some(PeerHost {
+            endpoint,
+            dial_timeout: &peer.dial_timeout,
+            registry_header: peer.registry_header.as_deref(),
+        })
+    }
 }
 
 /// What the file for `entry` should be, or why there is none.
@@ -187,11 +218,22 @@ fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
     } else {
         None
     };
+    let peer = inputs.peer_host();
     if entry.fallback.is_some() {
         match health {
             Health::Down { reason } => {
                 let reason = format!("mirror {} unreachable ({reason}); pulls go upstream", entry.mirror);
                 return match entry.fallback.as_deref() {
+                    Some(upstream) if peer.is_some() => Want::File {
+                        content: hosts_toml_peer_then_upstream(
+                            &inputs.config.mirror,
+                            entry,
+                            peer.as_ref().expect("checked"),
+                            upstream,
+                        ),
+                        mode: files::MODE_PUBLIC,
+                        withdrawn: Some(reason),
+                    },
                     Some(upstream) if upstream.starts_with("http://") => Want::File {
                         content: hosts_toml_upstream_only(&inputs.config.mirror, upstream),
                         mode: files::MODE_PUBLIC,
@@ -207,7 +249,8 @@ fn want_for(inputs: &Inputs, entry: &NodeRegistry, health: &Health) -> Want {
     let mode = if header.is_some() { files::MODE_SECRET } else { files::MODE_PUBLIC };
     let config = inputs.config;
     let ca_path = config.edge_ca.as_ref().map(|_| edge_ca_path(&config.containerd.certs_dir, &entry.registry));
-    Want::File { content: hosts_toml_with_ca(&config.mirror, entry, header, ca_path.as_deref()), mode, withdrawn: None }
+    let content = hosts_toml_with_peer(&config.mirror, entry, peer.as_ref(), header, ca_path.as_deref());
+    Want::File { content, mode, withdrawn: None }
 }
 
 /// The healthy-enough entries other runtimes should route to their mirror: with a fallback only
@@ -229,7 +272,16 @@ pub fn apply(inputs: &Inputs) -> Report {
         },
         removed_stale: Vec::new(),
         errors: Vec::new(),
+        peer: None,
     };
+    match inputs.peer_endpoint.filter(|_| !config.removing) {
+        Some(Ok(endpoint)) => {
+            let health = inputs.health.get(endpoint).cloned().unwrap_or(Health::Unknown);
+            report.peer = Some(PeerOutcome { endpoint: endpoint.to_string(), health });
+        }
+        Some(Err(why)) => report.errors.push(why.to_string()),
+        None => {}
+    }
     let certs = Path::new(&config.containerd.certs_dir);
     let mut listed = BTreeSet::new();
     // The controller only sends certificates; anything else would make containerd fail every
@@ -452,6 +504,7 @@ mod tests {
             crio: None,
             docker: None,
             edge_ca: None,
+            peer: None,
         }
     }
 
@@ -460,7 +513,7 @@ mod tests {
     }
 
     fn run(cfg: &NodeConfig, auth: Option<&str>, health: &BTreeMap<String, Health>) -> Report {
-        apply(&Inputs { config: cfg, authorization: auth, health, containerd_config: None })
+        apply(&Inputs { config: cfg, authorization: auth, health, containerd_config: None, peer_endpoint: None })
     }
 
     fn states(r: &Report) -> Vec<(&str, &EntryState)> {
@@ -718,5 +771,89 @@ mod tests {
         assert!(matches!(r.registries[0].state, EntryState::Failed { .. }));
         assert!(!d.path().parent().unwrap().join("escape").exists());
         assert!(!r.applied());
+    }
+
+    const PEER: &str = "http://10.0.0.9:30020";
+
+    fn with_peer(cfg: &mut NodeConfig, header: Option<&str>) {
+        cfg.peer = Some(crate::build::node::PeerConfig {
+            endpoint: "http://${NODE_IP}:30020".into(),
+            dial_timeout: "200ms".into(),
+            registry_header: header.map(str::to_string),
+        });
+    }
+
+    fn run_with_peer(cfg: &NodeConfig, health: &BTreeMap<String, Health>, peer: Result<&str, &str>) -> Report {
+        apply(&Inputs { config: cfg, authorization: None, health, containerd_config: None, peer_endpoint: Some(peer) })
+    }
+
+    /// The `[host."..."]` tables of a hosts.toml, in file order (containerd's order of trying).
+    fn hosts_in_order(text: &str) -> Vec<String> {
+        text.lines().filter_map(|l| l.strip_prefix("[host.\"")?.strip_suffix("\"]").map(str::to_string)).collect()
+    }
+
+    #[test]
+    fn a_healthy_peer_comes_first_then_the_mirror_then_the_upstream() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        with_peer(&mut cfg, None);
+        let mut health = all(Health::Up);
+        health.insert(PEER.into(), Health::Up);
+        let r = run_with_peer(&cfg, &health, Ok(PEER));
+        assert!(r.applied() && r.problems().is_empty(), "{:?}", r.problems());
+        assert_eq!(r.peer, Some(PeerOutcome { endpoint: PEER.into(), health: Health::Up }));
+        let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+        assert_eq!(hosts_in_order(&text), [PEER, "http://10.0.0.1:5000"], "{text}");
+        assert!(text.contains("server = \"https://registry-1.docker.io\""), "{text}");
+        let peer_table = &text[text.find(PEER).unwrap()..text.find("http://10.0.0.1:5000").unwrap()];
+        assert!(peer_table.contains("dial_timeout = \"200ms\"") && !peer_table.contains("header"), "{peer_table}");
+        toml::from_str::<toml::Value>(&text).expect("valid TOML");
+    }
+
+    #[test]
+    fn a_dead_or_unprobed_peer_is_left_out_and_the_node_stays_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        with_peer(&mut cfg, None);
+        for peer_health in [Health::Down { reason: "connection refused".into() }, Health::Unknown] {
+            let mut health = all(Health::Up);
+            health.insert(PEER.into(), peer_health.clone());
+            let r = run_with_peer(&cfg, &health, Ok(PEER));
+            assert!(r.problems().is_empty(), "a peer is a shortcut, never a requirement: {:?}", r.problems());
+            let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+            assert_eq!(hosts_in_order(&text), ["http://10.0.0.1:5000"], "{peer_health:?}: {text}");
+            assert_eq!(text, hosts_toml(ME, &cfg.registries[0], None));
+        }
+    }
+
+    #[test]
+    fn with_the_mirror_withdrawn_a_healthy_peer_still_comes_before_the_upstream() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        with_peer(&mut cfg, Some("X-Dragonfly-Registry"));
+        let mut health = all(Health::Down { reason: "i/o timeout".into() });
+        health.insert(PEER.into(), Health::Up);
+        let r = run_with_peer(&cfg, &health, Ok(PEER));
+        assert!(r.registries.iter().all(|o| matches!(o.state, EntryState::Withdrawn { .. })), "{:?}", states(&r));
+        let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+        assert_eq!(hosts_in_order(&text), [PEER], "the dead mirror is gone, the upstream is the server: {text}");
+        assert!(text.contains("server = \"https://registry-1.docker.io\""), "{text}");
+        // Dragonfly learns where the registry really is; the header carries no credential.
+        assert!(text.contains("X-Dragonfly-Registry = \"https://registry-1.docker.io\""), "{text}");
+        // The peer dies too: the file goes, as without a peer (containerd asks the upstream).
+        health.insert(PEER.into(), Health::Down { reason: "refused".into() });
+        run_with_peer(&cfg, &health, Ok(PEER));
+        assert!(!d.path().join("docker.io/hosts.toml").exists());
+    }
+
+    #[test]
+    fn a_peer_endpoint_the_agent_cannot_resolve_is_a_problem_and_the_mirror_is_still_written() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = config(d.path(), true);
+        with_peer(&mut cfg, None);
+        let r = run_with_peer(&cfg, &all(Health::Up), Err("the peer endpoint needs NODE_IP"));
+        assert!(r.problems().iter().any(|p| p.contains("needs NODE_IP")), "{:?}", r.problems());
+        let text = fs::read_to_string(d.path().join("docker.io/hosts.toml")).unwrap();
+        assert_eq!(hosts_in_order(&text), ["http://10.0.0.1:5000"]);
     }
 }

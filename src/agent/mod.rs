@@ -57,6 +57,9 @@ pub struct AgentArgs {
     /// This node's name, for Events and logs.
     #[arg(long, env = "NODE_NAME", default_value = "unknown-node")]
     pub node_name: String,
+    /// This node's address: `${NODE_IP}` in a peer endpoint (`nodeConfig.peers`).
+    #[arg(long, env = "NODE_IP")]
+    pub node_ip: Option<String>,
     /// The agent's Pod, which it annotates with the applied config's checksum.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -313,9 +316,19 @@ impl Agent {
             return None;
         }
         let edge_ca = config.edge_ca.as_deref();
-        self.prober
-            .set_endpoints(config.registries.iter().filter(|_| !config.removing).map(|r| (r.mirror.as_str(), edge_ca)));
-        if self.args.once && !config.removing && config.registries.iter().any(|r| !health.contains_key(&r.mirror)) {
+        let peer = config.peer.as_ref().map(|p| p.resolve(self.args.node_ip.as_deref()));
+        let peer_probe = peer.as_ref().and_then(|p| p.as_deref().ok());
+        self.prober.set_endpoints(
+            config
+                .registries
+                .iter()
+                .map(|r| (r.mirror.as_str(), edge_ca))
+                // The peer is the node's own P2P registry: the node's CAs, not the edge's.
+                .chain(peer_probe.map(|e| (e, None)))
+                .filter(|_| !config.removing),
+        );
+        let unprobed = config.registries.iter().map(|r| r.mirror.as_str()).chain(peer_probe);
+        if self.args.once && !config.removing && { unprobed }.any(|e| !health.contains_key(e)) {
             return None;
         }
         let report = apply::apply(&apply::Inputs {
@@ -323,6 +336,7 @@ impl Agent {
             authorization: desired.authorization.as_deref(),
             health,
             containerd_config: self.args.containerd_config.as_deref(),
+            peer_endpoint: peer.as_ref().map(|p| p.as_deref().map_err(String::as_str)),
         });
         for r in &report.registries {
             match &r.state {

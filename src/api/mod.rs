@@ -34,6 +34,14 @@ pub const REGISTRY_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 pub const HOST_NAME: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$";
 /// Go `time.ParseDuration` syntax, as Distribution reads `proxy.ttl`.
 pub const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+/// A peer endpoint: http(s), a host name, IP or the `${NODE_IP}` placeholder, an optional port,
+/// nothing after.
+pub const PEER_ENDPOINT: &str =
+    r"^https?://(\$\{NODE_IP\}|[a-z0-9]([-a-z0-9.]*[a-z0-9])?|\[[0-9a-fA-F:.]+\])(:[0-9]{1,5})?$";
+/// An HTTP header name (RFC 9110 token).
+pub const HEADER_NAME: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
+/// The placeholder of [`PeersSpec::endpoint`] for the node's own address.
+pub const NODE_IP_PLACEHOLDER: &str = "${NODE_IP}";
 /// The shape of an IPv4 or IPv6 CIDR; [`validate`] parses it (CEL's `isCIDR` needs Kubernetes 1.31).
 pub const CIDR: &str = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*)/[0-9]{1,3}$";
 /// Five-field cron or one of the `@` macros the CronJob controller understands.
@@ -641,6 +649,41 @@ pub struct NodeConfigSpec {
     /// other settings. Off unless set. dockerd reads it on start or SIGHUP only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<DockerSpec>,
+    /// A peer-to-peer registry on each node (Spegel, Dragonfly) that containerd asks first, before
+    /// the mirror and the upstream: a layer another node of the cluster already has comes from
+    /// there. Health-gated like the mirror: the agent leaves it out while it does not answer.
+    /// containerd only (`hosts.toml`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersSpec>,
+}
+
+/// The node-local P2P endpoint.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeersSpec {
+    /// The P2P tool's registry endpoint as containerd on the node reaches it, `http(s)://host:port`;
+    /// `${NODE_IP}` stands for the node's address (the agent fills it in). Spegel:
+    /// `http://${NODE_IP}:30020`; Dragonfly: `http://127.0.0.1:4001`.
+    #[schemars(length(min = 8, max = 256), regex(pattern = PEER_ENDPOINT))]
+    pub endpoint: String,
+    /// `dial_timeout` of the peer's `[host]` entry (containerd 2.1+): what a dead peer may cost a
+    /// request before containerd tries the mirror. A Go duration from 100ms to 30s.
+    #[serde(default = "default_peer_dial_timeout")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = GO_DURATION))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "duration(self) >= duration('100ms') && duration(self) <= duration('30s')",
+         "message": "dialTimeout must be from 100ms to 30s"}
+    ]))]
+    pub dial_timeout: String,
+    /// A header containerd sends the peer with the registry's upstream URL, for tools that need
+    /// to know where a registry really is (Dragonfly: `X-Dragonfly-Registry`). Unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = HEADER_NAME))]
+    pub registry_header: Option<String>,
+}
+
+fn default_peer_dial_timeout() -> String {
+    "200ms".into()
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

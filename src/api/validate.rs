@@ -43,6 +43,8 @@ static RE_REGISTRY: LazyLock<Regex> = LazyLock::new(|| Regex::new(REGISTRY_NAME)
 static RE_HOST: LazyLock<Regex> = LazyLock::new(|| Regex::new(HOST_NAME).unwrap());
 static RE_DURATION: LazyLock<Regex> = LazyLock::new(|| Regex::new(GO_DURATION).unwrap());
 static RE_ABS_DIR: LazyLock<Regex> = LazyLock::new(|| Regex::new(ABS_DIR).unwrap());
+static RE_PEER: LazyLock<Regex> = LazyLock::new(|| Regex::new(PEER_ENDPOINT).unwrap());
+static RE_HEADER: LazyLock<Regex> = LazyLock::new(|| Regex::new(HEADER_NAME).unwrap());
 static RE_QUANTITY: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$").unwrap());
 static RE_MIRROR_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[a-z]([-a-z0-9]*[a-z0-9])?$").unwrap());
@@ -101,16 +103,28 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
         }
     }
     if let Some(node) = &spec.node_config {
-        let dial = &node.containerd.dial_timeout;
-        match go_duration(dial) {
-            None => p.add(
-                "spec.nodeConfig.containerd.dialTimeout",
-                format!("{dial:?} is not a Go duration (like 500ms or 2s)"),
-            ),
-            Some(d) if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&d) => {
-                p.add("spec.nodeConfig.containerd.dialTimeout", "dialTimeout must be from 100ms to 30s")
+        dial_timeout(&node.containerd.dial_timeout, "spec.nodeConfig.containerd.dialTimeout", &mut p);
+        if let Some(peers) = &node.peers {
+            dial_timeout(&peers.dial_timeout, "spec.nodeConfig.peers.dialTimeout", &mut p);
+            let port_ok = peers
+                .endpoint
+                .rsplit_once(':')
+                .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+                .is_none_or(|(_, port)| port.parse::<u16>().is_ok_and(|n| n > 0));
+            if !RE_PEER.is_match(&peers.endpoint) || !port_ok {
+                p.add(
+                    "spec.nodeConfig.peers.endpoint",
+                    format!(
+                        "{:?} is not http(s)://host[:port] (host: a name, an IP or {NODE_IP_PLACEHOLDER})",
+                        peers.endpoint
+                    ),
+                );
             }
-            Some(_) => {}
+            if let Some(h) = &peers.registry_header {
+                if !RE_HEADER.is_match(h) {
+                    p.add("spec.nodeConfig.peers.registryHeader", format!("{h:?} is not an HTTP header name"));
+                }
+            }
         }
         if !RE_ABS_DIR.is_match(&node.containerd.certs_dir) {
             p.add(
@@ -143,6 +157,17 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
         Ok(())
     } else {
         Err(InvalidSpec(p.0))
+    }
+}
+
+/// A containerd `dial_timeout`: Go syntax, 100ms to 30s.
+fn dial_timeout(value: &str, path: &str, p: &mut Problems) {
+    match go_duration(value) {
+        None => p.add(path, format!("{value:?} is not a Go duration (like 500ms or 2s)")),
+        Some(d) if !(Duration::from_millis(100)..=Duration::from_secs(30)).contains(&d) => {
+            p.add(path, "dialTimeout must be from 100ms to 30s")
+        }
+        Some(_) => {}
     }
 }
 

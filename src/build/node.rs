@@ -29,7 +29,7 @@ use super::meta::{self, names, Component};
 use super::proxy::REGISTRY_PORT;
 use super::{pod, Inputs, Settings};
 use crate::api::validate::effective_host;
-use crate::api::{NodeConfigSpec, NodeRoute, RegistryMirror};
+use crate::api::{NodeConfigSpec, NodeRoute, RegistryMirror, NODE_IP_PLACEHOLDER};
 
 /// The key of the node-config ConfigMap that holds [`NodeConfig`] as JSON.
 pub const NODE_CONFIG_KEY: &str = "node-config.json";
@@ -79,6 +79,43 @@ pub struct NodeConfig {
     /// file as the mirror host's `ca`, and probes the mirrors with them.
     #[serde(default, rename = "edgeCA", skip_serializing_if = "Option::is_none")]
     pub edge_ca: Option<String>,
+    /// The node-local P2P registry containerd asks first (`nodeConfig.peers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerConfig>,
+}
+
+/// `nodeConfig.peers` as the agents read it. The endpoint may hold [`NODE_IP_PLACEHOLDER`]; each
+/// agent puts its node's address in ([`PeerConfig::resolve`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerConfig {
+    pub endpoint: String,
+    pub dial_timeout: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_header: Option<String>,
+}
+
+impl PeerConfig {
+    /// The endpoint on a node with address `node_ip`; an error when the endpoint needs it and the
+    /// agent was not told it.
+    pub fn resolve(&self, node_ip: Option<&str>) -> Result<String, String> {
+        if !self.endpoint.contains(NODE_IP_PLACEHOLDER) {
+            return Ok(self.endpoint.clone());
+        }
+        let ip = node_ip.filter(|ip| !ip.is_empty()).ok_or_else(|| {
+            format!("the peer endpoint {} needs the node's address (NODE_IP) and the agent has none", self.endpoint)
+        })?;
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        Ok(self.endpoint.replace(NODE_IP_PLACEHOLDER, &host))
+    }
+}
+
+/// The peer as one `hosts.toml` is written with it: resolved, and healthy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerHost<'a> {
+    pub endpoint: &'a str,
+    pub dial_timeout: &'a str,
+    pub registry_header: Option<&'a str>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -194,6 +231,11 @@ pub fn node_config(mirror: &RegistryMirror, node: &NodeConfigSpec, inputs: &Inpu
             NodeRoute::Edge => inputs.edge_ca.as_deref().and_then(|pem| edge_ca_bundle(pem).ok()),
             NodeRoute::Service => None,
         },
+        peer: node.peers.as_ref().map(|p| PeerConfig {
+            endpoint: p.endpoint.clone(),
+            dial_timeout: p.dial_timeout.clone(),
+            registry_header: p.registry_header.clone(),
+        }),
     }
 }
 
@@ -271,13 +313,45 @@ pub fn hosts_toml_with_ca(
     authorization: Option<&str>,
     ca_file: Option<&str>,
 ) -> String {
+    hosts_toml_with_peer(mirror_ref, entry, None, authorization, ca_file)
+}
+
+/// The `[host]` table of a healthy peer: first in the file, so containerd asks it before the
+/// mirror; it answers 404 for what no peer has and containerd moves on. No Authorization header
+/// (that is the mirror's); the registry header, when asked for, names the upstream.
+fn peer_host_table(peer: &PeerHost, entry: &NodeRegistry) -> String {
+    let host = format!("host.{}", toml_str(peer.endpoint));
+    let mut out = format!("\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n");
+    out.push_str(&format!("  dial_timeout = {}\n", toml_str(peer.dial_timeout)));
+    if let Some(name) = peer.registry_header {
+        // The fallback is the upstream as the node sees it; mirror-only, the registry's https URL.
+        let upstream = entry.fallback.clone().unwrap_or_else(|| upstream_server(&entry.registry, ""));
+        // A bare key when TOML allows one (every usual header name), else a quoted one.
+        let bare = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let key = if bare { name.to_string() } else { toml_str(name) };
+        out.push_str(&format!("\n[{host}.header]\n  {key} = {}\n", toml_str(&upstream)));
+    }
+    out
+}
+
+/// [`hosts_toml_with_ca`] with the peer (when healthy) asked before the mirror.
+pub fn hosts_toml_with_peer(
+    mirror_ref: &str,
+    entry: &NodeRegistry,
+    peer: Option<&PeerHost>,
+    authorization: Option<&str>,
+    ca_file: Option<&str>,
+) -> String {
     let server = entry.fallback.as_deref().unwrap_or(&entry.mirror);
     let host = format!("host.{}", toml_str(&entry.mirror));
     let mut out = format!("{}\nserver = {}\n", marker_line(mirror_ref), toml_str(server));
-    let ca = ca_file.map(|f| format!("ca = {}\n", toml_str(f)));
-    if let (Some(ca), None) = (&ca, &entry.fallback) {
-        out.push_str(ca);
+    if let (Some(ca), None) = (ca_file, &entry.fallback) {
+        out.push_str(&format!("ca = {}\n", toml_str(ca)));
     }
+    if let Some(peer) = peer {
+        out.push_str(&peer_host_table(peer, entry));
+    }
+    let ca = ca_file.map(|f| format!("ca = {}\n", toml_str(f)));
     out.push_str(&format!("\n[{host}]\n  capabilities = [\"pull\", \"resolve\"]\n"));
     if let Some(ca) = &ca {
         out.push_str(&format!("  {ca}"));
@@ -300,6 +374,24 @@ pub fn hosts_toml_upstream_only(mirror_ref: &str, fallback: &str) -> String {
         marker_line(mirror_ref),
         fallback = toml_str(fallback)
     )
+}
+
+/// The `hosts.toml` of a withdrawn entry while the peer answers: the peer, then the upstream.
+pub fn hosts_toml_peer_then_upstream(
+    mirror_ref: &str,
+    entry: &NodeRegistry,
+    peer: &PeerHost,
+    fallback: &str,
+) -> String {
+    let mut out = format!("{}\nserver = {}\n", marker_line(mirror_ref), toml_str(fallback));
+    out.push_str(&peer_host_table(peer, entry));
+    if fallback.starts_with("http://") {
+        out.push_str(&format!(
+            "\n[host.{fallback}]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            fallback = toml_str(fallback)
+        ));
+    }
+    out
 }
 
 pub fn node_config_map(mirror: &RegistryMirror, config: &NodeConfig) -> ConfigMap {
@@ -360,11 +452,18 @@ pub fn node_agent_daemon_set(mirror: &RegistryMirror, node: &NodeConfigSpec, set
         image: Some(settings.operator_image.clone()),
         command: Some(vec![BINARY.into()]),
         args: Some(args),
-        env: Some(vec![
-            field_env("NODE_NAME", "spec.nodeName"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_NAME", "metadata.name"),
-        ]),
+        env: Some(
+            [
+                field_env("NODE_NAME", "spec.nodeName"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env("POD_NAME", "metadata.name"),
+            ]
+            .into_iter()
+            // The node's address, for a peer endpoint on it (only then: the template stays as it
+            // was for mirrors without peers).
+            .chain(node.peers.is_some().then(|| field_env("NODE_IP", "status.hostIP")))
+            .collect(),
+        ),
         // Ready means: config written and mirror reachable from this node, so the DaemonSet's
         // ready count is the number of nodes really configured.
         readiness_probe: Some(Probe {
@@ -688,5 +787,20 @@ mod tests {
         // cert-manager's empty ca.crt (ACME) means: no private CA.
         let r = render_str(&format!("{}{spec}", secret("\"\"")), &RenderOptions::default()).unwrap().remove(0);
         assert!(!r.fleet.files.keys().any(|k| k.ends_with(EDGE_CA_FILE)));
+    }
+
+    #[test]
+    fn the_peer_endpoint_takes_the_nodes_address() {
+        let peer = PeerConfig {
+            endpoint: "http://${NODE_IP}:30020".into(),
+            dial_timeout: "200ms".into(),
+            registry_header: None,
+        };
+        assert_eq!(peer.resolve(Some("10.0.0.7")).unwrap(), "http://10.0.0.7:30020");
+        assert_eq!(peer.resolve(Some("fd00::7")).unwrap(), "http://[fd00::7]:30020");
+        assert!(peer.resolve(None).unwrap_err().contains("NODE_IP"));
+        assert!(peer.resolve(Some("")).is_err());
+        let fixed = PeerConfig { endpoint: "http://127.0.0.1:4001".into(), ..peer };
+        assert_eq!(fixed.resolve(None).unwrap(), "http://127.0.0.1:4001");
     }
 }

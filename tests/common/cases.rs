@@ -356,6 +356,40 @@ pub fn cases() -> Vec<Case> {
             admission: Schema,
         },
         Case {
+            what: "peer endpoint with a path",
+            edit: |v| v["spec"]["nodeConfig"]["peers"] = serde_json::json!({"endpoint": "http://${NODE_IP}:30020/v2/"}),
+            path: "spec.nodeConfig.peers.endpoint",
+            message: "is not http(s)://host[:port]",
+            admission: Schema,
+        },
+        Case {
+            what: "peer endpoint port out of range",
+            edit: |v| v["spec"]["nodeConfig"]["peers"] = serde_json::json!({"endpoint": "http://127.0.0.1:99999"}),
+            path: "spec.nodeConfig.peers.endpoint",
+            message: "is not http(s)://host[:port]",
+            admission: Operator,
+        },
+        Case {
+            what: "peer dial timeout too long",
+            edit: |v| {
+                v["spec"]["nodeConfig"]["peers"] =
+                    serde_json::json!({"endpoint": "http://127.0.0.1:4001", "dialTimeout": "1m"})
+            },
+            path: "spec.nodeConfig.peers.dialTimeout",
+            message: "from 100ms to 30s",
+            admission: Schema,
+        },
+        Case {
+            what: "peer registry header not a header name",
+            edit: |v| {
+                v["spec"]["nodeConfig"]["peers"] =
+                    serde_json::json!({"endpoint": "http://127.0.0.1:4001", "registryHeader": "X Registry"})
+            },
+            path: "spec.nodeConfig.peers.registryHeader",
+            message: "is not an HTTP header name",
+            admission: Schema,
+        },
+        Case {
             what: "network policy namespace not a name",
             edit: |v| v["spec"]["networkPolicy"] = serde_json::json!({"fromNamespaces": ["ci", "CI_Builds"]}),
             path: "spec.networkPolicy.fromNamespaces[1]",

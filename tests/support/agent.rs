@@ -83,7 +83,7 @@ impl NodeAgent {
             .args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied());
-        for var in ["POD_NAMESPACE", "POD_NAME", "MIRRORFLEET_CONFIG_MAP", "MIRRORFLEET_AUTH_SECRET"] {
+        for var in ["POD_NAMESPACE", "POD_NAME", "NODE_IP", "MIRRORFLEET_CONFIG_MAP", "MIRRORFLEET_AUTH_SECRET"] {
             cmd.env_remove(var);
         }
         let proc = Proc::spawn("node-agent", cmd, &dir.path().join("agent.log"));
