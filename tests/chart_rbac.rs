@@ -206,7 +206,7 @@ fn reconcile_requests() -> Vec<Recorded> {
         api.insert(
             "/v1/secrets",
             json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "dockerhub-creds", "namespace": NS},
+            "metadata": {"name": "ngc-creds", "namespace": NS},
             "data": {"username": "dXNlcg==", "password": "cGFzcw==", "user": "dXNlcg==", "token": "dG9r"}}),
         );
         let private = load_sample(&api, "private-upstream.yaml");
@@ -277,7 +277,7 @@ fn kind_resource(kind: &str) -> (String, String) {
 /// The kinds `run_controller` watches, from its source.
 fn watched_kinds() -> BTreeSet<String> {
     let src = std::fs::read_to_string(root().join("src/controller/mod.rs")).unwrap();
-    let re = regex::Regex::new(r"(?:watch_meta::<|watch_full::<|PartialObjectMeta<)([A-Z][A-Za-z]+)>").unwrap();
+    let re = regex::Regex::new(r"(?:watch_meta::<|watch_full::<|PartialObjectMeta<|api::<)([A-Z][A-Za-z]+)>").unwrap();
     let mut kinds: BTreeSet<String> = re.captures_iter(&src).map(|c| c[1].to_string()).collect();
     kinds.remove("K"); // the generic helper itself
     assert!(src.contains("watcher(mirrors"), "src/controller/mod.rs no longer watches mirrors as expected");

@@ -640,9 +640,9 @@ async fn an_unreachable_upstream_shows_in_status_at_once_and_degrades_the_mirror
 #[tokio::test]
 async fn rotated_credential_rolls_only_the_proxy_that_reads_it() {
     let h = harness();
-    let text = sample("private-upstream").replace("dockerhub-creds", "corp-registry-creds");
+    let text = sample("private-upstream").replace("ngc-creds", "corp-registry-creds");
     let name = h.load(&text);
-    // The sample's dockerhub upstream reads keys user/token; give the shared Secret those too.
+    // The sample's ngc upstream reads keys user/token; give the shared Secret those too.
     h.api.edit(SECRETS, NS, "corp-registry-creds", "kubectl", None, |s| {
         s["data"]["user"] = json!("dQ==");
         s["data"]["token"] = json!("dA==");
@@ -1170,4 +1170,57 @@ async fn the_newer_of_two_mirrors_configuring_one_registry_on_the_same_nodes_is_
         assert!(!conditions.iter().any(|c| c.type_ == "NodeConfigConflict"), "{name}: {conditions:?}");
         assert!(h.api.get(DAEMONSETS, NS, &format!("{name}-node-agent")).is_some(), "{name} configures its nodes");
     }
+}
+
+/// `status.nodes.zones`: each agent counts for the zone of its node, Ready ones as configured;
+/// nodes without the zone label count under "", pods not scheduled yet not at all.
+#[tokio::test]
+async fn the_status_counts_configured_nodes_per_zone() {
+    let h = harness();
+    let name = h.public();
+    h.reconcile(&name).await.unwrap();
+    let zoned = |node: &str, zone: Option<&str>| {
+        let mut n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}});
+        if let Some(z) = zone {
+            n["metadata"]["labels"] = json!({"topology.kubernetes.io/zone": z});
+        }
+        n
+    };
+    h.api.insert(NODES, zoned("n1", Some("eu-west-1a")));
+    h.api.insert(NODES, zoned("n2", Some("eu-west-1a")));
+    h.api.insert(NODES, zoned("n3", Some("eu-west-1b")));
+    h.api.insert(NODES, zoned("n4", None));
+    let ready = |name: &str, node: &str, is_ready: bool| {
+        let mut p = agent_pod(name, node, "Running", None);
+        p["status"]["conditions"] = json!([{"type": "Ready", "status": if is_ready { "True" } else { "False" }}]);
+        p
+    };
+    h.api.insert(PODS, ready("a1", "n1", true));
+    h.api.insert(PODS, ready("a2", "n2", true));
+    h.api.insert(PODS, ready("a3", "n3", false));
+    h.api.insert(PODS, ready("a4", "n4", true));
+    let mut unscheduled = agent_pod("a5", "", "Pending", None);
+    unscheduled["spec"].as_object_mut().unwrap().remove("nodeName");
+    h.api.insert(PODS, unscheduled);
+    // Another mirror's agent on n3 does not count for this one.
+    let mut other = ready("b1", "n3", true);
+    other["metadata"]["labels"]["app.kubernetes.io/instance"] = json!("other");
+    h.api.insert(PODS, other);
+    h.api.edit(DAEMONSETS, NS, "public-node-agent", "kube-controller-manager", Some("status"), |d| {
+        let g = d["metadata"]["generation"].clone();
+        d["status"] = json!({"observedGeneration": g, "desiredNumberScheduled": 4, "numberReady": 3,
+                             "updatedNumberScheduled": 4, "currentNumberScheduled": 4, "numberMisscheduled": 0});
+    });
+    h.reconcile(&name).await.unwrap();
+    let status = h.api.get(MIRRORS, NS, &name).unwrap()["status"].clone();
+    assert_eq!(status["nodesConfigured"], "3/4");
+    assert_eq!(
+        status["nodes"]["zones"],
+        json!([
+            {"zone": "", "desired": 1, "configured": 1},
+            {"zone": "eu-west-1a", "desired": 2, "configured": 2},
+            {"zone": "eu-west-1b", "desired": 1, "configured": 0},
+        ]),
+        "{status}"
+    );
 }

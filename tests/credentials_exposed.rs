@@ -55,12 +55,13 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
         removing_nodes: None,
         upstream_health: &health,
         node_conflicts: &[],
+        node_zones: &[],
     };
     let now = mirrorfleet::controller::status::now();
     let status = observed_status(&corp, obs, &now);
     let cond = status.conditions.iter().find(|c| c.type_ == CREDENTIALS_EXPOSED).expect("the condition");
     assert_eq!((cond.status.as_str(), cond.reason.as_str()), ("True", "NoClientAuth"));
-    assert!(cond.message.contains("\"corp\"") && cond.message.contains("\"dockerhub\""), "{}", cond.message);
+    assert!(cond.message.contains("\"corp\"") && cond.message.contains("\"ngc\""), "{}", cond.message);
     let events = transitions(&[], &status.conditions);
     assert!(events.iter().any(|(c, bad)| c.type_ == CREDENTIALS_EXPOSED && *bad), "a Warning Event");
 

@@ -131,6 +131,29 @@ impl Drop for Operator {
     }
 }
 
+/// Zone labels on the cluster's nodes, alternating, removed again when dropped.
+struct NodeZones(Vec<String>);
+
+impl NodeZones {
+    const ZONES: [&'static str; 2] = ["e2e-zone-a", "e2e-zone-b"];
+
+    fn label(nodes: &[String]) -> Self {
+        for (i, node) in nodes.iter().enumerate() {
+            let label = format!("topology.kubernetes.io/zone={}", Self::ZONES[i % 2]);
+            must(&["label", "node", node, &label, "--overwrite"], None);
+        }
+        NodeZones(nodes.to_vec())
+    }
+}
+
+impl Drop for NodeZones {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = kubectl(&["label", "node", node, "topology.kubernetes.io/zone-"], None);
+        }
+    }
+}
+
 /// Deletes the namespace and PVs of the run, also when the test fails.
 struct Cleanup {
     ns: String,
@@ -188,6 +211,13 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
         must(&["apply", "--server-side", "--field-manager", "e2e", "-f", "-"], Some(&obj.to_string()));
     }
 
+    // Zones on the nodes, for status.nodes.zones (taken off again by NodeZones' drop).
+    let node_names: Vec<String> = must(&["get", "nodes", "-o", "name"], None)
+        .lines()
+        .map(|l| l.trim_start_matches("node/").to_string())
+        .collect();
+    let _zones = NodeZones::label(&node_names);
+
     let mut a = Operator::start("operator-a", ns);
     eventually("operator a ready", Duration::from_secs(30), || (http_get(a.port, "/readyz")?.0 == 200).then_some(()));
     assert_eq!(http_get(a.port, "/livez").unwrap().0, 200);
@@ -202,7 +232,7 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     apply_json(
         ns,
         &json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "dockerhub-creds"}, "stringData": {"user": "e2e", "token": "e2e-token"}}),
+        "metadata": {"name": "ngc-creds"}, "stringData": {"user": "e2e", "token": "e2e-token"}}),
     );
     let created = Instant::now();
     for sample in ["public-mirrors", "minimal", "private-upstream"] {
@@ -234,8 +264,21 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
         m["status"]["upstreams"].as_array()?.iter().all(|u| u["readyReplicas"] == 2).then_some(m)
     });
     assert_eq!(public["status"]["upstreamsReady"], "5/5");
-    let nodes = must(&["get", "nodes", "-o", "name"], None).lines().count() as i64;
-    assert_eq!(public["status"]["nodes"], json!({"desired": nodes, "configured": nodes}), "{}", public["status"]);
+    let nodes = node_names.len() as i64;
+    let zones: Vec<Value> = NodeZones::ZONES
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            let n = node_names.iter().enumerate().filter(|(j, _)| j % 2 == i).count();
+            json!({"zone": z, "desired": n, "configured": n})
+        })
+        .filter(|z| z["desired"] != 0)
+        .collect();
+    let want = json!({"desired": nodes, "configured": nodes, "zones": zones});
+    eventually("public status counts every node, per zone", TIMEOUT, || {
+        let m = get(ns, "registrymirror/public")?;
+        (m["status"]["nodes"] == want).then_some(())
+    });
     for u in public["status"]["upstreams"].as_array().unwrap() {
         assert!(u["endpoint"].as_str().unwrap().starts_with("http://"), "{u}");
         assert_eq!(u["readyReplicas"], 2);
@@ -324,7 +367,7 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
 
     // A rotated credential rolls the proxy that reads it, and only that one.
     let corp_before = get(ns, "deployment/corp-proxy-corp").unwrap();
-    let hub_before = get(ns, "deployment/corp-proxy-dockerhub").unwrap();
+    let hub_before = get(ns, "deployment/corp-proxy-ngc").unwrap();
     must(
         &[
             "-n",
@@ -346,7 +389,7 @@ fn operator_keeps_fleets_converged_on_a_real_cluster() {
     });
     let rs = items(ns, "replicasets", "mirrorfleet.io/upstream=corp,app.kubernetes.io/instance=corp");
     assert!(rs.len() >= 2, "no new ReplicaSet: {}", rs.len());
-    let hub_after = get(ns, "deployment/corp-proxy-dockerhub").unwrap();
+    let hub_after = get(ns, "deployment/corp-proxy-ngc").unwrap();
     assert_eq!(hub_after["metadata"]["generation"], hub_before["metadata"]["generation"], "an unrelated proxy rolled");
     assert!(!get(ns, "deployment/corp-proxy-corp").unwrap().to_string().contains("rotated-token"));
 

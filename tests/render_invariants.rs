@@ -235,8 +235,8 @@ fn a_rotated_secret_rolls_exactly_the_pods_that_read_it() {
     };
 
     // The upstream credentials Secret: only the proxy that reads it.
-    let before = annotations(&r.mirror, &[("corp-registry-creds", "10"), ("dockerhub-creds", "7")]);
-    let after = annotations(&r.mirror, &[("corp-registry-creds", "11"), ("dockerhub-creds", "7")]);
+    let before = annotations(&r.mirror, &[("corp-registry-creds", "10"), ("ngc-creds", "7")]);
+    let after = annotations(&r.mirror, &[("corp-registry-creds", "11"), ("ngc-creds", "7")]);
     assert_eq!(changed(&before, &after), vec!["corp-proxy-corp".to_string()]);
 
     // The edge certificate: only Envoy.
@@ -439,4 +439,27 @@ fn render_refuses_the_second_mirror_configuring_a_registry_on_the_same_nodes() {
     let both = render_str(&format!("{regional}{}", second("{topology.kubernetes.io/region: us}")), &common::opts())
         .expect("one mirror per region");
     assert_eq!(both.len(), 2);
+}
+
+/// `kubectl apply -k config/samples` applies every sample its kustomization lists at once: they
+/// must render together, with no two mirrors configuring one registry on the same nodes.
+#[test]
+fn the_samples_the_kustomization_lists_render_together() {
+    let kustomization: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(common::root().join("config/samples/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let files: Vec<&str> =
+        kustomization["resources"].as_sequence().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(files.len() >= 4, "{files:?}");
+    let all: String = files
+        .iter()
+        .map(|f| format!("---\n{}", std::fs::read_to_string(common::root().join("config/samples").join(f)).unwrap()))
+        .collect();
+    let rendered = render_str(&all, &common::opts()).unwrap_or_else(|e| panic!("the listed samples together: {e}"));
+    assert!(rendered.len() >= files.len());
+    // regional.yaml stays out of it for that reason: with public-mirrors.yaml it is refused.
+    let regional = format!("{all}---\n{}", common::sample_text("regional"));
+    let err = render_str(&regional, &common::opts()).err().expect("regional conflicts with public").to_string();
+    assert!(err.contains("NodeConfigConflict") || err.contains("already configures docker.io"), "{err}");
 }

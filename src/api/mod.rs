@@ -873,6 +873,21 @@ pub struct RateLimitHeaders {
 pub struct NodeCounts {
     pub desired: i32,
     pub configured: i32,
+    /// The same per zone of the nodes the agents run on (`topology.kubernetes.io/zone`; `""` for
+    /// nodes without the label), as far as the operator has seen the agents' pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<ZoneNodes>,
+}
+
+/// Node agents in one zone.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ZoneNodes {
+    pub zone: String,
+    /// Agents scheduled on nodes of the zone.
+    pub desired: i32,
+    /// Those Ready: their node is configured.
+    pub configured: i32,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -32,7 +32,9 @@ use std::time::Duration;
 use futures::Stream;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, DeploymentSpec, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Pod, PodSpec, PodStatus, Secret, Service, ServiceAccount, ServiceSpec,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -224,6 +226,22 @@ pub fn stores() -> (ChildStores, ChildWriters) {
 /// The label selector of every object the controller manages.
 pub fn owned_selector() -> String {
     format!("{LABEL_MANAGED_BY}={MANAGED_BY}")
+}
+
+/// The label selector of every mirror's node-agent Pods.
+pub fn agent_pods_selector() -> String {
+    format!("{LABEL_NAME}={},{LABEL_COMPONENT}={}", crate::build::meta::APP_NAME, Component::NodeAgent.as_str())
+}
+
+/// Node-agent Pods as the controller keeps them: which mirror (labels), which node, and whether
+/// Ready (the agent's verdict on its node).
+pub fn compact_agent_pod(pod: &mut Pod) {
+    compact_meta(&mut pod.metadata);
+    let node_name = pod.spec.take().and_then(|s| s.node_name);
+    pod.spec = Some(PodSpec { node_name, ..Default::default() });
+    let conditions = pod.status.take().and_then(|s| s.conditions);
+    let ready = conditions.into_iter().flatten().filter(|c| c.type_ == "Ready").collect::<Vec<_>>();
+    pod.status = Some(PodStatus { conditions: Some(ready), ..Default::default() });
 }
 
 /// The label selector of the cleanup CronJobs' Jobs (they carry the Job template's labels).

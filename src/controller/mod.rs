@@ -47,9 +47,10 @@ use children::api;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::client::{Body, ClientBuilder};
 use kube::core::PartialObjectMeta;
@@ -60,7 +61,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::api::RegistryMirror;
-use crate::build::meta::{APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
+use crate::build::meta::LABEL_INSTANCE;
 use crate::build::Settings;
 use metrics::Metrics;
 use reconcile::{error_policy, reconcile, Context, Options};
@@ -185,6 +186,8 @@ pub struct WatchConfigs {
     /// Every owned kind, by the managed-by label.
     pub owned: watcher::Config,
     pub cleanup_jobs: watcher::Config,
+    /// Every Node (metadata only): their zones.
+    pub nodes: watcher::Config,
 }
 
 impl Default for WatchConfigs {
@@ -193,9 +196,10 @@ impl Default for WatchConfigs {
         Self {
             mirrors: base(),
             referenced_secrets: base(),
-            node_agents: base().labels(&format!("{LABEL_NAME}={APP_NAME},{LABEL_COMPONENT}=node-agent")),
+            node_agents: base().labels(&children::agent_pods_selector()),
             owned: base().labels(&children::owned_selector()),
             cleanup_jobs: base().labels(&children::cleanup_jobs_selector()),
+            nodes: base(),
         }
     }
 }
@@ -203,13 +207,14 @@ impl Default for WatchConfigs {
 impl WatchConfigs {
     /// Every config with what it watches. Destructured without `..`: a new one must be listed.
     pub fn all(&self) -> Vec<(&'static str, &watcher::Config)> {
-        let Self { mirrors, referenced_secrets, node_agents, owned, cleanup_jobs } = self;
+        let Self { mirrors, referenced_secrets, node_agents, owned, cleanup_jobs, nodes } = self;
         vec![
             ("RegistryMirrors", mirrors),
             ("referenced Secrets", referenced_secrets),
             ("node-agent Pods", node_agents),
             ("owned children", owned),
             ("cleanup Jobs", cleanup_jobs),
+            ("Nodes", nodes),
         ]
     }
 }
@@ -516,12 +521,33 @@ pub async fn run_controller(
     );
     let secrets = log_errors("Secret (referenced)", secrets);
     let secret_store = store.clone();
-    let agents = triggered_by(
-        watcher(api::<PartialObjectMeta<Pod>>(&client, ns), cfg.node_agents.clone())
+    // Agent Pods whole (compacted to node name and readiness): the nodes per zone in the status.
+    let (agent_store, agent_writer) = reflector::store::<Pod>();
+    let agents = children::triggers(
+        watcher(api::<Pod>(&client, ns), cfg.node_agents.clone())
             .backoff(children::watch_backoff())
-            .modify(children::Compact::compact),
+            .modify(children::compact_agent_pod)
+            .reflect(agent_writer),
+        agent_store.clone(),
     );
     let agents = log_errors("Pod (node agents)", agents);
+    // Nodes' labels, for their zones; no reconcile follows a Node (a zone label seldom changes:
+    // the next reconcile reads it).
+    let (node_store, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let node_watch = watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg.nodes.clone())
+        .backoff(children::watch_backoff())
+        .modify(|n: &mut PartialObjectMeta<Node>| {
+            let zone = n.metadata.labels.take().and_then(|mut l| l.remove(crate::api::ZONE_LABEL));
+            n.metadata = ObjectMeta {
+                name: n.metadata.name.take(),
+                labels: zone.map(|z| [(crate::api::ZONE_LABEL.to_string(), z)].into()),
+                resource_version: n.metadata.resource_version.take(),
+                ..Default::default()
+            };
+        })
+        .reflect(node_writer);
+    let node_task = tokio::spawn(log_errors("Node", node_watch.applied_objects()).for_each(|_| async {}));
+    ctx.set_node_stores(agent_store, node_store);
     let owned_cfg = || cfg.owned.clone();
     let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, cfg.cleanup_jobs.clone(), w.jobs));
 
@@ -604,7 +630,7 @@ pub async fn run_controller(
                 .map(|m| ObjectRef::from_obj(&*m))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(agents, |pod: PartialObjectMeta<Pod>| mirror_of_labels(&pod))
+        .watches_stream(agents, |pod: Pod| mirror_of_labels(&pod))
         .watches_stream(jobs, |job: Job| mirror_of_labels(&job))
         .reconcile_on(health_triggers)
         .reconcile_on(related_triggers)
@@ -629,6 +655,7 @@ pub async fn run_controller(
         })
         .await;
     ready_task.abort();
+    node_task.abort();
     if let Some(m) = monitor {
         m.abort();
     }

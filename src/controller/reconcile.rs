@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
@@ -30,8 +31,8 @@ use super::nodes::{self, Removal};
 use super::status::{self, Observed};
 use super::upstreams::{self, HealthStore};
 use crate::api::conflicts::{self, NodeConflict};
-use crate::api::{RegistryMirror, RegistryMirrorStatus};
-use crate::build::meta::{names, Component, LABEL_COMPONENT};
+use crate::api::{RegistryMirror, RegistryMirrorStatus, ZoneNodes, ZONE_LABEL};
+use crate::build::meta::{names, Component, LABEL_COMPONENT, LABEL_INSTANCE};
 use crate::build::{self, DesiredChildren, Settings};
 
 /// Timings of the reconcile loop.
@@ -88,6 +89,10 @@ pub struct Context {
     /// Every mirror the controller watches, for the rule that two mirrors do not configure one
     /// registry on one node ([`conflicts`]). Unset (request-level tests): listed when needed.
     mirrors: OnceLock<Store<RegistryMirror>>,
+    /// Node-agent Pods (node name and readiness) and Nodes (labels), for the nodes per zone in
+    /// the status. Unset (request-level tests): listed when needed.
+    agent_pods: OnceLock<Store<Pod>>,
+    nodes: OnceLock<Store<PartialObjectMeta<Node>>>,
 }
 
 impl Context {
@@ -116,7 +121,55 @@ impl Context {
             upstream_health: Arc::default(),
             removal_started: Mutex::default(),
             mirrors: OnceLock::new(),
+            agent_pods: OnceLock::new(),
+            nodes: OnceLock::new(),
         }
+    }
+
+    /// Hands the watches' stores of node-agent Pods and Nodes to the reconciles (once).
+    pub fn set_node_stores(&self, agent_pods: Store<Pod>, nodes: Store<PartialObjectMeta<Node>>) {
+        let _ = self.agent_pods.set(agent_pods);
+        let _ = self.nodes.set(nodes);
+    }
+
+    /// The mirror's node agents per zone of their nodes ([`status::zone_counts`]).
+    async fn node_zones(&self, mirror: &RegistryMirror) -> Result<Vec<ZoneNodes>> {
+        if mirror.spec.node_config.is_none() {
+            return Ok(Vec::new());
+        }
+        let ns = mirror.namespace().unwrap_or_default();
+        let name = mirror.name_any();
+        let mine = |p: &Pod| {
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && p.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(name.as_str())
+                && p.labels().get(LABEL_COMPONENT).map(String::as_str) == Some(Component::NodeAgent.as_str())
+        };
+        let pods: Vec<Pod> = match self.agent_pods.get() {
+            Some(store) => store.state().iter().filter(|p| mine(p)).map(|p| (**p).clone()).collect(),
+            None => {
+                let selector = format!("{},{LABEL_INSTANCE}={name}", children::agent_pods_selector());
+                Api::<Pod>::namespaced(self.client.clone(), &ns)
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map_err(|e| Error::api("list", "Pod", "", e))?
+                    .items
+            }
+        };
+        if pods.is_empty() {
+            return Ok(Vec::new());
+        }
+        let zones: HashMap<String, String> = match self.nodes.get() {
+            Some(store) => store.state().iter().map(|n| (n.name_any(), zone_label(&n.metadata))).collect(),
+            None => Api::<Node>::all(self.client.clone())
+                .list_metadata(&ListParams::default())
+                .await
+                .map_err(|e| Error::api("list", "Node", "", e))?
+                .items
+                .iter()
+                .map(|n| (n.name_any(), zone_label(&n.metadata)))
+                .collect(),
+        };
+        Ok(status::zone_counts(&pods, |node| zones.get(node).cloned()))
     }
 
     /// Hands the controller's mirror store to the reconciles (once).
@@ -428,6 +481,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         let jobs = if mirror.spec.cleanup.is_some() { ctx.children.cleanup_jobs(mirror) } else { Vec::new() };
         let cleanup_pods = cleanup_report_pods(ctx, mirror, &jobs).await?;
         let upstream_health = ctx.upstream_health.get(&key(mirror));
+        let node_zones = ctx.node_zones(mirror).await?;
         let observed = Observed {
             deployments: &observed_deployments,
             services: &services,
@@ -437,6 +491,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
             removing_nodes: removal_pending.as_deref(),
             upstream_health: &upstream_health,
             node_conflicts: &node_conflicts,
+            node_zones: &node_zones,
         };
         let now = status::now();
         let new_status = status::observed_status(mirror, observed, &now);
@@ -482,6 +537,11 @@ async fn apply_rbac(
     futures::try_join!(applier.apply(service_accounts), applier.apply(roles))?;
     applier.apply(role_bindings).await?;
     Ok(())
+}
+
+/// A Node's `topology.kubernetes.io/zone`, `""` without it.
+fn zone_label(meta: &ObjectMeta) -> String {
+    meta.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default()
 }
 
 /// Writes Ready=False with the problem (and an Event when it is news) and hands the error back.

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conflicts::NodeConflict;
-use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus};
+use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus, ZoneNodes};
 use crate::build::cleanup::{CleanupOutcome, CleanupReport, CLEANUP_CONTAINER};
 use crate::build::meta::names;
 use crate::build::proxy::REGISTRY_PORT;
@@ -51,6 +51,31 @@ pub struct Observed<'a> {
     pub upstream_health: &'a BTreeMap<String, UpstreamHealth>,
     /// Mirrors refused because this one configures their registries on the same nodes first.
     pub node_conflicts: &'a [NodeConflict],
+    /// The node agents per zone ([`zone_counts`]); empty when not known.
+    pub node_zones: &'a [ZoneNodes],
+}
+
+/// Agents per zone: each agent Pod counts for the zone of its node (`zone_of`: the node's
+/// `topology.kubernetes.io/zone`, `""` when it has none or is unknown), Ready ones as configured.
+/// Pods not scheduled yet are not counted, as the DaemonSet does not count them.
+pub fn zone_counts<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    zone_of: impl Fn(&str) -> Option<String>,
+) -> Vec<ZoneNodes> {
+    let mut zones: BTreeMap<String, ZoneNodes> = BTreeMap::new();
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) else { continue };
+        let zone = zone_of(node).unwrap_or_default();
+        let ready = pod
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let entry = zones.entry(zone.clone()).or_insert_with(|| ZoneNodes { zone, ..Default::default() });
+        entry.desired += 1;
+        entry.configured += i32::from(ready);
+    }
+    zones.into_values().collect()
 }
 
 /// Now, to the second (what the API server stores).
@@ -244,7 +269,7 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
             condition(NODES_CONFIGURED, true, "NodeConfigNotRequested", "spec.nodeConfig is not set", generation)
         }
         (None, Some(_), None) => {
-            nodes = Some(NodeCounts { desired: 0, configured: 0 });
+            nodes = Some(NodeCounts { desired: 0, configured: 0, zones: Vec::new() });
             condition(
                 NODES_CONFIGURED,
                 false,
@@ -259,7 +284,7 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
             let configured = st.number_ready;
             let updated = st.updated_number_scheduled.unwrap_or(0);
             let current = st.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0);
-            nodes = Some(NodeCounts { desired, configured });
+            nodes = Some(NodeCounts { desired, configured, zones: obs.node_zones.to_vec() });
             if desired == 0 && current {
                 condition(
                     NODES_CONFIGURED,
