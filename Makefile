@@ -55,6 +55,10 @@ e2e-node: image-oci ## Real-node tier: helm install, a full RegistryMirror, the 
 	  MIRRORFLEET_E2E_NODE_PROXY=v3 $(CARGO) test --locked --test e2e_node -- --ignored --nocapture --test-threads=1; \
 	else echo "e2e-node: MIRRORFLEET_REGISTRY_V3 not set: ran with the Distribution 2.8 proxy image only"; fi
 
+.PHONY: bench-peers
+bench-peers: ## Two tiers on real containerd: pull time via the peer / the mirror / the upstream, and mirror bytes of a rollout to 5 pullers with and without the peer tier (root)
+	$(CARGO) test --locked --test agent_containerd -- --ignored --nocapture --exact bench_peers_pull_times_and_rollout_bytes
+
 .PHONY: test-containerd2
 test-containerd2: ## The node's containerd 2.x honours the agent's dial_timeout for the mirror and the peer (MIRRORFLEET_CONTAINERD2=/path/to/containerd, built outside the repository; root)
 	@test -n "$$MIRRORFLEET_CONTAINERD2" || { echo "test-containerd2: set MIRRORFLEET_CONTAINERD2 to a containerd 2.x binary (ctr2 or ctr beside it, or MIRRORFLEET_CTR2)"; exit 1; }

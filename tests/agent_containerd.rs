@@ -803,3 +803,177 @@ fn containerd_2_a_dark_peer_costs_a_pull_no_more_than_a_dark_mirror() {
     );
     assert!(with_dark_peer < Duration::from_secs(15), "containerd 2.x did not honour the peer's dial_timeout");
 }
+
+/// Bytes a registry's access log says it sent for blobs of `image` (Distribution 2.8 logs each
+/// request in combined log format: `"GET /v2/... HTTP/1.1" 200 <bytes>`).
+fn blob_bytes(log: &str, image: &str) -> u64 {
+    let needle = format!("\"GET /v2/library/{image}/blobs/");
+    log.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut fields = after.split_whitespace();
+            (fields.next()? == "200").then_some(())?;
+            fields.next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Figures for the two tiers (`make bench-peers`): the pull time of an image served by the peer,
+/// by the mirror's cache and by the upstream directly (medians of 3, distinct images so nothing
+/// is in containerd's store already); and a rollout of one image to K pullers (each a pull into
+/// an emptied content store, as a new node would) with and without the peer tier: the bytes the
+/// mirror and the upstream send. With the tier, the first puller goes through the mirror and the
+/// image is then on a node, which is what a P2P tool serves: the stand-in peer is given it
+/// (`skopeo copy` from the mirror), as Spegel would advertise the node's copy.
+#[test]
+#[ignore = "figures: make bench-peers (root, containerd, docker-registry, skopeo, umoci)"]
+fn bench_peers_pull_times_and_rollout_bytes() {
+    assert!(available(), "needs root, containerd, docker-registry, skopeo, umoci");
+    const K: usize = 5;
+    let names = [
+        "viapeer1",
+        "viapeer2",
+        "viapeer3",
+        "viamirror1",
+        "viamirror2",
+        "viamirror3",
+        "direct1",
+        "direct2",
+        "direct3",
+        "rollout",
+    ];
+    let f = fleet(&names, "");
+    let peer_storage = tempdir();
+    let peer = Registry::start(&registry_config(&free_addr(), peer_storage.path()));
+    let skopeo = Skopeo::new();
+    let copy = |image: &str, from: &str, to: &str| {
+        let out = skopeo.copy(
+            &format!("docker://{from}/library/{image}:v1"),
+            &format!("docker://{to}/library/{image}:v1"),
+            &["--src-tls-verify=false", "--dest-tls-verify=false"],
+        );
+        assert!(out.status.success(), "{}", describe_output(&out));
+    };
+    let entry = |mirror: String| mirrorfleet::build::node::NodeRegistry {
+        registry: "docker.io".into(),
+        upstream: "hub".into(),
+        mirror,
+        fallback: Some(f.upstream.url()),
+        dial_timeout: Some("1s".into()),
+    };
+    let peer_url = peer.url();
+    let peer_host =
+        mirrorfleet::build::node::PeerHost { endpoint: &peer_url, dial_timeout: "200ms", registry_header: None };
+    let dir_with = |mirror: String, peer: bool| {
+        let dir = tempdir();
+        let text = mirrorfleet::build::node::hosts_toml_with_peer(
+            MIRROR,
+            &entry(mirror),
+            peer.then_some(&peer_host),
+            None,
+            None,
+        );
+        write_hosts_toml(dir.path(), "docker.io", &text);
+        dir
+    };
+    let two_tier = dir_with(f.mirror.url(), true);
+    let mirror_only = dir_with(f.mirror.url(), false);
+    let upstream_only = dir_with(f.upstream.url(), false);
+    let ctrd = Containerd::start();
+    let pull = |image: &str, dir: &Path| {
+        let started = Instant::now();
+        let out = ctrd.pull(&format!("docker.io/library/{image}:v1"), dir, &[]);
+        assert!(out.status.success(), "{}", describe_output(&out));
+        started.elapsed()
+    };
+    let forget = |image: &str| {
+        let out = ctrd.ctr(&["images", "rm", "--sync", &format!("docker.io/library/{image}:v1")]);
+        assert!(out.status.success(), "{}", describe_output(&out));
+        let out = ctrd.ctr(&["content", "prune", "references"]);
+        assert!(out.status.success(), "{}", describe_output(&out));
+    };
+    // Warm the mirror and the peer for their samples, then pull each sample once.
+    for i in 1..=3 {
+        copy(&format!("viapeer{i}"), f.upstream.addr(), peer.addr());
+        let warm = pull(&format!("viamirror{i}"), mirror_only.path());
+        forget(&format!("viamirror{i}"));
+        let _ = warm;
+    }
+    let median = |mut t: Vec<Duration>| {
+        t.sort();
+        t[1]
+    };
+    let by_peer = median((1..=3).map(|i| pull(&format!("viapeer{i}"), two_tier.path())).collect());
+    let by_mirror = median((1..=3).map(|i| pull(&format!("viamirror{i}"), mirror_only.path())).collect());
+    let by_upstream = median((1..=3).map(|i| pull(&format!("direct{i}"), upstream_only.path())).collect());
+    let peer_served: u64 = (1..=3).map(|i| blob_bytes(&peer.log(), &format!("viapeer{i}"))).sum();
+    assert!(peer_served > 0, "the peer served nothing:\n{}", peer.log());
+
+    // A puller is a new node: a containerd of its own, with an empty content store.
+    let pull_on_new_node = |image: &str, dir: &Path| {
+        let node = Containerd::start();
+        let out = node.pull(&format!("docker.io/library/{image}:v1"), dir, &[]);
+        assert!(out.status.success(), "{}", describe_output(&out));
+    };
+    // Rollout without the peer tier: every puller through the mirror.
+    let (m0, u0) = (blob_bytes(&f.mirror.log(), "rollout"), blob_bytes(&f.upstream.log(), "rollout"));
+    for _ in 0..K {
+        pull_on_new_node("rollout", mirror_only.path());
+    }
+    let (m1, u1) = (blob_bytes(&f.mirror.log(), "rollout"), blob_bytes(&f.upstream.log(), "rollout"));
+    // The same rollout with the tier, on a cleared mirror cache: restart clean.
+    let g = fleet(&["rollout"], "");
+    let peer2_storage = tempdir();
+    let peer2 = Registry::start(&registry_config(&free_addr(), peer2_storage.path()));
+    let peer2_url = peer2.url();
+    let peer2_host =
+        mirrorfleet::build::node::PeerHost { endpoint: &peer2_url, dial_timeout: "200ms", registry_header: None };
+    let tier = tempdir();
+    let g_entry = mirrorfleet::build::node::NodeRegistry {
+        mirror: g.mirror.url(),
+        fallback: Some(g.upstream.url()),
+        ..entry(String::new())
+    };
+    write_hosts_toml(
+        tier.path(),
+        "docker.io",
+        &mirrorfleet::build::node::hosts_toml_with_peer(MIRROR, &g_entry, Some(&peer2_host), None, None),
+    );
+    pull_on_new_node("rollout", tier.path());
+    // The first node's copy, as its P2P tool offers it. Copied from the upstream, so that the
+    // mirror's log counts only what nodes pulled (the bytes are the same image).
+    let m_tier = wait_until(Duration::from_secs(5), || {
+        let b = blob_bytes(&g.mirror.log(), "rollout");
+        (b > 0).then_some(b)
+    })
+    .expect("the first puller went through the mirror");
+    // Distribution 2.8 may fetch a blob upstream a second time just after a cold pull: settle.
+    std::thread::sleep(Duration::from_secs(1));
+    let u_tier = blob_bytes(&g.upstream.log(), "rollout");
+    copy("rollout", g.upstream.addr(), peer2.addr());
+    let u_seeded = blob_bytes(&g.upstream.log(), "rollout");
+    for _ in 1..K {
+        pull_on_new_node("rollout", tier.path());
+    }
+    let m_tier_total = blob_bytes(&g.mirror.log(), "rollout");
+    let u_after = blob_bytes(&g.upstream.log(), "rollout");
+    let peer_tier = blob_bytes(&peer2.log(), "rollout");
+    eprintln!(
+        "peer figures: pull of a 1-layer 32 KiB image, medians of 3: by the peer {by_peer:.2?}, by the mirror's cache \
+         {by_mirror:.2?}, by the upstream directly {by_upstream:.2?}"
+    );
+    eprintln!(
+        "peer figures: rollout of one image to {K} pullers: without the peer tier the mirror sent {} B and the \
+         upstream {} B; with it the mirror sent {m_tier_total} B, the upstream {u_tier} B, the peer {peer_tier} B; \
+         mirror bytes ratio {:.1}",
+        m1 - m0,
+        u1 - u0,
+        (m1 - m0) as f64 / m_tier_total.max(1) as f64
+    );
+    assert_eq!(m_tier_total, m_tier, "with the tier only the first puller reaches the mirror");
+    assert_eq!(m1 - m0, K as u64 * m_tier, "without the tier every puller costs the mirror the image");
+    assert_eq!(peer_tier, (K as u64 - 1) * m_tier, "with it, every puller but the first is served by the peer");
+    assert_eq!(u_after, u_seeded, "with the tier no puller after the first reached the upstream");
+    assert!(u_tier <= u1 - u0, "the upstream sent more with the tier ({u_tier} B) than without ({} B)", u1 - u0);
+}
