@@ -863,6 +863,76 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
 
 #[test]
 #[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04e_a_peer_on_the_node_is_asked_first_and_a_dead_one_is_left_out() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    // A stand-in for the node's P2P registry (Spegel): a plain Distribution registry on the node's
+    // address holding one image the upstream does not have, 404 for the rest.
+    let storage = tempdir();
+    let addr = format!("{}:{}", fx.node.ip, support::free_port());
+    let mut peer = support::Registry::start(&support::registry_config(&addr, storage.path()));
+    let registry = fx.registry("alpha");
+    let peer_only = format!("{registry}/e2e/peer-only:1");
+    let tar = app_image(fx.tmp.path(), "localhost/e2e/peer-only:1", &format!("peer {}", std::process::id()));
+    let out = support::Skopeo::new().copy(
+        &format!("oci-archive:{}", tar.display()),
+        &format!("docker://{addr}/e2e/peer-only:1"),
+        &["--dest-tls-verify=false"],
+    );
+    assert!(out.status.success(), "push to the peer: {}", describe_output(&out));
+    let port = addr.rsplit(':').next().unwrap();
+    let patch = json!({"spec": {"nodeConfig": {"peers": {"endpoint": format!("http://${{NODE_IP}}:{port}")}}}});
+    kubectl_ok(&["-n", NS, "patch", "registrymirror", MIRROR, "--type=merge", "-p", &patch.to_string()], None);
+    let peer_host = format!("[host.\"http://{addr}\"]");
+    let started = Instant::now();
+    wait_for("the agent names the peer first", TIMEOUT, || {
+        let toml = fx.node.hosts_toml(&registry)?;
+        let (p, m) = (toml.find(&peer_host)?, toml.find(":5000\"]")?);
+        (p < m).then_some(())
+    });
+    let named = started.elapsed().as_secs_f64();
+    wait_for("the mirror Ready with the peer", TIMEOUT, || {
+        (condition("Ready").as_deref() == Some("True")).then_some(())
+    });
+
+    // Only the peer has it: the node's pull works only if the peer is asked.
+    let by_peer = run_pod("by-peer", &peer_only).expect("the kubelet pulled from the peer");
+    assert!(peer.log().contains("GET /v2/e2e/peer-only/manifests/"), "the peer was not asked:\n{}", peer.log());
+    fx.node.remove_image(&peer_only);
+    // The peer lacks alpha's image: its 404, then the mirror.
+    let image = fx.app("alpha");
+    fx.node.remove_image(&image);
+    let by_mirror = run_pod("peer-miss", &image).expect("the kubelet pulled through the mirror");
+    assert!(peer.log().contains("/v2/e2e/alpha-app/manifests/1"), "the peer was not asked first:\n{}", peer.log());
+    fx.node.remove_image(&image);
+
+    // The peer dies: the agent leaves it out; the node stays configured.
+    peer.stop();
+    let stopped = Instant::now();
+    wait_for("the dead peer left out", TIMEOUT, || {
+        let toml = fx.node.hosts_toml(&registry)?;
+        (!toml.contains(&peer_host) && toml.contains(":5000\"]")).then_some(())
+    });
+    let left_out = stopped.elapsed().as_secs_f64();
+    assert_eq!(condition("Ready").as_deref(), Some("True"), "a dead peer made the mirror unready");
+    fx.figure(format!(
+        "peer on the node: named first in hosts.toml {named:.1}s after the spec edit; node pull (kubelet's 'Pulled') of an \
+         image only the peer has {by_peer:.3}s, of one it lacks (peer 404, then the mirror's cache) {by_mirror:.3}s; \
+         stopped peer left out after {left_out:.1}s"
+    ));
+
+    // Back to the mirror without peers for the steps that follow.
+    let patch = json!({"spec": {"nodeConfig": {"peers": null}}});
+    kubectl_ok(&["-n", NS, "patch", "registrymirror", MIRROR, "--type=merge", "-p", &patch.to_string()], None);
+    wait_for("the mirror Ready without the peer", TIMEOUT, || {
+        let m = mirror();
+        let current = m["status"]["observedGeneration"] == m["metadata"]["generation"];
+        (current && condition("Ready").as_deref() == Some("True")).then_some(())
+    });
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
 fn step05_a_dead_proxy_is_withdrawn_and_the_node_pulls_upstream_then_it_is_restored() {
     let mut guard = fixture();
     let fx = guard.as_mut().unwrap();
