@@ -77,11 +77,6 @@ fn parse_endpoint(s: &str) -> Result<(String, String), String> {
     Ok((name.to_string(), url.to_string()))
 }
 
-/// mimalloc instead of glibc's malloc: `render` of a large fleet allocates and frees millions of
-/// small strings and maps (docs/benchmarks.md, "Render"); the controller's watches do the same.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
