@@ -435,22 +435,25 @@ fn deletion(mirror: &RegistryMirror) -> Option<u64> {
 /// The mirrors whose node-config conflicts may change with `mirror` (created, edited, deleted):
 /// those serving one of its registries on nodes, and those whose status names a conflict now
 /// (the registries `mirror` had before an edit are not known here; the conflict it was in is).
-fn conflict_related(store: &Store<RegistryMirror>, mirror: &RegistryMirror) -> Vec<ObjectRef<RegistryMirror>> {
-    let me = crate::api::conflicts::reference(mirror);
+/// Without a mirror (one vanished while the watch was down): those in a conflict.
+fn conflict_related(store: &Store<RegistryMirror>, mirror: Option<&RegistryMirror>) -> Vec<ObjectRef<RegistryMirror>> {
+    let me = mirror.map(crate::api::conflicts::reference);
     let in_conflict = |m: &RegistryMirror| {
         m.status.iter().flat_map(|s| &s.conditions).any(|c| {
             c.type_ == status::NODE_CONFIG_CONFLICT || (c.type_ == status::READY && c.reason == "NodeConfigConflict")
         })
     };
+    let shares = |other: &RegistryMirror| {
+        mirror.is_some_and(|m| {
+            other.spec.node_config.is_some()
+                && other.spec.upstreams.iter().any(|u| m.spec.upstreams.iter().any(|v| v.registry == u.registry))
+        })
+    };
     store
         .state()
         .into_iter()
-        .filter(|other| crate::api::conflicts::reference(other) != me)
-        .filter(|other| {
-            let shares = other.spec.node_config.is_some()
-                && other.spec.upstreams.iter().any(|u| mirror.spec.upstreams.iter().any(|v| v.registry == u.registry));
-            shares || in_conflict(other)
-        })
+        .filter(|other| Some(crate::api::conflicts::reference(other)) != me)
+        .filter(|other| shares(other) || in_conflict(other))
         .map(|other| ObjectRef::from_obj(&*other))
         .collect()
 }
@@ -483,20 +486,48 @@ pub async fn run_controller(
     let (related_tx, related_rx) = tokio::sync::mpsc::unbounded_channel();
     let mirror_events = mirror_events.inspect({
         let store = store.clone();
+        // (generation, deleting) of every mirror as last seen; the first list only fills it (every
+        // mirror is reconciled at start anyway: triggering each one's relatives then would be
+        // quadratic in the fleet), later lists (after a watch gap) trigger for what changed and
+        // for what vanished meanwhile.
         let mut seen: HashMap<String, (Option<i64>, bool)> = HashMap::new();
+        let mut listed: Vec<String> = Vec::new();
+        let mut started = false;
         move |event| {
+            let send = |refs: Vec<ObjectRef<RegistryMirror>>| {
+                for r in refs {
+                    let _ = related_tx.send(r);
+                }
+            };
             let (mirror, gone) = match event {
-                Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => (m, false),
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    return;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let vanished: Vec<String> = seen.keys().filter(|k| !listed.contains(k)).cloned().collect();
+                    for key in &vanished {
+                        seen.remove(key);
+                    }
+                    if started && !vanished.is_empty() {
+                        send(conflict_related(&store, None));
+                    }
+                    started = true;
+                    return;
+                }
+                Ok(watcher::Event::InitApply(m)) => {
+                    listed.push(crate::api::conflicts::reference(m));
+                    (m, false)
+                }
+                Ok(watcher::Event::Apply(m)) => (m, false),
                 Ok(watcher::Event::Delete(m)) => (m, true),
-                _ => return,
+                Err(_) => return,
             };
             let key = crate::api::conflicts::reference(mirror);
             let now = (mirror.metadata.generation, mirror.metadata.deletion_timestamp.is_some());
             let changed = if gone { seen.remove(&key).is_some() } else { seen.insert(key, now) != Some(now) };
-            if changed {
-                for other in conflict_related(&store, mirror) {
-                    let _ = related_tx.send(other);
-                }
+            if changed && started {
+                send(conflict_related(&store, Some(mirror)));
             }
         }
     });

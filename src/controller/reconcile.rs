@@ -184,6 +184,9 @@ impl Context {
             return Ok(Vec::new());
         }
         if let Some(store) = self.mirrors.get() {
+            // The whole first list, or a mirror listed late would be missed (its own list event
+            // does not trigger relatives). Readiness wakes only the last waiter: look again.
+            while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await.is_err() {}
             let all = store.state();
             return Ok(conflicts::node_conflicts(mirror, all.iter().map(|m| m.as_ref())));
         }
