@@ -558,4 +558,28 @@ fn a_node_config_conflict_refuses_the_later_mirror_until_the_selectors_part() {
         (condition(&a, "Ready")?.1 != "NodeConfigConflict" && condition(&b, "NodeConfigConflict").is_none())
             .then_some(())
     });
+
+    // A conflict made while no operator ran (quay.io, on every node) is judged from the first list
+    // alone (no mirror's list event triggers its relatives then): the later one refused, the
+    // earlier one told.
+    let mut op = op;
+    assert!(op.stop().success());
+    let quay = |name: &str| {
+        let mut m = mirror(name, json!({}));
+        m["spec"]["upstreams"] = json!([{"name": "quay", "registry": "quay.io", "remoteURL": "https://quay.io"}]);
+        m
+    };
+    apply_json(ns, &quay("hub-d"));
+    std::thread::sleep(Duration::from_millis(1100));
+    apply_json(ns, &quay("hub-c"));
+    let _op2 = Operator::start("operator-d", ns);
+    eventually("hub-c, created later, refused after the restart", TIMEOUT, || {
+        let m = get(ns, "registrymirror/hub-c")?;
+        (condition(&m, "Ready")? == ("False".into(), "NodeConfigConflict".into())).then_some(())
+    });
+    eventually("hub-d told after the restart", TIMEOUT, || {
+        let m = get(ns, "registrymirror/hub-d")?;
+        (condition(&m, "NodeConfigConflict")? == ("True".into(), "OtherMirrorRefused".into())).then_some(())
+    });
+    assert!(get(ns, "daemonset/hub-c-node-agent").is_none(), "the refused mirror wrote its agents");
 }
