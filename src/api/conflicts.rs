@@ -22,6 +22,16 @@ pub fn selectors_overlap(a: &BTreeMap<String, String>, b: &BTreeMap<String, Stri
     a.iter().all(|(key, value)| b.get(key).is_none_or(|other| other == value))
 }
 
+/// The registries both mirrors serve, in `a`'s order.
+pub fn shared_registries(a: &RegistryMirror, b: &RegistryMirror) -> Vec<String> {
+    a.spec
+        .upstreams
+        .iter()
+        .filter(|u| b.spec.upstreams.iter().any(|o| o.registry == u.registry))
+        .map(|u| u.registry.clone())
+        .collect()
+}
+
 /// A conflict of one mirror with another, seen from the first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeConflict {
@@ -92,13 +102,7 @@ pub fn node_conflicts<'a>(
             if !selectors_overlap(&node.node_selector, &other_node.node_selector) {
                 return None;
             }
-            let registries: Vec<String> = mirror
-                .spec
-                .upstreams
-                .iter()
-                .filter(|u| other.spec.upstreams.iter().any(|o| o.registry == u.registry))
-                .map(|u| u.registry.clone())
-                .collect();
+            let registries = shared_registries(mirror, other);
             (!registries.is_empty()).then(|| NodeConflict {
                 other: reference(other),
                 registries,

@@ -440,13 +440,15 @@ fn conflict_related(store: &Store<RegistryMirror>, mirror: Option<&RegistryMirro
     let me = mirror.map(crate::api::conflicts::reference);
     let in_conflict = |m: &RegistryMirror| {
         m.status.iter().flat_map(|s| &s.conditions).any(|c| {
-            c.type_ == status::NODE_CONFIG_CONFLICT || (c.type_ == status::READY && c.reason == "NodeConfigConflict")
+            // The condition on the mirror that keeps the registry; the Ready reason on the refused
+            // one is the error's (the same word).
+            c.type_ == status::NODE_CONFIG_CONFLICT
+                || (c.type_ == status::READY && c.reason == status::NODE_CONFIG_CONFLICT)
         })
     };
     let shares = |other: &RegistryMirror| {
         mirror.is_some_and(|m| {
-            other.spec.node_config.is_some()
-                && other.spec.upstreams.iter().any(|u| m.spec.upstreams.iter().any(|v| v.registry == u.registry))
+            other.spec.node_config.is_some() && !crate::api::conflicts::shared_registries(m, other).is_empty()
         })
     };
     store
