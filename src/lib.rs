@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod api;
 pub mod build;
+pub mod cache;
 pub mod cleanup;
 pub mod client;
 pub mod controller;

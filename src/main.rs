@@ -31,6 +31,8 @@ enum Command {
     Cleanup(mirrorfleet::cleanup::CleanupArgs),
     /// Clean one proxy replica's cache before its registry starts (the proxies' init container).
     CleanupReplica(mirrorfleet::cleanup::local::CleanupReplicaArgs),
+    /// Keep one proxy replica's cache under its watermarks (a container of every proxy pod).
+    CacheKeeper(mirrorfleet::cache::keeper::KeeperArgs),
     /// Readiness probe of the node agent: exit 0 only when the node is configured.
     NodeAgentReady(mirrorfleet::agent::ReadyArgs),
 }
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Run(args) => mirrorfleet::controller::main(args),
         Command::Cleanup(args) => mirrorfleet::cleanup::main(args),
         Command::CleanupReplica(args) => mirrorfleet::cleanup::local::main(args),
+        Command::CacheKeeper(args) => mirrorfleet::cache::keeper::main(args),
         Command::Crd => {
             print!("{}", mirrorfleet::api::crd::crd_yaml());
             ExitCode::SUCCESS

@@ -10,6 +10,7 @@
 pub mod conflicts;
 pub mod crd;
 pub mod fields;
+pub mod reference;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,10 @@ pub const NODE_IP_PLACEHOLDER: &str = "${NODE_IP}";
 pub const CIDR: &str = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*)/[0-9]{1,3}$";
 /// Five-field cron or one of the `@` macros the CronJob controller understands.
 pub const CRON_SCHEDULE: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
+
+/// A full image reference: registry host (with optional port), repository, and a tag or a
+/// sha256 digest.
+pub const IMAGE_REFERENCE: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?/[a-z0-9]+([._/-][a-z0-9]+)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[a-f0-9]{64})$";
 
 /// The upstream list bound. The CEL rule that keeps registries unique is quadratic in the list
 /// length and the API server rejects a CRD whose estimated rule cost is too high; 128 upstream
@@ -141,6 +146,13 @@ pub struct RegistryMirrorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
 
+    /// The proxies' cache management (filesystem storage: `emptyDir` and `persistentVolumeClaim`):
+    /// watermarks, expiry by last pull and pins, carried out by a `cache-keeper` container in every
+    /// proxy pod. Unset: the defaults below. An `s3` bucket is not managed (its lifecycle rules and
+    /// `proxy.ttl` are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+
     /// Zone-local serving: the replicas of each proxy and of the edge spread over zones
     /// (`topology.kubernetes.io/zone`, best effort), and their Services send each client to
     /// endpoints in its own zone when that zone has some (`trafficDistribution`: `PreferSameZone`
@@ -149,6 +161,67 @@ pub struct RegistryMirrorSpec {
     /// every endpoint, whatever its zone.
     #[serde(default = "default_true")]
     pub zone_local: bool,
+}
+
+/// What each proxy replica keeps. Access recency comes from the registry itself: it notifies the
+/// `cache-keeper` container of every manifest and blob it serves (Distribution notifications).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.lowWatermark) || !has(self.highWatermark) || self.lowWatermark < self.highWatermark",
+     "message": "lowWatermark must be below highWatermark",
+     "fieldPath": ".lowWatermark"},
+    {"rule": "!has(self.lowWatermark) || has(self.highWatermark) || self.lowWatermark < 80",
+     "message": "lowWatermark must be below highWatermark (default 80)",
+     "fieldPath": ".lowWatermark"},
+    {"rule": "has(self.lowWatermark) || !has(self.highWatermark) || self.highWatermark > 60",
+     "message": "highWatermark must be above lowWatermark (default 60)",
+     "fieldPath": ".highWatermark"}
+]))]
+pub struct CacheSpec {
+    /// Percent of the cache volume (the `emptyDir`'s `sizeLimit`, the claim's capacity) above
+    /// which the least recently pulled images are evicted. 100: never evict by size.
+    #[serde(default = "default_high_watermark")]
+    #[schemars(range(min = 1, max = 100))]
+    pub high_watermark: i32,
+    /// Percent of the volume an eviction brings the cache down to.
+    #[serde(default = "default_low_watermark")]
+    #[schemars(range(min = 0, max = 99))]
+    pub low_watermark: i32,
+    /// Images not pulled for this long are evicted, whatever the fill (Go duration; `0s`: never).
+    /// Every pull restarts the clock; Distribution's own expiry (counted from the first caching)
+    /// is turned off for 3.x proxies (2.8 cannot turn it off: 7 days).
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(regex(pattern = GO_DURATION))]
+    pub ttl: String,
+    /// Images never evicted: full references with the upstream's registry, by tag or digest
+    /// (`docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:...`). A tag pins what it points
+    /// to in the cache.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 255, "pattern": IMAGE_REFERENCE}))]
+    pub pins: Vec<String>,
+}
+
+impl Default for CacheSpec {
+    fn default() -> Self {
+        Self {
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+            ttl: default_cache_ttl(),
+            pins: Vec::new(),
+        }
+    }
+}
+
+fn default_high_watermark() -> i32 {
+    80
+}
+fn default_low_watermark() -> i32 {
+    60
+}
+fn default_cache_ttl() -> String {
+    "168h".into()
 }
 
 /// Who may reach the mirror's pods. The operator renders one NetworkPolicy for the proxies and,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use regex::Regex;
 use std::sync::LazyLock;
 
+use super::reference::ImageRef;
 use super::*;
 
 /// One thing wrong with a spec, at a field path such as `spec.upstreams[2].remoteURL`.
@@ -76,6 +77,9 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
     let spec = &mirror.spec;
     validate_upstreams(name, spec, &mut p);
     validate_proxy(&spec.proxy, &mut p);
+    if let Some(cache) = &spec.cache {
+        validate_cache(spec, cache, &mut p);
+    }
     if let Some(auth) = &spec.client_auth {
         secret_name(&auth.users_secret_ref.name, "spec.clientAuth.usersSecretRef.name", &mut p);
         if spec.node_config.is_some() && auth.node_user.is_none() {
@@ -157,6 +161,34 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
         Ok(())
     } else {
         Err(InvalidSpec(p.0))
+    }
+}
+
+fn validate_cache(spec: &RegistryMirrorSpec, cache: &CacheSpec, p: &mut Problems) {
+    if !(1..=100).contains(&cache.high_watermark) {
+        p.add("spec.cache.highWatermark", format!("{} is out of range 1..100 (percent)", cache.high_watermark));
+    }
+    if !(0..=99).contains(&cache.low_watermark) || cache.low_watermark >= cache.high_watermark {
+        p.add(
+            "spec.cache.lowWatermark",
+            format!("{} must be a percent below highWatermark ({})", cache.low_watermark, cache.high_watermark),
+        );
+    }
+    if go_duration(&cache.ttl).is_none() {
+        p.add("spec.cache.ttl", format!("{:?} is not a Go duration (like 168h, or 0s for never)", cache.ttl));
+    }
+    if cache.pins.len() > 64 {
+        p.add("spec.cache.pins", "at most 64 pins");
+    }
+    for (i, pin) in cache.pins.iter().enumerate() {
+        let path = format!("spec.cache.pins[{i}]");
+        match ImageRef::parse(pin) {
+            Err(e) => p.add(path, e),
+            Ok(r) if r.upstream(spec).is_none() => {
+                p.add(path, format!("registry {:?} is not one of this mirror's upstreams", r.registry))
+            }
+            Ok(_) => {}
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cleanup;
 pub mod edge;
+pub mod keeper;
 pub mod meta;
 pub mod network;
 pub mod node;

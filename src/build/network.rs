@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::meta::{self, Component, APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
-use super::{edge, proxy, sidecar};
+use super::{edge, keeper, proxy, sidecar};
 use crate::api::{NetworkPolicySpec as Spec, RegistryMirror};
 
 /// The label every namespace carries with its own name (Kubernetes 1.22 and newer).
@@ -61,11 +61,17 @@ fn proxies_policy(mirror: &RegistryMirror, spec: &Spec) -> NetworkPolicy {
         ]))),
         ..Default::default()
     };
-    // Only proxies with an upstream sidecar have its port.
-    let sidecars = mirror.spec.upstreams.iter().any(|u| u.effective_auth().is_some());
+    // Only proxies with an upstream sidecar have its port, only those with a cache keeper its.
+    let mut operator_ports = Vec::new();
+    if mirror.spec.upstreams.iter().any(|u| u.effective_auth().is_some()) {
+        operator_ports.push(tcp(IntOrString::Int(sidecar::PROBE_PORT)));
+    }
+    if keeper::managed(mirror) {
+        operator_ports.push(tcp(IntOrString::Int(crate::cache::keeper::LISTEN_PORT)));
+    }
     let rules = [
         rule(pullers, vec![tcp(IntOrString::Int(proxy::REGISTRY_PORT))]),
-        sidecars.then(|| rule(vec![operator], vec![tcp(IntOrString::Int(sidecar::PROBE_PORT))])).flatten(),
+        (!operator_ports.is_empty()).then(|| rule(vec![operator], operator_ports)).flatten(),
         metrics_rule(spec),
     ];
     let selector = BTreeMap::from([
@@ -156,6 +162,7 @@ fn match_labels(labels: BTreeMap<String, String>) -> LabelSelector {
 mod tests {
     use super::*;
     use crate::build::{build_valid, Inputs, Settings};
+    use crate::cache::keeper::LISTEN_PORT;
     use k8s_openapi::api::core::v1::PodSpec;
 
     fn mirror(extra: &str) -> RegistryMirror {
@@ -224,8 +231,8 @@ mod tests {
         assert!(from[3].namespace_selector.is_none(), "the edge: this namespace only");
         let edge_pods = from[3].pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
         assert_eq!(edge_pods, &meta::selector_labels(&m, Component::Edge, None));
-        // The operator, in whatever namespace it runs, on the sidecars' counters only.
-        assert_eq!(ports(&r[1]), [IntOrString::Int(sidecar::PROBE_PORT)]);
+        // The operator, in whatever namespace it runs, on the sidecars' and keepers' figures only.
+        assert_eq!(ports(&r[1]), [IntOrString::Int(sidecar::PROBE_PORT), IntOrString::Int(LISTEN_PORT)]);
         let operator = &r[1].from.as_ref().unwrap()[0];
         assert_eq!(operator.namespace_selector, Some(LabelSelector::default()));
         assert_eq!(
@@ -265,10 +272,17 @@ mod tests {
         let policies = network_policies(&mirror("  edge: {domain: mirror.example.com}\n  networkPolicy: {}\n"));
         assert_eq!(rules(&policies[0]).len(), 2, "edge and operator only");
         assert!(rules(&policies[1]).is_empty(), "the edge admits nobody (beyond its node)");
-        assert_eq!(ports(&rules(&network_policies(&mirror("  networkPolicy: {}\n"))[0])[0]), [IntOrString::Int(5082)]);
-        // Without an upstream sidecar the operator reads nothing from the proxies.
+        assert_eq!(
+            ports(&rules(&network_policies(&mirror("  networkPolicy: {}\n"))[0])[0]),
+            [IntOrString::Int(5082), IntOrString::Int(LISTEN_PORT)]
+        );
+        // Without an upstream sidecar the operator reads only the keepers ...
         let mut plain = mirror("  networkPolicy: {}\n");
         plain.spec.upstreams.retain(|u| u.name == "corp");
+        assert_eq!(ports(&rules(&network_policies(&plain)[0])[0]), [IntOrString::Int(LISTEN_PORT)]);
+        // ... and on S3 storage (no keeper) nothing.
+        plain.spec.proxy.storage =
+            serde_json::from_value(serde_json::json!({"s3": {"bucket": "b", "region": "r"}})).unwrap();
         assert!(rules(&network_policies(&plain)[0]).is_empty());
     }
 

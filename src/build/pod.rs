@@ -190,7 +190,9 @@ spec:
             }
         }
         let every: BTreeSet<String> =
-            ["registry", "cache-cleanup", "upstream-envoy", "envoy", "cleanup", "node-agent"].map(String::from).into();
+            ["registry", "cache-keeper", "cache-cleanup", "upstream-envoy", "envoy", "cleanup", "node-agent"]
+                .map(String::from)
+                .into();
         assert_eq!(seen, every, "a container kind the test does not know, or one it never saw");
     }
 

@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::meta::{self, names, Component};
-use super::{cleanup, pod, sidecar, Inputs, Settings};
+use super::{cleanup, keeper, pod, sidecar, Inputs, Settings};
 use crate::api::{default_envoy_image, RegistryMirror, Upstream, ZONE_LABEL};
 
 pub const REGISTRY_PORT: i32 = 5000;
@@ -42,10 +42,13 @@ pub const PROXY_REQUESTS: pod::Requests = pod::Requests { cpu: "100m", memory: "
 pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bool) -> String {
     let spec = &mirror.spec;
     let storage = &spec.proxy.storage;
-    let mut storage_cfg = json!({
-        "delete": {"enabled": true},
-        "cache": {"blobdescriptor": "inmemory"},
-    });
+    let managed = keeper::managed(mirror);
+    let mut storage_cfg = json!({"delete": {"enabled": true}});
+    if !managed {
+        // With a cache keeper, blobs leave the storage behind the registry's back: it must look
+        // at the storage on every request, not at descriptors it remembers.
+        storage_cfg["cache"] = json!({"blobdescriptor": "inmemory"});
+    }
     if let Some(s3) = &storage.s3 {
         let root = match s3.root_directory.as_deref().map(|r| r.trim_matches('/')) {
             Some(r) if !r.is_empty() => format!("/{r}/{}", upstream.name),
@@ -83,9 +86,14 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bo
         "health": {"storagedriver": {"enabled": true, "interval": "10s", "threshold": 3}},
         "proxy": {
             "remoteurl": if sidecar { sidecar::local_remote_url() } else { upstream.remote_url.clone() },
-            "ttl": spec.proxy.ttl,
+            // With a keeper, expiry counts from the last pull (`cache.ttl`), not from the first
+            // caching: 0 turns Distribution 3's own expiry off (2.8 ignores the key: 7 days).
+            "ttl": if managed { "0s".to_string() } else { spec.proxy.ttl.clone() },
         },
     });
+    if managed {
+        cfg["notifications"] = keeper::notifications();
+    }
     cfg["storage"] = storage_cfg; // moved in: `json!` would copy it
     if spec.client_auth.is_some() {
         cfg["auth"] = json!({"htpasswd": {
@@ -290,6 +298,10 @@ pub fn proxy_deployment(
         let image = spec.edge.as_ref().map_or_else(default_envoy_image, |e| e.image.clone());
         init_containers.push(sidecar::sidecar_container(&image, &config_mount, &tmp_mount));
     }
+    let keeper = match mounts.iter().find(|m| m.mount_path == STORAGE_DIR) {
+        Some(cache) if keeper::managed(mirror) => Some(keeper::keeper_container(mirror, upstream, settings, cache)),
+        _ => None,
+    };
     let container = Container {
         name: "registry".into(),
         image: Some(spec.proxy.image.clone()),
@@ -360,7 +372,7 @@ pub fn proxy_deployment(
                     enable_service_links: Some(false),
                     security_context: Some(pod::restricted_pod_security()),
                     init_containers: (!init_containers.is_empty()).then_some(init_containers),
-                    containers: vec![container],
+                    containers: std::iter::once(container).chain(keeper).collect(),
                     volumes: Some(volumes),
                     node_selector: (!spec.proxy.node_selector.is_empty()).then(|| spec.proxy.node_selector.clone()),
                     tolerations: (!spec.proxy.tolerations.is_empty()).then(|| spec.proxy.tolerations.clone()),
