@@ -559,6 +559,7 @@ fn set_upstream_health(h: &Harness, name: &str, reachable: bool, error: Option<(
         }),
         failed_lookups: Some(3),
         rate_limited: Some(0),
+        cache: None,
     };
     h.ctx.upstream_health.set(&format!("{NS}/{name}"), [("dockerhub".to_string(), health)].into());
 }

@@ -87,6 +87,18 @@ pub const MAX_MIRROR_PLUS_UPSTREAM: usize = 56;
         json_path = ".status.nodesConfigured"
     ),
     printcolumn(
+        name = "Cache",
+        type_ = "string",
+        description = "fill of the fullest proxy cache",
+        json_path = ".status.cacheFill"
+    ),
+    printcolumn(
+        name = "Hits",
+        type_ = "string",
+        description = "blob hit ratio of the proxy caches",
+        json_path = ".status.cacheHitRatio"
+    ),
+    printcolumn(
         name = "Reason",
         type_ = "string",
         priority = 1,
@@ -877,6 +889,12 @@ pub struct RegistryMirrorStatus {
     /// The most recent finished cleanup run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_cleanup: Option<CleanupResult>,
+    /// Fill of the fullest proxy cache, percent of its volume (`kubectl get` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_fill: Option<String>,
+    /// Blob hit ratio of all proxies together, percent (Distribution 3.x; `kubectl get` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hit_ratio: Option<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -909,6 +927,52 @@ pub struct UpstreamStatus {
     /// Upstream answers 429 (rate limited), summed over the running proxies since they started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limited: Option<i64>,
+    /// The proxies' caches, as their cache keepers report them (filesystem storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<UpstreamCache>,
+}
+
+/// One upstream's caches, summed over the proxy replicas whose keeper answered.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamCache {
+    /// Bytes on the replicas' cache volumes.
+    pub bytes: i64,
+    /// Size of those volumes (each the smaller of the declared size and the filesystem's).
+    pub capacity_bytes: i64,
+    /// Fill of the fullest replica, percent of its volume.
+    pub fill_percent: i32,
+    /// Images cached, at the replicas' last inventories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<i64>,
+    /// Blob requests served from the cache / fetched from the upstream since the replicas
+    /// started (Distribution 3.x counts them; 2.8 counts every blob as a hit, so none then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hits: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misses: Option<i64>,
+    /// `hits / (hits + misses)`, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit_ratio_percent: Option<i32>,
+    /// Blob bytes served from the cache (Distribution 3.x).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_served_from_cache: Option<i64>,
+    /// The newest eviction of any replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_eviction: Option<CacheEviction>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheEviction {
+    pub time: Time,
+    pub bytes: i64,
+    pub images: i64,
+    /// Of `images`, how many went for not being pulled within `cache.ttl`.
+    pub expired: i64,
+    /// Some of the evicted images (`repository:tag` or `repository@digest`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 /// An upstream failure, as the proxies' upstream sidecars counted it. Never holds a credential.

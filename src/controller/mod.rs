@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod caches;
 pub mod children;
 pub mod error;
 pub mod inputs;

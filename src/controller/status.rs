@@ -353,6 +353,7 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         conditions.push(condition(NODE_CONFIG_CONFLICT, true, "OtherMirrorRefused", refused.join("; "), generation));
     }
     let previous = mirror.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let (cache_fill, cache_hit_ratio) = super::caches::columns(&upstreams);
     RegistryMirrorStatus {
         observed_generation: generation,
         conditions: merge_conditions(previous, conditions, now),
@@ -362,6 +363,8 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         nodes,
         last_cleanup: last_cleanup(obs.jobs, obs.cleanup_pods)
             .or_else(|| spec.cleanup.as_ref().and(mirror.status.as_ref()?.last_cleanup.clone())),
+        cache_fill,
+        cache_hit_ratio,
     }
 }
 

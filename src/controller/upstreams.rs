@@ -41,8 +41,10 @@ use tracing::debug;
 
 use super::metrics::Metrics;
 use crate::api::{RateLimitHeaders, RegistryMirror, UpstreamError, UpstreamStatus};
+use crate::build::keeper;
 use crate::build::meta::{Component, APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME, LABEL_UPSTREAM};
 use crate::build::sidecar::{self, PROBE_PORT};
+use crate::cache::keeper::KeeperStatus;
 
 /// An upstream no proxy has reached for this long makes the mirror `Degraded`.
 pub const DEGRADED_AFTER: Duration = Duration::from_secs(60);
@@ -360,6 +362,8 @@ pub struct UpstreamHealth {
     pub last_error: Option<UpstreamError>,
     pub failed_lookups: Option<i64>,
     pub rate_limited: Option<i64>,
+    /// The proxies' caches (from their keepers), None without keepers.
+    pub cache: Option<crate::api::UpstreamCache>,
 }
 
 /// One proxy pod's reading, as the aggregation needs it.
@@ -409,7 +413,13 @@ pub fn aggregate(previous: Option<&UpstreamHealth>, readings: &[PodReading<'_>],
         None => previous.and_then(|p| p.last_error.clone()),
     };
     let sum = |f: fn(&SidecarSample) -> u64| Some(readings.iter().map(|r| f(r.cur)).sum::<u64>() as i64);
-    UpstreamHealth { reachable, last_error, failed_lookups: sum(|s| s.failed_lookups), rate_limited: sum(rate_limited) }
+    UpstreamHealth {
+        reachable,
+        last_error,
+        failed_lookups: sum(|s| s.failed_lookups),
+        rate_limited: sum(rate_limited),
+        cache: None,
+    }
 }
 
 /// Fills an upstream's status from its health; `previous` is the status before (for
@@ -430,6 +440,8 @@ pub fn apply_health(
     status.last_error = health.last_error.or_else(|| previous.and_then(|p| p.last_error.clone()));
     status.failed_lookups = health.failed_lookups;
     status.rate_limited = health.rate_limited;
+    // Unknown now (no keeper answered this round): the last figures stay.
+    status.cache = health.cache.or_else(|| previous.and_then(|p| p.cache.clone()));
 }
 
 /// Whether an upstream has been unreachable long enough to degrade the mirror, and if not yet,
@@ -505,7 +517,7 @@ impl HealthStore {
             })
         };
         let counters = |h: Option<&BTreeMap<String, UpstreamHealth>>| {
-            h.map(|h| h.values().map(|v| (v.failed_lookups, v.rate_limited)).collect::<Vec<_>>())
+            h.map(|h| h.values().map(|v| (v.failed_lookups, v.rate_limited, v.cache.clone())).collect::<Vec<_>>())
         };
         let changed = (summary(old) != summary(Some(&health)), counters(old) != counters(Some(&health)));
         inner.insert(mirror_key.to_string(), health);
@@ -534,6 +546,7 @@ fn compact_pod(pod: &mut Pod) {
         .as_ref()
         .and_then(|s| s.init_containers.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.name == sidecar::CONTAINER_NAME));
+    let keeper = pod.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == keeper::CONTAINER_NAME));
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
     pod.metadata.owner_references = None;
@@ -548,13 +561,28 @@ fn compact_pod(pod: &mut Pod) {
     if sidecar {
         pod.metadata.labels.get_or_insert_default().insert(SIDECAR_MARK.into(), "true".into());
     }
+    if keeper {
+        pod.metadata.labels.get_or_insert_default().insert(KEEPER_MARK.into(), "true".into());
+    }
 }
+
+/// Set by [`compact_pod`] on pods that run a cache keeper (never written to the API).
+const KEEPER_MARK: &str = "mirrorfleet.io/-cache-keeper";
 
 /// Set by [`compact_pod`] on pods that run the sidecar (never written to the API).
 const SIDECAR_MARK: &str = "mirrorfleet.io/-upstream-sidecar";
 
 /// Per upstream: (the pod, its sidecar's counters) of this round.
 type Readings = BTreeMap<String, Vec<(PodId, SidecarSample)>>;
+/// Per upstream: its keepers' statuses of this round.
+type KeeperReadings = BTreeMap<String, Vec<KeeperStatus>>;
+
+/// One mirror's readings of a round.
+struct MirrorReadings {
+    mirror: ObjectRef<RegistryMirror>,
+    sidecars: Readings,
+    keepers: KeeperReadings,
+}
 
 /// A proxy pod: uid (the key of its previous reading), namespace and name (for its log).
 #[derive(Clone, Debug)]
@@ -564,12 +592,15 @@ struct PodId {
     name: String,
 }
 
-/// A running proxy pod with a sidecar, and which mirror and upstream it serves.
+/// A running proxy pod with a sidecar or a cache keeper, and which mirror and upstream it serves.
 struct Target {
     pod: PodId,
     mirror: ObjectRef<RegistryMirror>,
     upstream: String,
-    url: String,
+    /// The sidecar's counters.
+    url: Option<String>,
+    /// The keeper's status.
+    keeper_url: Option<String>,
 }
 
 impl Target {
@@ -584,7 +615,10 @@ fn targets(pods: &Store<Pod>) -> Vec<Target> {
         .iter()
         .filter_map(|pod| {
             let labels = pod.metadata.labels.as_ref()?;
-            labels.get(SIDECAR_MARK)?;
+            let (sidecar, keeper) = (labels.contains_key(SIDECAR_MARK), labels.contains_key(KEEPER_MARK));
+            if !sidecar && !keeper {
+                return None;
+            }
             let status = pod.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") || pod.metadata.deletion_timestamp.is_some() {
                 return None;
@@ -597,25 +631,22 @@ fn targets(pods: &Store<Pod>) -> Vec<Target> {
                 pod: PodId { uid: pod.uid()?, name: pod.name_any(), namespace: ns.clone() },
                 mirror: ObjectRef::new(name).within(&ns),
                 upstream: labels.get(LABEL_UPSTREAM)?.clone(),
-                url: format!("http://{host}:{PROBE_PORT}/stats/prometheus"),
+                url: sidecar.then(|| format!("http://{host}:{PROBE_PORT}/stats/prometheus")),
+                keeper_url: keeper.then(|| format!("http://{host}:{}/status", crate::cache::keeper::LISTEN_PORT)),
             })
         })
         .collect()
 }
 
-async fn read_stats(
-    client: &HttpClient<HttpConnector, Empty<Bytes>>,
-    url: &str,
-    timeout: Duration,
-) -> Option<SidecarSample> {
+/// The body of a GET of `url` (a pod's sidecar or keeper), None on any failure.
+async fn read_body(client: &HttpClient<HttpConnector, Empty<Bytes>>, url: &str, timeout: Duration) -> Option<Bytes> {
     let uri: hyper::Uri = url.parse().ok()?;
     let fetch = async {
         let response = client.get(uri).await.ok()?;
         if !response.status().is_success() {
             return None;
         }
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some(parse_sidecar_stats(std::str::from_utf8(&body).ok()?))
+        Some(response.into_body().collect().await.ok()?.to_bytes())
     };
     tokio::time::timeout(timeout, fetch).await.ok().flatten()
 }
@@ -699,11 +730,12 @@ impl Monitor {
         let now = super::status::now();
         let mut next_samples = HashMap::new();
         let mut next_recent_429 = HashSet::new();
-        for (key, (mirror, upstreams)) in by_mirror {
+        for (key, MirrorReadings { mirror, sidecars: upstreams, keepers }) in by_mirror {
             let before = self.health.get(&key);
             let mut after = BTreeMap::new();
             for (upstream, readings) in &upstreams {
-                let h = self.upstream_health(before.get(upstream), readings, &now, &mut next_recent_429).await;
+                let mut h = self.upstream_health(before.get(upstream), readings, &now, &mut next_recent_429).await;
+                h.cache = keepers.get(upstream).and_then(|k| super::caches::aggregate(k));
                 self.metrics.observe_upstream(&key, upstream, &h);
                 after.insert(upstream.clone(), h);
             }
@@ -734,25 +766,46 @@ impl Monitor {
         true
     }
 
-    /// Reads every target's sidecar counters; per mirror, per upstream, the pods that answered.
-    async fn read_all(&self, targets: Vec<Target>) -> BTreeMap<String, (ObjectRef<RegistryMirror>, Readings)> {
+    /// Reads every target's sidecar counters and keeper status; per mirror, per upstream, the
+    /// pods that answered.
+    async fn read_all(&self, targets: Vec<Target>) -> BTreeMap<String, MirrorReadings> {
         let timeout = self.options.timeout;
         let http = &self.http;
-        let read: Vec<(Target, Option<SidecarSample>)> = futures::stream::iter(targets)
+        let read: Vec<(Target, Option<SidecarSample>, Option<KeeperStatus>)> = futures::stream::iter(targets)
             .map(|t| async move {
-                let sample = read_stats(http, &t.url, timeout).await;
-                (t, sample)
+                let sample = match &t.url {
+                    Some(url) => read_body(http, url, timeout)
+                        .await
+                        .and_then(|b| std::str::from_utf8(&b).ok().map(parse_sidecar_stats)),
+                    None => None,
+                };
+                let keeper = match &t.keeper_url {
+                    Some(url) => read_body(http, url, timeout).await.and_then(|b| serde_json::from_slice(&b).ok()),
+                    None => None,
+                };
+                (t, sample, keeper)
             })
             .buffer_unordered(self.options.concurrency)
             .collect()
             .await;
-        let mut by_mirror: BTreeMap<String, (ObjectRef<RegistryMirror>, Readings)> = BTreeMap::new();
-        for (t, sample) in read {
-            let entry = by_mirror.entry(t.mirror_key()).or_insert_with(|| (t.mirror.clone(), BTreeMap::new()));
-            let readings = entry.1.entry(t.upstream.clone()).or_default();
-            match sample {
-                Some(s) => readings.push((t.pod, s)),
-                None => debug!(url = %t.url, "sidecar counters not readable"),
+        let mut by_mirror: BTreeMap<String, MirrorReadings> = BTreeMap::new();
+        for (t, sample, keeper) in read {
+            let entry = by_mirror.entry(t.mirror_key()).or_insert_with(|| MirrorReadings {
+                mirror: t.mirror.clone(),
+                sidecars: BTreeMap::new(),
+                keepers: BTreeMap::new(),
+            });
+            let readings = entry.sidecars.entry(t.upstream.clone()).or_default();
+            match (sample, &t.url) {
+                (Some(s), _) => readings.push((t.pod.clone(), s)),
+                (None, Some(url)) => debug!(%url, "sidecar counters not readable"),
+                (None, None) => {}
+            }
+            let keepers = entry.keepers.entry(t.upstream.clone()).or_default();
+            match (keeper, &t.keeper_url) {
+                (Some(k), _) => keepers.push(k),
+                (None, Some(url)) => debug!(%url, "cache keeper status not readable"),
+                (None, None) => {}
             }
         }
         by_mirror
