@@ -861,6 +861,127 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
     ));
 }
 
+/// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, the given high watermark.
+fn keep_mirror_yaml(fx: &Fixture, high: u32) -> String {
+    let addr = fx.registry("alpha");
+    format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: keep, namespace: {NS}}}\nspec:\n\
+         \x20 upstreams:\n\
+         \x20 - {{name: alpha, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: alpha-creds}}, {auth}}}\n\
+         \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 8Mi}}}}}}\n\
+         \x20 cache: {{highWatermark: {high}, lowWatermark: 40}}\n",
+        auth = sidecar_auth(&addr),
+        proxy = fx.proxy_image,
+    )
+}
+
+#[test]
+#[ignore = "needs a cluster with a real node: make e2e-node"]
+fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
+    const IMAGES: usize = 12;
+    const SELECTOR: &str = "app.kubernetes.io/instance=keep,app.kubernetes.io/component=proxy";
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
+    let addr = fx.registry("alpha");
+    let (_, user, password) = UPSTREAM_CREDS[0];
+    // 12 images of one incompressible 1.5 MiB layer: 18 MiB through an 8 MiB emptyDir.
+    let images: Vec<String> = (0..IMAGES)
+        .map(|i| {
+            let name = format!("fill{i}");
+            let layout = support::build_test_image(fx.tmp.path(), &name, 1, 1536 * 1024);
+            let dst = format!("docker://{addr}/e2e/{name}:1");
+            let creds = format!("{user}:{password}");
+            let out = support::Skopeo::new().copy(
+                &format!("oci:{}", layout.display()),
+                &dst,
+                &["--dest-tls-verify=false", "--dest-creds", &creds],
+            );
+            assert!(out.status.success(), "push {dst}: {}", describe_output(&out));
+            format!("{addr}/e2e/{name}:1")
+        })
+        .collect();
+    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, 70)));
+    let available = || {
+        let m = json(&["-n", NS, "get", "registrymirror", "keep", "-o", "json"]);
+        m["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "ProxiesAvailable" && c["status"] == "True"))
+    };
+    wait_for("keep's proxy available", TIMEOUT, || available().then_some(()));
+    let hosts = fx.tmp.path().join("keep-certs");
+    let ip = cluster_ip("keep-proxy-alpha");
+    std::fs::create_dir_all(hosts.join(&addr)).unwrap();
+    std::fs::write(
+        hosts.join(&addr).join("hosts.toml"),
+        format!(
+            "server = \"http://{addr}\"\n\n[host.\"http://{ip}:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    let uid_of_ready = || pods(NS, SELECTOR).iter().find(|p| pod_ready(p)).map(|p| p["metadata"]["uid"].clone());
+    let evicted = || {
+        pods(NS, SELECTOR).iter().any(|p| p["status"]["reason"] == "Evicted")
+            || kubectl_ok(&["-n", NS, "get", "events", "--field-selector", "reason=Evicted", "-o", "name"], None)
+                .lines()
+                .any(|l| l.contains("keep-proxy-alpha"))
+    };
+    // Pulls the images through the proxy, straight into the node's containerd, then drops them
+    // from the node again (only the proxy's cache keeps them).
+    let fill = |fx: &Fixture| {
+        let started = Instant::now();
+        for image in &images {
+            let out = fx.node.pull_with(image, &hosts, None);
+            assert!(out.status.success(), "pull {image} through keep: {}\n{}", describe_output(&out), describe(NS));
+            fx.node.remove_image(image);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        started.elapsed().as_secs_f64()
+    };
+
+    let uid = uid_of_ready().expect("a ready keep proxy");
+    let took = fill(fx);
+    // The operator reads the keeper every 10 s; the kubelet measures emptyDir volumes once a
+    // minute (volumeStatsAggPeriod) and checks limits every 10 s: watch for two minutes.
+    let cache = wait_for("keep's status shows an eviction", TIMEOUT, || {
+        let m = json(&["-n", NS, "get", "registrymirror", "keep", "-o", "json"]);
+        let c = m["status"]["upstreams"][0]["cache"].clone();
+        c["lastEviction"].is_object().then_some(c)
+    });
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(120) {
+        assert!(!evicted(), "the kubelet evicted the keep proxy although its keeper ran:\n{}", describe(NS));
+        assert_eq!(uid_of_ready().as_ref(), Some(&uid), "the keep proxy pod changed:\n{}", describe(NS));
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let keeper_log = kubectl_ok(&["-n", NS, "logs", "deploy/keep-proxy-alpha", "-c", "cache-keeper"], None);
+    let evictions = keeper_log.lines().filter(|l| l.contains("evicted the least recently pulled")).count();
+    assert!(evictions >= 1, "{keeper_log}");
+    let columns = kubectl_ok(&["-n", NS, "get", "registrymirror", "keep"], None);
+    assert!(columns.lines().next().is_some_and(|h| h.contains("CACHE") && h.contains("HITS")), "{columns}");
+    fx.figure(format!(
+        "cache keeper, 8Mi emptyDir: {IMAGES} images of 1.5 MiB (18 MiB) pulled by the node through the proxy in {took:.1}s; \
+         {evictions} evictions, the pod kept 120 s after (same uid, never evicted); status cache: fill {}%, last eviction {} bytes / {} images",
+        cache["fillPercent"], cache["lastEviction"]["bytes"], cache["lastEviction"]["images"]
+    ));
+
+    // Negative control: the same pulls with eviction by size off (highWatermark 100) get the pod
+    // evicted by the kubelet, so the check above can fail.
+    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, 100)));
+    wait_for("keep's proxy rolled with highWatermark 100", TIMEOUT, || {
+        uid_of_ready().filter(|u| *u != uid).and_then(|_| available().then_some(()))
+    });
+    fill(fx);
+    let filled = Instant::now();
+    wait_for("the kubelet evicts the keep proxy (control: eviction by size off)", Duration::from_secs(240), || {
+        evicted().then_some(())
+    });
+    fx.figure(format!(
+        "control, highWatermark 100: the kubelet evicted the proxy pod {:.0}s after 18 MiB went through its 8Mi emptyDir",
+        filled.elapsed().as_secs_f64()
+    ));
+    kubectl_ok(&["-n", NS, "delete", "registrymirror", "keep", "--wait=true", "--timeout=120s"], None);
+}
+
 #[test]
 #[ignore = "needs a cluster with a real node: make e2e-node"]
 fn step04e_a_peer_on_the_node_is_asked_first_and_a_dead_one_is_left_out() {
