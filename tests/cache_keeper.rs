@@ -99,6 +99,7 @@ fn start(m: &RegistryMirror, upstream: &str, bin: Option<&Path>, overrides: &[St
         })
         .collect();
     args.extend(overrides.iter().filter(|o| o.starts_with("--interval=") || o.starts_with("--ttl-check=")).cloned());
+    args.push(format!("--registry-addr={}", registry.addr()));
     assert_eq!(args[0], "cache-keeper");
     let mut cmd = Command::new(agent::mirrorfleet_bin());
     cmd.args(&args);
@@ -347,5 +348,57 @@ fn images_not_pulled_within_the_ttl_go_and_pulled_ones_stay() {
         assert!(proxy.cached().contains("t1"), "t1 was pulled within the ttl: {:?}", proxy.cached());
         assert!(proxy.status()["lastEviction"]["expired"].as_u64() >= Some(1));
         pull(&addr, "t0").unwrap();
+    }
+}
+
+#[test]
+fn prefetched_images_pull_without_an_upstream_blob_request_on_first_use() {
+    if !tools_available(&["docker-registry", "skopeo", "umoci"]) {
+        return;
+    }
+    let work = tempdir();
+    let upstream = Upstream::start();
+    images(work.path(), &upstream, &["p0", "p1"]);
+    for (version, bin) in binaries() {
+        let m = mirror(
+            "  prefetch: {images: [registry.test/library/p0:v1, registry.test/library/p1:v1, registry.test/library/missing:v1]}\n",
+        );
+        let (_, args) = rendered(&m);
+        assert!(args.contains(&"--prefetch=library/p0:v1".to_string()), "{args:?}");
+        let blob_gets = |name: &str| count_blob_gets(&upstream, name);
+        let before = (blob_gets("p0"), blob_gets("p1"));
+        let proxy = start(&m, upstream.addr(), bin.as_deref(), &[]);
+        let started = Instant::now();
+        let report = wait_until(Duration::from_secs(30), || {
+            let p = proxy.status()["prefetch"].clone();
+            p.is_object().then_some(p)
+        })
+        .unwrap_or_else(|| panic!("no prefetch round: {}\n{}", proxy.status(), proxy.keeper.log()));
+        let took = started.elapsed();
+        assert_eq!(report["images"], 3, "{report}");
+        let failed: Vec<String> = serde_json::from_value(report["failed"].clone()).unwrap();
+        assert!(failed.len() == 1 && failed[0].starts_with("library/missing:v1"), "{failed:?}");
+        // The prefetch fetched both images' config and layer from the upstream ...
+        assert!(wait_until(Duration::from_secs(5), || (blob_gets("p0") >= before.0 + 2
+            && blob_gets("p1") >= before.1 + 2)
+            .then_some(()))
+        .is_some());
+        let after_prefetch = (blob_gets("p0"), blob_gets("p1"), upstream.log().lines().count());
+        // ... and a client's first pull of each gets every blob from the cache.
+        let addr = proxy.registry.addr().to_string();
+        pull(&addr, "p0").unwrap();
+        pull(&addr, "p1").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            (blob_gets("p0"), blob_gets("p1")),
+            (after_prefetch.0, after_prefetch.1),
+            "a first pull fetched a blob upstream"
+        );
+        let upstream_requests =
+            upstream.log().lines().skip(after_prefetch.2).filter(|l| l.contains("/v2/library/")).count();
+        eprintln!(
+            "Distribution {version}: prefetch of 2 images (+1 missing) done {took:?} after start, {} bytes; first pulls: 0 upstream blob requests, {upstream_requests} upstream manifest requests (the proxy checks tags upstream)",
+            report["bytes"]
+        );
     }
 }

@@ -869,7 +869,8 @@ fn keep_mirror_yaml(fx: &Fixture, high: u32) -> String {
          \x20 upstreams:\n\
          \x20 - {{name: alpha, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: alpha-creds}}, {auth}}}\n\
          \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 8Mi}}}}}}\n\
-         \x20 cache: {{highWatermark: {high}, lowWatermark: 40}}\n",
+         \x20 cache: {{highWatermark: {high}, lowWatermark: 40}}\n\
+         \x20 prefetch: {{images: [\"{addr}/e2e/fill0:1\"]}}\n",
         auth = sidecar_auth(&addr),
         proxy = fx.proxy_image,
     )
@@ -889,7 +890,8 @@ fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
         .map(|i| {
             let name = format!("fill{i}");
             let layout = support::build_test_image(fx.tmp.path(), &name, 1, 1536 * 1024);
-            let dst = format!("docker://{addr}/e2e/{name}:1");
+            // Pushed to the registry itself, not through the front (which pulls go through).
+            let dst = format!("docker://{}/e2e/{name}:1", fx.upstreams["alpha"].addr());
             let creds = format!("{user}:{password}");
             let out = support::Skopeo::new().copy(
                 &format!("oci:{}", layout.display()),
@@ -939,6 +941,19 @@ fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
     };
 
     let uid = uid_of_ready().expect("a ready keep proxy");
+    // The prefetch ran in the new pod: in the status, and as an Event.
+    let prefetch = wait_for("keep's prefetch in the status", TIMEOUT, || {
+        let m = json(&["-n", NS, "get", "registrymirror", "keep", "-o", "json"]);
+        let p = m["status"]["upstreams"][0]["cache"]["lastPrefetch"].clone();
+        p.is_object().then_some(p)
+    });
+    assert_eq!((prefetch["images"].as_i64(), prefetch["failed"].as_i64()), (Some(1), Some(0)), "{prefetch}");
+    wait_for("a Prefetched Event", TIMEOUT, || {
+        kubectl_ok(&["-n", NS, "get", "events", "--field-selector", "reason=Prefetched", "-o", "name"], None)
+            .lines()
+            .next()
+            .map(|_| ())
+    });
     let took = fill(fx);
     // The operator reads the keeper every 10 s; the kubelet measures emptyDir volumes once a
     // minute (volumeStatsAggPeriod) and checks limits every 10 s: watch for two minutes.
@@ -960,8 +975,9 @@ fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
     assert!(columns.lines().next().is_some_and(|h| h.contains("CACHE") && h.contains("HITS")), "{columns}");
     fx.figure(format!(
         "cache keeper, 8Mi emptyDir: {IMAGES} images of 1.5 MiB (18 MiB) pulled by the node through the proxy in {took:.1}s; \
-         {evictions} evictions, the pod kept 120 s after (same uid, never evicted); status cache: fill {}%, last eviction {} bytes / {} images",
-        cache["fillPercent"], cache["lastEviction"]["bytes"], cache["lastEviction"]["images"]
+         {evictions} evictions, the pod kept 120 s after (same uid, never evicted); status cache: fill {}%, last eviction {} bytes / {} images; \
+         prefetch of 1 image after the rollout: {} bytes",
+        cache["fillPercent"], cache["lastEviction"]["bytes"], cache["lastEviction"]["images"], prefetch["bytes"]
     ));
 
     // Negative control: the same pulls with eviction by size off (highWatermark 100) get the pod

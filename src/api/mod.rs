@@ -116,7 +116,13 @@ pub const MAX_MIRROR_PLUS_UPSTREAM: usize = 56;
      "fieldPath": ".nodeConfig.via"},
     {"rule": "!has(self.proxy) || !has(self.proxy.storage) || !has(self.proxy.storage.persistentVolumeClaim) || !has(self.proxy.replicas) || self.proxy.replicas == 1 || 'ReadWriteMany' in self.proxy.storage.persistentVolumeClaim.accessModes",
      "message": "more than one proxy replica on persistentVolumeClaim storage needs accessModes [ReadWriteMany]",
-     "fieldPath": ".proxy.replicas"}
+     "fieldPath": ".proxy.replicas"},
+    {"rule": "!has(self.prefetch) || !has(self.proxy) || !has(self.proxy.storage) || !has(self.proxy.storage.s3)",
+     "message": "prefetch needs emptyDir or persistentVolumeClaim storage: the proxies' cache keepers run it",
+     "fieldPath": ".prefetch"},
+    {"rule": "!has(self.prefetch) || !has(self.clientAuth) || has(self.clientAuth.nodeUser)",
+     "message": "prefetch with clientAuth needs clientAuth.nodeUser: the prefetch authenticates as that user",
+     "fieldPath": ".prefetch"}
 ]))]
 pub struct RegistryMirrorSpec {
     /// One pull-through cache per entry. Names and registries are unique in the list.
@@ -165,6 +171,12 @@ pub struct RegistryMirrorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
 
+    /// Images every proxy replica caches ahead of their first pull: after each rollout and on a
+    /// schedule, through the proxy itself (the upstream credentials stay there), by its cache
+    /// keeper. Needs filesystem storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchSpec>,
+
     /// Zone-local serving: the replicas of each proxy and of the edge spread over zones
     /// (`topology.kubernetes.io/zone`, best effort), and their Services send each client to
     /// endpoints in its own zone when that zone has some (`trafficDistribution`: `PreferSameZone`
@@ -173,6 +185,32 @@ pub struct RegistryMirrorSpec {
     /// every endpoint, whatever its zone.
     #[serde(default = "default_true")]
     pub zone_local: bool,
+}
+
+/// What every proxy replica fetches before anyone pulls it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchSpec {
+    /// Full references with the upstream's registry, by tag or digest
+    /// (`docker.io/library/nginx:1.27`).
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 255, "pattern": IMAGE_REFERENCE}))]
+    pub images: Vec<String>,
+    /// Cron schedule (UTC) of further rounds, besides the one after each rollout; unset: after
+    /// rollouts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    #[schemars(regex(pattern = CRON_SCHEDULE))]
+    pub schedule: Option<String>,
+    /// Platforms fetched from a multi-platform image (`os/architecture`).
+    #[serde(default = "default_prefetch_platforms")]
+    #[schemars(length(min = 1, max = 8))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 64, "pattern": "^[a-z0-9]+/[a-z0-9]+$"}))]
+    pub platforms: Vec<String>,
+}
+
+fn default_prefetch_platforms() -> Vec<String> {
+    vec!["linux/amd64".into(), "linux/arm64".into()]
 }
 
 /// What each proxy replica keeps. Access recency comes from the registry itself: it notifies the
@@ -960,6 +998,25 @@ pub struct UpstreamCache {
     /// The newest eviction of any replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_eviction: Option<CacheEviction>,
+    /// The newest prefetch round of any replica (`spec.prefetch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_prefetch: Option<CachePrefetch>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CachePrefetch {
+    pub time: Time,
+    /// Images of the round, and how many failed.
+    pub images: i64,
+    pub failed: i64,
+    /// Blob bytes read through the proxy.
+    pub bytes: i64,
+    /// Replicas that finished a round (each prefetches into its own cache).
+    pub replicas: i64,
+    /// What failed, if anything (`reference: why`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -80,6 +80,9 @@ pub fn validate(mirror: &RegistryMirror) -> Result<(), InvalidSpec> {
     if let Some(cache) = &spec.cache {
         validate_cache(spec, cache, &mut p);
     }
+    if let Some(prefetch) = &spec.prefetch {
+        validate_prefetch(spec, prefetch, &mut p);
+    }
     if let Some(auth) = &spec.client_auth {
         secret_name(&auth.users_secret_ref.name, "spec.clientAuth.usersSecretRef.name", &mut p);
         if spec.node_config.is_some() && auth.node_user.is_none() {
@@ -189,6 +192,52 @@ fn validate_cache(spec: &RegistryMirrorSpec, cache: &CacheSpec, p: &mut Problems
             }
             Ok(_) => {}
         }
+    }
+}
+
+fn validate_prefetch(spec: &RegistryMirrorSpec, prefetch: &PrefetchSpec, p: &mut Problems) {
+    if prefetch.images.is_empty() || prefetch.images.len() > 64 {
+        p.add("spec.prefetch.images", "1 to 64 images");
+    }
+    for (i, image) in prefetch.images.iter().enumerate() {
+        let path = format!("spec.prefetch.images[{i}]");
+        match ImageRef::parse(image) {
+            Err(e) => p.add(path, e),
+            Ok(r) if r.upstream(spec).is_none() => {
+                p.add(path, format!("registry {:?} is not one of this mirror's upstreams", r.registry))
+            }
+            Ok(_) => {}
+        }
+    }
+    if let Some(schedule) = &prefetch.schedule {
+        if let Err(e) = check_cron(schedule) {
+            p.add("spec.prefetch.schedule", format!("{schedule:?} is not a valid cron schedule: {e}"));
+        }
+    }
+    for (i, platform) in prefetch.platforms.iter().enumerate() {
+        let ok = platform.split_once('/').is_some_and(|(os, arch)| {
+            !os.is_empty()
+                && !arch.is_empty()
+                && platform.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'/')
+        });
+        if !ok {
+            p.add(
+                format!("spec.prefetch.platforms[{i}]"),
+                format!("{platform:?} is not os/architecture (linux/amd64)"),
+            );
+        }
+    }
+    if spec.proxy.storage.s3.is_some() {
+        p.add(
+            "spec.prefetch",
+            "prefetch needs emptyDir or persistentVolumeClaim storage: the proxies' cache keepers run it",
+        );
+    }
+    if spec.client_auth.as_ref().is_some_and(|a| a.node_user.is_none()) {
+        p.add(
+            "spec.prefetch",
+            "prefetch with clientAuth needs clientAuth.nodeUser: the prefetch authenticates as that user",
+        );
     }
 }
 

@@ -72,6 +72,22 @@ pub struct KeeperArgs {
     /// How often images past their ttl are looked for (Go duration).
     #[arg(long, default_value = "5m")]
     pub ttl_check: String,
+    /// An image to fetch through the registry after start and on the schedule, as the proxy
+    /// names it (`repository:tag`, `repository@digest`).
+    #[arg(long = "prefetch")]
+    pub prefetch: Vec<String>,
+    /// Cron schedule (UTC) of further prefetch rounds.
+    #[arg(long)]
+    pub prefetch_schedule: Option<String>,
+    /// Platforms of a multi-platform image to fetch (`os/architecture`).
+    #[arg(long = "prefetch-platform", default_values_t = ["linux/amd64".to_string(), "linux/arm64".to_string()])]
+    pub prefetch_platforms: Vec<String>,
+    /// The registry user the prefetch authenticates as; its password in MIRRORFLEET_PREFETCH_PASSWORD.
+    #[arg(long)]
+    pub prefetch_user: Option<String>,
+    /// The registry the prefetch pulls through.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub registry_addr: String,
 }
 
 /// The last eviction, as `/status` reports it.
@@ -120,6 +136,8 @@ pub struct KeeperStatus {
     pub last_eviction: Option<Eviction>,
     pub last_error: Option<String>,
     pub registry: Option<ProxyCounters>,
+    /// The last prefetch round (`--prefetch`).
+    pub prefetch: Option<super::prefetch::PrefetchReport>,
 }
 
 struct Shared {
@@ -175,7 +193,7 @@ fn filesystem_size(root: &Path) -> u64 {
     rustix::fs::statvfs(root).map(|s| s.f_blocks * s.f_frsize).unwrap_or(0)
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
@@ -416,6 +434,9 @@ async fn run(args: KeeperArgs) -> anyhow::Result<()> {
         .with_state(shared.clone());
     tokio::spawn(async move { axum::serve(events_listener, events_app).await });
     tokio::spawn(async move { axum::serve(listener, app).await });
+    if !args.prefetch.is_empty() {
+        tokio::spawn(prefetch_loop(args.clone(), shared.clone()));
+    }
 
     let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build::<_, Empty<Bytes>>(HttpConnector::new());
     let mut last_ttl_check: Option<Instant> = None;
@@ -460,6 +481,38 @@ async fn run(args: KeeperArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => return Ok(()),
         }
     }
+}
+
+/// After the registry answers, one prefetch round; then one at each time of the schedule.
+async fn prefetch_loop(args: KeeperArgs, shared: Arc<Shared>) {
+    let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build::<_, Empty<Bytes>>(HttpConnector::new());
+    let base = format!("http://{}", args.registry_addr);
+    let auth = match (&args.prefetch_user, std::env::var("MIRRORFLEET_PREFETCH_PASSWORD")) {
+        (Some(user), Ok(password)) => Some(crate::build::auth::basic_authorization(user, &password)),
+        _ => None,
+    };
+    // Any answer to /v2/ (401 included) means the registry serves.
+    while read_status(&http, &format!("{base}/v2/")).await.is_none() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    loop {
+        let report =
+            super::prefetch::round(&http, &base, auth.as_deref(), &args.prefetch, &args.prefetch_platforms).await;
+        if report.failed.is_empty() {
+            tracing::info!(images = report.images, bytes = report.bytes, seconds = report.seconds, "prefetched");
+        } else {
+            tracing::warn!(images = report.images, failed = %report.failed.join("; "), "prefetch failed for some images");
+        }
+        shared.status.lock().unwrap().prefetch = Some(report);
+        let Some(wait) = args.prefetch_schedule.as_deref().and_then(super::prefetch::next_run) else { return };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn read_status(http: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> Option<u16> {
+    let uri: http::Uri = url.parse().ok()?;
+    let response = tokio::time::timeout(Duration::from_secs(2), http.get(uri)).await.ok()?.ok()?;
+    Some(response.status().as_u16())
 }
 
 #[cfg(test)]

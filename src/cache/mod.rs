@@ -18,3 +18,4 @@
 pub mod evict;
 pub mod keeper;
 pub mod layout;
+pub mod prefetch;

@@ -5,8 +5,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{CacheEviction, UpstreamCache, UpstreamStatus};
+use crate::api::{CacheEviction, CachePrefetch, UpstreamCache, UpstreamStatus};
 use crate::cache::keeper::KeeperStatus;
+use crate::cache::prefetch::PrefetchReport;
 
 /// One upstream's caches from its replicas' keepers; None when no keeper answered.
 pub fn aggregate(replicas: &[KeeperStatus]) -> Option<UpstreamCache> {
@@ -26,6 +27,8 @@ pub fn aggregate(replicas: &[KeeperStatus]) -> Option<UpstreamCache> {
     };
     let images: Vec<u64> = replicas.iter().filter_map(|s| s.images.map(|n| n as u64)).collect();
     let last = replicas.iter().filter_map(|s| s.last_eviction.as_ref()).max_by_key(|e| e.time);
+    let rounds: Vec<&PrefetchReport> = replicas.iter().filter_map(|s| s.prefetch.as_ref()).collect();
+    let newest = rounds.iter().max_by_key(|r| r.time);
     Some(UpstreamCache {
         bytes: sum(|s| s.bytes),
         capacity_bytes: sum(|s| s.capacity_bytes),
@@ -37,13 +40,52 @@ pub fn aggregate(replicas: &[KeeperStatus]) -> Option<UpstreamCache> {
         bytes_served_from_cache: (!counted.is_empty())
             .then(|| counted.iter().map(|r| r.bytes_served_from_cache).sum::<u64>() as i64),
         last_eviction: last.map(|e| CacheEviction {
-            time: Time(Timestamp::from_second(e.time).unwrap_or(Timestamp::UNIX_EPOCH)),
+            time: time(e.time),
             bytes: e.bytes as i64,
             images: e.images as i64,
             expired: e.expired as i64,
             names: e.names.clone(),
         }),
+        last_prefetch: newest.map(|r| CachePrefetch {
+            time: time(r.time),
+            images: r.images as i64,
+            failed: r.failed.len() as i64,
+            bytes: r.bytes as i64,
+            replicas: rounds.len() as i64,
+            message: r.failed.join("; ").chars().take(1000).collect(),
+        }),
     })
+}
+
+fn time(unix: i64) -> Time {
+    Time(Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// Events for prefetch rounds newer than the last status showed: (warning, reason, note).
+pub fn events(old: &[UpstreamStatus], new: &[UpstreamStatus]) -> Vec<(bool, String, String)> {
+    let prefetch = |u: &UpstreamStatus| u.cache.as_ref().and_then(|c| c.last_prefetch.clone());
+    let mut out = Vec::new();
+    for n in new {
+        let Some(p) = prefetch(n) else { continue };
+        let before = old.iter().find(|o| o.name == n.name).and_then(prefetch);
+        if before.as_ref().is_some_and(|b| b.time == p.time) {
+            continue;
+        }
+        if p.failed == 0 {
+            out.push((
+                false,
+                "Prefetched".to_string(),
+                format!("upstream {}: {} images ({} bytes) cached ahead of use", n.name, p.images, p.bytes),
+            ));
+        } else {
+            out.push((
+                true,
+                "PrefetchFailed".to_string(),
+                format!("upstream {}: {} of {} images not prefetched: {}", n.name, p.failed, p.images, p.message),
+            ));
+        }
+    }
+    out
 }
 
 fn ratio(hits: Option<i64>, misses: Option<i64>) -> Option<i32> {
@@ -91,6 +133,24 @@ mod tests {
         // Distribution 2.8 replicas: no counters, no ratio.
         let c = aggregate(&[replica(1, 10, None, None)]).unwrap();
         assert_eq!((c.hits, c.hit_ratio_percent, c.last_eviction), (None, None, None));
+    }
+
+    #[test]
+    fn a_new_prefetch_round_is_an_event_and_a_failed_one_a_warning() {
+        let round = |time: i64, failed: Vec<String>| KeeperStatus {
+            prefetch: Some(PrefetchReport { time, images: 2, failed, bytes: 5, seconds: 1.0 }),
+            ..Default::default()
+        };
+        let up = |k: &[KeeperStatus]| UpstreamStatus { name: "hub".into(), cache: aggregate(k), ..Default::default() };
+        let first = up(&[round(100, vec![]), round(90, vec![])]);
+        assert_eq!(first.cache.as_ref().unwrap().last_prefetch.as_ref().unwrap().replicas, 2);
+        let e = events(&[], std::slice::from_ref(&first));
+        assert_eq!((e.len(), e[0].0, e[0].1.as_str()), (1, false, "Prefetched"));
+        assert!(events(std::slice::from_ref(&first), std::slice::from_ref(&first)).is_empty());
+        let failed = up(&[round(200, vec!["x:1: manifest 1: HTTP 404".into()])]);
+        let e = events(std::slice::from_ref(&first), std::slice::from_ref(&failed));
+        assert_eq!((e[0].0, e[0].1.as_str()), (true, "PrefetchFailed"));
+        assert!(e[0].2.contains("1 of 2") && e[0].2.contains("HTTP 404"), "{e:?}");
     }
 
     #[test]

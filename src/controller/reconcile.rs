@@ -577,7 +577,10 @@ async fn write_status(mirror: &RegistryMirror, ctx: &Context, new: RegistryMirro
         let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
         ctx.event(mirror, type_, &condition.reason, "UpdateStatus", note).await;
     }
-    for (bad, reason, note) in upstreams::upstream_events(&old.upstreams, &new.upstreams, &status::now()) {
+    let cache_events = super::caches::events(&old.upstreams, &new.upstreams);
+    for (bad, reason, note) in
+        upstreams::upstream_events(&old.upstreams, &new.upstreams, &status::now()).into_iter().chain(cache_events)
+    {
         let type_ = if bad { EventType::Warning } else { EventType::Normal };
         ctx.event(mirror, type_, &reason, "ObserveUpstream", note).await;
     }

@@ -255,6 +255,41 @@ pub fn cases() -> Vec<Case> {
             admission: Operator,
         },
         Case {
+            what: "prefetch image without a tag",
+            edit: |v| v["spec"]["prefetch"] = serde_json::json!({"images": ["docker.io/library/alpine"]}),
+            path: "spec.prefetch.images[0]",
+            message: "no tag or digest",
+            admission: Schema,
+        },
+        Case {
+            what: "prefetch of a registry the mirror does not serve",
+            edit: |v| v["spec"]["prefetch"] = serde_json::json!({"images": ["unknown.example.com/app:1"]}),
+            path: "spec.prefetch.images[0]",
+            message: "not one of this mirror's upstreams",
+            admission: Operator,
+        },
+        Case {
+            what: "prefetch schedule not cron",
+            edit: |v| {
+                v["spec"]["prefetch"] =
+                    serde_json::json!({"images": ["docker.io/library/alpine:3"], "schedule": "daily"})
+            },
+            path: "spec.prefetch.schedule",
+            message: "cron",
+            admission: Schema,
+        },
+        Case {
+            what: "prefetch on s3 storage",
+            edit: |v| {
+                v["spec"]["proxy"]["storage"] =
+                    serde_json::json!({"s3": {"bucket": "cache-bucket", "region": "eu-west-1"}});
+                v["spec"]["prefetch"] = serde_json::json!({"images": ["docker.io/library/alpine:3"]});
+            },
+            path: "spec.prefetch",
+            message: "needs emptyDir or persistentVolumeClaim",
+            admission: Schema,
+        },
+        Case {
             what: "size limit not a quantity",
             edit: |v| v["spec"]["proxy"]["storage"]["emptyDir"]["sizeLimit"] = "lots".into(),
             path: "spec.proxy.storage.emptyDir.sizeLimit",
