@@ -861,7 +861,8 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
     ));
 }
 
-/// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, the given high watermark.
+/// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, the given high watermark (an
+/// edge only for its image: the upstream sidecar runs `edge.image`, the only Envoy on the node).
 fn keep_mirror_yaml(fx: &Fixture, high: u32) -> String {
     let addr = fx.registry("alpha");
     format!(
@@ -869,6 +870,7 @@ fn keep_mirror_yaml(fx: &Fixture, high: u32) -> String {
          \x20 upstreams:\n\
          \x20 - {{name: alpha, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: alpha-creds}}, {auth}}}\n\
          \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 8Mi}}}}}}\n\
+         \x20 edge: {{image: \"{ENVOY_IMAGE}\", domain: keep.test}}\n\
          \x20 cache: {{highWatermark: {high}, lowWatermark: 40}}\n\
          \x20 prefetch: {{images: [\"{addr}/e2e/fill0:1\"]}}\n",
         auth = sidecar_auth(&addr),

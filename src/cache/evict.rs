@@ -295,6 +295,15 @@ pub fn apply(root: &Path, inv: &Inventory, plan: &Plan) -> io::Result<u64> {
     Ok(freed)
 }
 
+/// Whether the blob was written since `since` (or is not written yet: Distribution 2.8 stores a
+/// fetched blob after it answered): a pull that grew the cache, not one served from it.
+pub fn blob_is_new(root: &Path, digest: &str, since: SystemTime) -> bool {
+    if !super::layout::is_sha256(digest) {
+        return false;
+    }
+    modified(&blob_dir(&root.join(V2), digest).join("data")).is_none_or(|t| t >= since)
+}
+
 /// Records a pull the registry reported: stamps the manifest's revision link (or the blob's layer
 /// link) in `repository` with the current time. Returns false when the storage holds neither (a
 /// pull the registry answered without caching, e.g. a failure upstream).

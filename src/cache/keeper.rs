@@ -142,8 +142,8 @@ pub struct KeeperStatus {
 
 struct Shared {
     status: Mutex<KeeperStatus>,
-    /// Bytes of blobs pulled since the last measurement (an upper bound of the growth).
-    pulled_since: Mutex<u64>,
+    /// Bytes of blobs written by pulls since the last measurement, and when that was.
+    pulled_since: Mutex<(u64, SystemTime)>,
     wake: tokio::sync::Notify,
     root: PathBuf,
 }
@@ -261,11 +261,16 @@ async fn events(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
     let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) else { return StatusCode::BAD_REQUEST };
     let mut recorded = 0;
     let mut blob_bytes = 0;
+    let since = shared.pulled_since.lock().unwrap().1;
     for e in envelope.events.iter().filter(|e| e.action == "pull") {
+        // A blob written since the last measurement grew the cache (hits do not: they must not
+        // make a busy, nearly full cache measure itself all the time).
+        let new =
+            !e.target.media_type.contains("manifest") && evict::blob_is_new(&shared.root, &e.target.digest, since);
         if evict::stamp_pull(&shared.root, &e.target.repository, &e.target.digest) {
             recorded += 1;
         }
-        if !e.target.media_type.contains("manifest") {
+        if new {
             blob_bytes += e.target.size;
         }
     }
@@ -273,8 +278,8 @@ async fn events(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
         let mut status = shared.status.lock().unwrap();
         status.pulls_recorded += recorded;
         let mut pulled = shared.pulled_since.lock().unwrap();
-        *pulled += blob_bytes;
-        status.bytes + *pulled > status.high_watermark_bytes && status.capacity_bytes > 0
+        pulled.0 += blob_bytes;
+        status.bytes + pulled.0 > status.high_watermark_bytes && status.capacity_bytes > 0
     };
     if wake {
         shared.wake.notify_one();
@@ -418,7 +423,7 @@ async fn run(args: KeeperArgs) -> anyhow::Result<()> {
     let ttl_check = go_duration(&args.ttl_check).unwrap_or(Duration::from_secs(300));
     let shared = Arc::new(Shared {
         status: Mutex::new(KeeperStatus::default()),
-        pulled_since: Mutex::new(0),
+        pulled_since: Mutex::new((0, SystemTime::now())),
         wake: tokio::sync::Notify::new(),
         root: args.root.clone(),
     });
@@ -447,7 +452,7 @@ async fn run(args: KeeperArgs) -> anyhow::Result<()> {
             last_ttl_check = Some(Instant::now());
         }
         let (a, p) = (args.clone(), pins.clone());
-        *shared.pulled_since.lock().unwrap() = 0;
+        *shared.pulled_since.lock().unwrap() = (0, SystemTime::now());
         let result = tokio::task::spawn_blocking(move || look(&a, &p, ttl, ttl_due)).await?;
         let registry = read_registry(&http, &args.registry_debug).await;
         {
