@@ -33,8 +33,16 @@ use meta::{names, Component};
 /// document back. Multi-line strings (the config files) are literal blocks; long single-line
 /// strings stay on their line, unfolded, as serde_yaml wrote them.
 pub fn to_yaml<T: serde::Serialize>(value: &T) -> String {
+    let mut out = String::new();
+    write_yaml(&mut out, value);
+    out
+}
+
+/// [`to_yaml`] appended to `out`: `render` writes every document of a mirror into one buffer
+/// instead of a String per document that is then copied into the stream.
+pub fn write_yaml<T: serde::Serialize>(out: &mut String, value: &T) {
     let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
-    serde_saphyr::to_string_with_options(value, options).expect("serializes to YAML")
+    serde_saphyr::to_fmt_writer_with_options(out, value, options).expect("serializes to YAML")
 }
 
 /// Operator-wide settings the builders need.
