@@ -697,7 +697,7 @@ pub async fn monitor(
         http,
         samples: HashMap::new(),
         recent_429: HashSet::new(),
-        counters_sent: HashMap::new(),
+        counters: CounterThrottle::default(),
     };
     loop {
         ticker.tick().await;
@@ -718,8 +718,39 @@ struct Monitor {
     samples: HashMap<String, SidecarSample>,
     /// Pods whose 429s were new in the previous round.
     recent_429: HashSet<String>,
-    /// When each mirror was last triggered.
-    counters_sent: HashMap<String, Instant>,
+    /// When a change of counters alone triggers each mirror.
+    counters: CounterThrottle,
+}
+
+/// Which mirrors a round triggers: at once on a change of health; on a change of counters alone
+/// (failed lookups, cache fill, an eviction) at most every `every`. A change held back is
+/// remembered and sent when its time comes, even if nothing moved since: an eviction a few
+/// seconds after the last trigger reaches the status a minute later, not at the next change.
+#[derive(Default)]
+struct CounterThrottle {
+    sent: HashMap<String, Instant>,
+    pending: HashSet<String>,
+}
+
+impl CounterThrottle {
+    fn due(&mut self, key: &str, changed: bool, counters: bool, every: Duration, now: Instant) -> bool {
+        if counters {
+            self.pending.insert(key.to_string());
+        }
+        let due = changed
+            || (self.pending.contains(key)
+                && self.sent.get(key).is_none_or(|t| now.saturating_duration_since(*t) >= every));
+        if due {
+            self.sent.insert(key.to_string(), now);
+            self.pending.remove(key);
+        }
+        due
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.sent.remove(key);
+        self.pending.remove(key);
+    }
 }
 
 impl Monitor {
@@ -743,13 +774,9 @@ impl Monitor {
                 next_samples.insert(pod.uid, s);
             }
             let (changed, counters) = self.health.set(&key, after);
-            let counters_due =
-                counters && self.counters_sent.get(&key).is_none_or(|t| t.elapsed() >= self.options.counters_every);
-            if changed || counters_due {
-                self.counters_sent.insert(key.clone(), Instant::now());
-                if trigger.send(mirror).is_err() {
-                    return false;
-                }
+            let due = self.counters.due(&key, changed, counters, self.options.counters_every, Instant::now());
+            if due && trigger.send(mirror).is_err() {
+                return false;
             }
         }
         // Mirrors whose proxies are all gone: nothing is known of them any more.
@@ -758,7 +785,7 @@ impl Monitor {
             if !live.contains(&key) {
                 self.health.forget(&key);
                 self.metrics.forget_upstreams(&key);
-                self.counters_sent.remove(&key);
+                self.counters.forget(&key);
             }
         }
         self.samples = next_samples;
@@ -854,6 +881,28 @@ mod tests {
 
     fn time(s: &str) -> Time {
         Time(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_change_of_counters_held_back_is_sent_when_due_even_if_nothing_moved_since() {
+        let every = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut t = CounterThrottle::default();
+        // The first change of counters goes at once; a health change always does.
+        assert!(t.due("m", false, true, every, at(0)));
+        assert!(t.due("m", true, false, every, at(5)));
+        // An eviction 10 s later is held back; the rounds after it see no change...
+        assert!(!t.due("m", false, true, every, at(15)));
+        assert!(!t.due("m", false, false, every, at(25)));
+        assert!(!t.due("m", false, false, every, at(64)));
+        // ...and it is still sent once the minute has passed, once.
+        assert!(t.due("m", false, false, every, at(65)));
+        assert!(!t.due("m", false, false, every, at(200)));
+        // Other mirrors are throttled on their own; a forgotten mirror starts afresh.
+        assert!(t.due("n", false, true, every, at(66)));
+        t.forget("m");
+        assert!(t.due("m", false, true, every, at(70)));
     }
 
     #[test]
