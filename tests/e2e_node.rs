@@ -863,15 +863,17 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
 
 /// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, the given high watermark (an
 /// edge only for its image: the upstream sidecar runs `edge.image`, the only Envoy on the node).
-fn keep_mirror_yaml(fx: &Fixture, high: u32) -> String {
+/// The `keep` mirror: one upstream, an 8Mi emptyDir cache, high/low marks 70/40, `pins`.
+fn keep_mirror_yaml(fx: &Fixture, pins: &[String]) -> String {
     let addr = fx.registry("alpha");
+    let pins = serde_json::to_string(pins).unwrap();
     format!(
         "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: keep, namespace: {NS}}}\nspec:\n\
          \x20 upstreams:\n\
          \x20 - {{name: alpha, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: alpha-creds}}, {auth}}}\n\
          \x20 proxy: {{image: \"{proxy}\", replicas: 1, storage: {{emptyDir: {{sizeLimit: 8Mi}}}}}}\n\
          \x20 edge: {{image: \"{ENVOY_IMAGE}\", domain: keep.test}}\n\
-         \x20 cache: {{highWatermark: {high}, lowWatermark: 40}}\n\
+         \x20 cache: {{highWatermark: 70, lowWatermark: 40, pins: {pins}}}\n\
          \x20 prefetch: {{images: [\"{addr}/e2e/fill0:1\"]}}\n",
         auth = sidecar_auth(&addr),
         proxy = fx.proxy_image,
@@ -904,7 +906,7 @@ fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
             format!("{addr}/e2e/{name}:1")
         })
         .collect();
-    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, 70)));
+    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, &[])));
     let available = || {
         let m = json(&["-n", NS, "get", "registrymirror", "keep", "-o", "json"]);
         m["status"]["conditions"]
@@ -982,19 +984,20 @@ fn step04f_a_proxy_cache_filled_past_twice_its_empty_dir_limit_keeps_its_pod() {
         cache["fillPercent"], cache["lastEviction"]["bytes"], cache["lastEviction"]["images"], prefetch["bytes"]
     ));
 
-    // Negative control: the same pulls with eviction by size off (highWatermark 100) get the pod
-    // evicted by the kubelet, so the check above can fail.
-    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, 100)));
-    wait_for("keep's proxy rolled with highWatermark 100", TIMEOUT, || {
+    // Negative control: the same pulls with every image pinned (nothing the keeper may evict) get
+    // the pod evicted by the kubelet, so the check above can fail. (highWatermark 100 is no
+    // control: above 100 % of the declared sizeLimit the keeper still evicts, within seconds.)
+    kubectl_ok(&["apply", "-f", "-"], Some(&keep_mirror_yaml(fx, &images)));
+    wait_for("keep's proxy rolled with every image pinned", TIMEOUT, || {
         uid_of_ready().filter(|u| *u != uid).and_then(|_| available().then_some(()))
     });
     fill(fx);
     let filled = Instant::now();
-    wait_for("the kubelet evicts the keep proxy (control: eviction by size off)", Duration::from_secs(240), || {
+    wait_for("the kubelet evicts the keep proxy (control: every image pinned)", Duration::from_secs(240), || {
         evicted().then_some(())
     });
     fx.figure(format!(
-        "control, highWatermark 100: the kubelet evicted the proxy pod {:.0}s after 18 MiB went through its 8Mi emptyDir",
+        "control, all 12 images pinned: the kubelet evicted the proxy pod {:.0}s after 18 MiB went through its 8Mi emptyDir",
         filled.elapsed().as_secs_f64()
     ));
     kubectl_ok(&["-n", NS, "delete", "registrymirror", "keep", "--wait=true", "--timeout=120s"], None);

@@ -230,7 +230,9 @@ fn default_prefetch_platforms() -> Vec<String> {
 ]))]
 pub struct CacheSpec {
     /// Percent of the cache volume (the `emptyDir`'s `sizeLimit`, the claim's capacity) above
-    /// which the least recently pulled images are evicted. 100: never evict by size.
+    /// which the least recently pulled images are evicted. 100: evict by size only once the cache
+    /// is larger than the whole volume (an `emptyDir` past its `sizeLimit`, which the kubelet
+    /// would evict the pod for).
     #[serde(default = "default_high_watermark")]
     #[schemars(range(min = 1, max = 100))]
     pub high_watermark: i32,

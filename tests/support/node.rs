@@ -73,12 +73,42 @@ impl RealNode {
         String::from_utf8_lossy(&out.stdout).lines().any(|l| l == image)
     }
 
-    /// Removes `image` from the node (and so the next Pod using it pulls again).
+    /// Every image name on the node with the digest it points at (`ctr images ls`).
+    fn image_targets(&self) -> Vec<(String, String)> {
+        let out = self.ctr(&["images", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let mut cols = l.split_whitespace();
+                let name = cols.next()?.to_string();
+                Some((name, cols.nth(1)?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Removes `image` from the node, and so the next Pod using it pulls again, layers included.
+    /// The CRI plugin gives every image in `k8s.io` a second name, `sha256:<config digest>`,
+    /// pointing at the same manifest; while that name stays, the layers' snapshots stay and a new
+    /// pull of the same image fetches its manifest and config only. That name goes too, unless
+    /// another name still points at the image.
     pub fn remove_image(&self, image: &str) {
+        let targets = self.image_targets();
+        let target = targets.iter().find(|(n, _)| n == image).map(|(_, d)| d.clone());
         let out = self.ctr(&["images", "rm", "--sync", image]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() || err.contains("not found"), "ctr images rm {image}: {}", describe_output(&out));
         assert!(!self.has_image(image), "{image} is still on the node after ctr images rm");
+        let Some(target) = target else { return };
+        let named_elsewhere = targets.iter().any(|(n, d)| *d == target && n != image && !n.starts_with("sha256:"));
+        if named_elsewhere {
+            return;
+        }
+        for (id, _) in targets.iter().filter(|(n, d)| *d == target && n.starts_with("sha256:")) {
+            let out = self.ctr(&["images", "rm", "--sync", id]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || err.contains("not found"), "ctr images rm {id}: {}", describe_output(&out));
+        }
     }
 
     /// `ctr images pull --hosts-dir <certs.d>`: a pull by the node's containerd with the registry
