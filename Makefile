@@ -119,7 +119,7 @@ bench-upstream: ## Proxy + upstream sidecar, Distribution 2.8 and 3.x (MIRRORFLE
 	$(CARGO) test --locked --test upstream_sidecar -- --ignored --nocapture --test-threads=1 bench_pull_times
 
 .PHONY: bench-cache
-bench-cache: ## Cache keeper: eviction of a ~1 GiB / 6,000-blob store to the low mark (medians of 3); upstream fetches of a replayed 90-day pull sequence, expiry by last pull vs Distribution's by first caching
+bench-cache: ## Cache keeper: eviction of a ~1.2 GiB / 8,000-blob store to the low mark (medians of 3); upstream fetches of a replayed 90-day pull sequence, expiry by last pull vs Distribution's by first caching
 	$(CARGO) bench --locked --bench cache
 
 bench-agent: ## Node agent: config change -> file, mirror death -> withdrawal (medians; root for the blackhole case)

@@ -3,7 +3,7 @@
 //!
 //! 1. **Eviction.** A store in Distribution's filesystem layout is written to a temporary
 //!    directory: `BENCH_CACHE_IMAGES` images (default 2,000) of two layers of
-//!    `BENCH_CACHE_LAYER_KIB` KiB (default 256: about 1 GiB, 6,000 blobs with the configs and
+//!    `BENCH_CACHE_LAYER_KIB` KiB (default 256: about 1.2 GiB on disk, 8,000 blobs with the configs and
 //!    manifests), every image pulled at a different time. From the full store, an eviction to a
 //!    low mark of 60 % (the high mark set just under the fill): time of the inventory, of the
 //!    choice, of the deletion, and the bytes freed. Three rounds (a fresh store each), medians.
