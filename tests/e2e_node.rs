@@ -861,9 +861,8 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
     ));
 }
 
-/// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, the given high watermark (an
-/// edge only for its image: the upstream sidecar runs `edge.image`, the only Envoy on the node).
-/// The `keep` mirror: one upstream, an 8Mi emptyDir cache, high/low marks 70/40, `pins`.
+/// The `keep` mirror of step 04f: one upstream, an 8Mi emptyDir, marks 70/40, the given `pins`
+/// (an edge only for its image: the upstream sidecar runs `edge.image`, the only Envoy on the node).
 fn keep_mirror_yaml(fx: &Fixture, pins: &[String]) -> String {
     let addr = fx.registry("alpha");
     let pins = serde_json::to_string(pins).unwrap();

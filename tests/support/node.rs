@@ -95,20 +95,22 @@ impl RealNode {
     pub fn remove_image(&self, image: &str) {
         let targets = self.image_targets();
         let target = targets.iter().find(|(n, _)| n == image).map(|(_, d)| d.clone());
-        let out = self.ctr(&["images", "rm", "--sync", image]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() || err.contains("not found"), "ctr images rm {image}: {}", describe_output(&out));
+        self.remove_image_name(image);
         assert!(!self.has_image(image), "{image} is still on the node after ctr images rm");
         let Some(target) = target else { return };
-        let named_elsewhere = targets.iter().any(|(n, d)| *d == target && n != image && !n.starts_with("sha256:"));
-        if named_elsewhere {
+        if targets.iter().any(|(n, d)| *d == target && n != image && !n.starts_with("sha256:")) {
             return;
         }
         for (id, _) in targets.iter().filter(|(n, d)| *d == target && n.starts_with("sha256:")) {
-            let out = self.ctr(&["images", "rm", "--sync", id]);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() || err.contains("not found"), "ctr images rm {id}: {}", describe_output(&out));
+            self.remove_image_name(id);
         }
+    }
+
+    /// `ctr images rm --sync NAME`; a name already gone is fine.
+    fn remove_image_name(&self, name: &str) {
+        let out = self.ctr(&["images", "rm", "--sync", name]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() || err.contains("not found"), "ctr images rm {name}: {}", describe_output(&out));
     }
 
     /// `ctr images pull --hosts-dir <certs.d>`: a pull by the node's containerd with the registry
