@@ -559,6 +559,8 @@ fn set_upstream_health(h: &Harness, name: &str, reachable: bool, error: Option<(
         }),
         failed_lookups: Some(3),
         rate_limited: Some(0),
+        served_stale: Some(2),
+        failed_pulls: Some(1),
         cache: None,
     };
     h.ctx.upstream_health.set(&format!("{NS}/{name}"), [("dockerhub".to_string(), health)].into());
@@ -574,6 +576,7 @@ async fn an_unreachable_upstream_shows_in_status_at_once_and_degrades_the_mirror
     h.reconcile(&name).await.unwrap();
     let up = &h.mirror(&name).status.unwrap().upstreams[0];
     assert_eq!((up.reachable, up.failed_lookups, up.last_error.as_ref()), (Some(true), Some(3), None));
+    assert_eq!((up.served_stale, up.failed_pulls), (Some(2), Some(1)));
 
     h.api.clear_requests();
     set_upstream_health(

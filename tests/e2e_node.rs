@@ -367,9 +367,9 @@ fn upstream_blob_gets(fx: &Fixture, upstream: &str, repo: &str) -> Vec<(String, 
 }
 
 /// A Pod running `image` on the node; returns the kubelet's pull time when it pulled.
-fn run_pod(name: &str, image: &str) -> Option<f64> {
-    let _ = kubectl(&["-n", NS, "delete", "pod", name, "--ignore-not-found", "--wait=true", "--grace-period=1"], None);
-    let pod = json!({
+/// A restricted pod running `image`, pulled if not present.
+fn app_pod(name: &str, image: &str) -> Value {
+    json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NS, "labels": {"e2e-node": "app"}},
         "spec": {
@@ -380,7 +380,12 @@ fn run_pod(name: &str, image: &str) -> Option<f64> {
                 "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
             }],
         },
-    });
+    })
+}
+
+fn run_pod(name: &str, image: &str) -> Option<f64> {
+    let _ = kubectl(&["-n", NS, "delete", "pod", name, "--ignore-not-found", "--wait=true", "--grace-period=1"], None);
+    let pod = app_pod(name, image);
     kubectl_ok(&["apply", "-f", "-"], Some(&pod.to_string()));
     wait_for(&format!("pod {name} ({image}) Running"), TIMEOUT, || {
         let p = json(&["-n", NS, "get", "pod", name, "-o", "json"]);
@@ -629,6 +634,40 @@ fn mirror_events(reason: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A GET of a manifest through the upstream's proxy Service (as the node's user): (seconds,
+/// "status body").
+fn uncached_answer(upstream: &str, repo: &str, tag: &str) -> (f64, String) {
+    use base64::Engine;
+    let endpoint = upstream_status(upstream)["endpoint"].as_str().expect("the proxy endpoint").to_string();
+    let addr = endpoint.trim_start_matches("http://").to_string();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{NODE_USER}:{}", NODE_PASSWORDS[0]))
+    );
+    let started = Instant::now();
+    let r = support::http_get(&addr, &format!("/v2/{repo}/manifests/{tag}"), &[("Authorization", auth.as_str())]);
+    (started.elapsed().as_secs_f64(), format!("{} {}", r.status, r.text()))
+}
+
+/// Runs a pod whose image cannot be pulled: (seconds until the kubelet reported the failure, its
+/// message).
+fn failing_pull(name: &str, image: &str) -> (f64, String) {
+    let _ = kubectl(&["-n", NS, "delete", "pod", name, "--ignore-not-found", "--wait=true", "--grace-period=1"], None);
+    let pod = app_pod(name, image);
+    let started = Instant::now();
+    kubectl_ok(&["apply", "-f", "-"], Some(&pod.to_string()));
+    let message = wait_for(&format!("pod {name} ({image}) failing its pull"), TIMEOUT, || {
+        let events = events_of(name, "Failed");
+        events["items"].as_array()?.iter().find_map(|e| {
+            let m = e["message"].as_str()?;
+            m.contains("Failed to pull image").then(|| m.to_string())
+        })
+    });
+    let took = started.elapsed().as_secs_f64();
+    let _ = kubectl(&["-n", NS, "delete", "pod", name, "--wait=true", "--grace-period=1"], None);
+    (took, message)
+}
+
 /// Drops new connections from the proxy pods (and anyone) to one port on the node's address
 /// (iptables INPUT), until dropped: the upstream blackholed for the pods.
 struct NodePortBlackhole {
@@ -687,6 +726,19 @@ fn step04b_an_upstream_outage_shows_in_status_while_the_node_keeps_pulling_cache
     fx.node.remove_image(&image);
     let cached = run_pod("outage", &image).expect("the kubelet pulled the cached image");
     fx.node.remove_image(&image);
+    // An image the proxy never cached: the proxy pod's front answers 503 and says why, fast.
+    let (uncached, said) = uncached_answer("alpha", "e2e/alpha-never-cached", "1");
+    assert!(uncached <= 10.0, "uncached manifest answered after {uncached:.1}s: {said}");
+    assert!(
+        said.starts_with("503 ")
+            && said.contains("e2e/alpha-never-cached:1 is not in this mirror's cache and its upstream"),
+        "{said}"
+    );
+    // The kubelet's pull of it: containerd reports the mirror's 503 (then tries the upstream
+    // itself, blackholed here too).
+    let (kubelet_failed, kubelet_said) =
+        failing_pull("outage-uncached", &format!("{}/e2e/alpha-never-cached:1", fx.registry("alpha")));
+    assert!(kubelet_said.contains("503 Service Unavailable"), "the kubelet's pull error: {kubelet_said}");
     let (reachable, reason) = wait_for("alpha unreachable in the status", Duration::from_secs(60), || {
         let (r, reason) = upstream_state("alpha");
         (r == Some(false)).then_some((r, reason))
@@ -726,9 +778,18 @@ fn step04b_an_upstream_outage_shows_in_status_while_the_node_keeps_pulling_cache
     assert!(!mirror_events("UpstreamReachable").is_empty(), "no Event UpstreamReachable");
     let alpha = upstream_status("alpha");
     assert!(alpha["failedLookups"].as_i64().unwrap_or(0) >= 1, "the outage's lookups were not counted: {alpha}");
+    // The pull served stale and the ones that failed (counters reach the status within a minute).
+    let alpha = wait_for("servedStale and failedPulls in the status", Duration::from_secs(90), || {
+        let alpha = upstream_status("alpha");
+        (alpha["servedStale"].as_i64().unwrap_or(0) >= 1 && alpha["failedPulls"].as_i64().unwrap_or(0) >= 2)
+            .then_some(alpha)
+    });
     fx.figure(format!(
         "upstream blackholed (iptables DROP on the node): cached tag pulled on the node in {cached:.3}s (kubelet's 'Pulled'); \
-         status reachable=false after {seen:.1}s, Degraded after {degraded:.1}s; reachable again {recovered:.1}s after the upstream returned"
+         uncached manifest answered 503 with the reason in {uncached:.3}s, the kubelet's pull failed after {kubelet_failed:.1}s; \
+         status reachable=false after {seen:.1}s, Degraded after {degraded:.1}s; reachable again {recovered:.1}s after the upstream returned; \
+         servedStale {}, failedPulls {}",
+        alpha["servedStale"], alpha["failedPulls"]
     ));
 }
 

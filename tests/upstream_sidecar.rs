@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -159,8 +160,12 @@ impl Bed {
         let rendered = all.remove(0);
         let port = |a: &str| a.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
         let (tap_port, token_port) = (port(&tap_addr), port(upstream.token_server().addr()));
+        // Pulls go to the sidecar's front (the pod's registry port), the registry listens behind it.
+        let proxy_addr = free_addr();
         // Listen ports move to free ones; the upstream addresses are real and stay.
         let sidecar_ports = BTreeMap::from([
+            (sidecar::FRONT_PORT as u64, port(&proxy_addr)),
+            (sidecar::REGISTRY_LOCAL_PORT as u64, free_port()),
             (sidecar::LISTEN_PORT as u64, free_port()),
             (sidecar::ADMIN_PORT as u64, free_port()),
             (sidecar::PROBE_PORT as u64, free_port()),
@@ -176,7 +181,7 @@ impl Bed {
             registry_bin: registry_bin.to_path_buf(),
             rendered,
             storage: tmp.path().join("cache"),
-            proxy_addr: free_addr(),
+            proxy_addr,
             sidecar_ports,
             tmp,
         };
@@ -201,7 +206,9 @@ impl Bed {
 
         let config = files["proxy/dockerhub/config.yml"].replace(&sidecar::local_remote_url(), &self.local_remote());
         assert!(config.contains(&self.local_remote()), "the registry's remote is the sidecar: {config}");
-        let local = patch_registry_config(&config, &self.proxy_addr, &self.storage, None);
+        assert!(config.contains(&format!("addr: 127.0.0.1:{}", sidecar::REGISTRY_LOCAL_PORT)), "{config}");
+        let registry_addr = format!("127.0.0.1:{}", self.sidecar_ports[&(sidecar::REGISTRY_LOCAL_PORT as u64)]);
+        let local = patch_registry_config(&config, &registry_addr, &self.storage, None);
         let secrets = BTreeMap::from([
             (("hub-creds".to_string(), "username".to_string()), CREDS.0.to_string()),
             (("hub-creds".to_string(), "password".to_string()), CREDS.1.to_string()),
@@ -383,6 +390,7 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
         assert_eq!(reachable(&healthy), Some(true), "[{version}] healthy upstream: {healthy:?}");
         for fault in [Fault::Blackhole, Fault::Hang, Fault::Refused, Fault::Status(429), Fault::Status(503)] {
             let mut counters_before = bed.sidecar_sample();
+            let pulls_before = counters_before.clone();
             let guard = bed.fault(fault);
             let before = bed.upstream_requests();
             let (out, took) = bed.pull("cached:v1");
@@ -409,16 +417,57 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
             }
             let (out, digest_took) = bed.pull(&format!("cached@{digest}"));
             assert_ok(&format!("[{version}] by digest, upstream {fault:?}"), &out, &bed);
-            let (out, uncached) = bed.pull("uncached:v1");
+            // skopeo (containers/image) retries a 429 with backoff for half a minute: that is the
+            // client honouring the rate limit; the mirror's answer is timed with a GET below.
+            let (out, uncached) = match fault {
+                Fault::Status(429) => (Command::new("false").output().unwrap(), Duration::ZERO),
+                _ => bed.pull("uncached:v1"),
+            };
             assert!(!out.status.success(), "[{version}] an uncached image pulled with the upstream {fault:?}");
             assert!(uncached <= UNCACHED_BOUND, "[{version}] uncached, upstream {fault:?}: {uncached:?}");
+            // The front says why, instead of Distribution's "manifest unknown": 503 (429 when
+            // rate-limited) with the reason in the body. Clients built on Distribution's client
+            // code (skopeo, Docker) show a 5xx's status only, containerd too: the status is what
+            // a node's pull error (a kubelet Event) says.
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("manifest unknown") || err.contains("unknown"), "[{version}] {fault:?}: {err}");
+            // Within a request, Envoy's own 503 for a host its health check marked down says
+            // only that; the request that met the failure says what it was.
+            const DOWN: &str = "is down (its health checks get no connection, no answer or a 5xx)";
+            let (code, why): (u16, &[&str]) = match fault {
+                Fault::Status(429) => (429, &["is rate-limiting this mirror (429)"]),
+                Fault::Status(_) => (503, &["answered with a server error (5xx)", DOWN]),
+                Fault::Refused => (503, &["refused the connection", DOWN]),
+                Fault::Blackhole => (503, &["did not accept a connection within 1s", DOWN]),
+                Fault::Hang => (503, &["did not answer within 2s", DOWN]),
+            };
+            if code == 503 {
+                assert!(
+                    err.contains("503 Service Unavailable") && !err.contains("manifest unknown"),
+                    "[{version}] {fault:?}: {err}"
+                );
+            }
+            let asked = Instant::now();
+            let answer = http_get(&bed.proxy_addr, "/v2/library/uncached/manifests/v1", &[]);
+            let answered = asked.elapsed();
+            assert!(answered <= UNCACHED_BOUND, "[{version}] uncached GET, upstream {fault:?}: {answered:?}");
+            let said = answer.text();
+            assert!(
+                answer.status == code
+                    && why.iter().any(|why| {
+                        said.contains(&format!(
+                            "library/uncached:v1 is not in this mirror's cache and its upstream {} {why}",
+                            bed.tap_addr
+                        ))
+                    }),
+                "[{version}] {fault:?}: {} {said}",
+                answer.status
+            );
             if fault == Fault::Refused || fault == Fault::Blackhole {
                 // Nothing got through to the registry: the blackhole and refusal are real.
                 assert_eq!(bed.upstream_requests().0, before.0, "[{version}] {fault:?} let requests through");
             }
             eprintln!("[{version}] upstream {fault:?}: cached tag {took:?}, by digest {digest_took:?}, uncached fails in {uncached:?}");
+            eprintln!("[{version}]   uncached: {} / GET in {answered:?}: {} {said}", err.trim(), answer.status);
             // What the operator's upstream monitor makes of the sidecar's counters: the kind of
             // failure, reachability as the health check has it, and the failed lookups.
             let (want_kind, want_reachable) = match fault {
@@ -470,11 +519,28 @@ fn cached_tags_are_served_and_uncached_fail_fast_whatever_the_upstream_does() {
                     bed.envoy.as_ref().unwrap().log()
                 );
             }
+            // The front counted the cached tag it served stale and the uncached pull that failed
+            // (its counting request is asynchronous: read until it is in).
+            let counted = wait_until(Duration::from_secs(5), || {
+                let now = bed.sidecar_sample();
+                (now.served_stale > pulls_before.served_stale && now.failed_pulls > pulls_before.failed_pulls)
+                    .then_some(now)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "[{version}] {fault:?}: stale-served / failed pulls not counted: {pulls_before:?} -> {:?}",
+                    bed.sidecar_sample()
+                )
+            });
             eprintln!(
-                "[{version}]   monitor: {:?}, reachable {want_reachable}, failed lookups {} -> {}",
+                "[{version}]   monitor: {:?}, reachable {want_reachable}, failed lookups {} -> {}, served stale {} -> {}, failed pulls {} -> {}",
                 kind.unwrap(),
                 counters_before.failed_lookups,
-                now.failed_lookups
+                now.failed_lookups,
+                pulls_before.served_stale,
+                counted.served_stale,
+                pulls_before.failed_pulls,
+                counted.failed_pulls
             );
             let stats = bed.envoy.as_ref().unwrap().stats();
             let why: Vec<&str> = stats
@@ -662,8 +728,10 @@ fn the_sidecar_speaks_tls_to_an_anonymous_upstream() {
     );
     let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
     let rendered = render_str(&yaml, &opts).unwrap().remove(0);
-    let listen = free_port();
+    let (listen, front, registry) = (free_port(), free_port(), free_port());
     let ports = BTreeMap::from([
+        (sidecar::FRONT_PORT as u64, front),
+        (sidecar::REGISTRY_LOCAL_PORT as u64, registry),
         (sidecar::LISTEN_PORT as u64, listen),
         (sidecar::ADMIN_PORT as u64, free_port()),
         (sidecar::PROBE_PORT as u64, free_port()),
@@ -677,10 +745,12 @@ fn the_sidecar_speaks_tls_to_an_anonymous_upstream() {
     let envoy = Envoy::start(&dir, sidecar::CONFIG_FILE);
     let remote = format!("http://127.0.0.1:{listen}");
     let proxy_config = rendered.fleet.files["proxy/corp/config.yml"].replace(&sidecar::local_remote_url(), &remote);
-    let proxy = Registry::start(&patch_registry_config(&proxy_config, &free_addr(), &tmp.path().join("cache"), None));
+    let local = format!("127.0.0.1:{registry}");
+    let _proxy = Registry::start(&patch_registry_config(&proxy_config, &local, &tmp.path().join("cache"), None));
 
+    // Through the front, as a node pulls.
     let out = Skopeo::new().copy(
-        &format!("docker://{}/library/tlsimage:v1", proxy.addr()),
+        &format!("docker://127.0.0.1:{front}/library/tlsimage:v1"),
         &format!("oci:{}", tmp.path().join("pulled").display()),
         &["--src-tls-verify=false"],
     );

@@ -967,6 +967,14 @@ pub struct UpstreamStatus {
     /// Upstream answers 429 (rate limited), summed over the running proxies since they started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limited: Option<i64>,
+    /// Pulls by tag served from the cache while the upstream failed their lookup (the tag may be
+    /// older than upstream's), summed over the running proxies since they started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_stale: Option<i64>,
+    /// Manifest requests that failed because the upstream failed and the image was not cached
+    /// (answered 503 or 429 saying why), summed over the running proxies since they started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_pulls: Option<i64>,
     /// The proxies' caches, as their cache keepers report them (filesystem storage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<UpstreamCache>,

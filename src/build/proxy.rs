@@ -73,7 +73,8 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bo
         },
         "storage": null,
         "http": {
-            "addr": format!(":{REGISTRY_PORT}"),
+            // With a sidecar, its front listener holds the pod's registry port.
+            "addr": if sidecar { format!("127.0.0.1:{}", sidecar::REGISTRY_LOCAL_PORT) } else { format!(":{REGISTRY_PORT}") },
             // On SIGTERM, finish the layer downloads in flight instead of cutting them (a
             // rollout or a cleanup replaces replicas); below terminationGracePeriodSeconds.
             "draintimeout": format!("{DRAIN_SECONDS}s"),
@@ -128,10 +129,16 @@ pub fn proxy_config_map(
 }
 
 pub fn proxy_service(mirror: &RegistryMirror, upstream: &Upstream, settings: &Settings) -> Service {
+    // The registry port by number: it is the registry's, or the upstream sidecar's front (a
+    // named port on a native sidecar resolves only from Kubernetes 1.29 on).
     let port = |name: &str, port: i32| ServicePort {
         name: Some(name.into()),
         port,
-        target_port: Some(IntOrString::String(name.into())),
+        target_port: Some(if port == REGISTRY_PORT {
+            IntOrString::Int(port)
+        } else {
+            IntOrString::String(name.into())
+        }),
         protocol: Some("TCP".into()),
         app_protocol: Some("http".into()),
         ..Default::default()
@@ -308,20 +315,19 @@ pub fn proxy_deployment(
         // The image's entrypoint runs `registry serve <file>` for a *.yml argument (2.x and 3.x).
         args: Some(vec![format!("{CONFIG_DIR}/{CONFIG_FILE}")]),
         env: (!env.is_empty()).then_some(env),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: REGISTRY_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("metrics".into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-        ]),
+        // With a sidecar, the registry port is its front's (the registry is on loopback).
+        ports: Some(
+            [("http", REGISTRY_PORT), ("metrics", METRICS_PORT)]
+                .into_iter()
+                .filter(|(name, _)| sidecar_config.is_none() || *name != "http")
+                .map(|(name, port)| ContainerPort {
+                    name: Some(name.into()),
+                    container_port: port,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction { seconds: PRE_STOP_SECONDS }),

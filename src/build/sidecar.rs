@@ -14,6 +14,12 @@
 //!   instead: 1 s connect timeout, 2 s for a manifest or tag exchange, an idle timeout for blob
 //!   bodies, and an unhealthy or ejected host answers 503 in under a millisecond.
 //! * Pulls by digest are served from storage first and never reach this hop.
+//! * The pod's registry port (5000) is this Envoy too (the `front` listener; the registry listens
+//!   on loopback behind it): Distribution answers a tag it could not look up and does not hold
+//!   with `manifest unknown`, the same as for a name that does not exist. The front knows better:
+//!   it reads this Envoy's upstream counters around each manifest request (`front.lua`) and
+//!   answers such a pull with 503 (or 429) and why, and counts the pulls it served stale and
+//!   the ones that failed (the operator's `servedStale` / `failedPulls`).
 //!
 //! The config is static (a bootstrap only), so a change rolls the pod like `config.yml` does.
 //! No credential is in it: the registry sends its Basic credentials to `/_token` through Envoy.
@@ -29,6 +35,18 @@ use crate::api::{RegistryMirror, Upstream, UpstreamAuth, UpstreamAuthType};
 
 /// The registry's remote: the sidecar's listener, on loopback only.
 pub const LISTEN_PORT: i32 = 5080;
+/// The pod's registry port: the front listener, in front of the registry.
+pub const FRONT_PORT: i32 = super::proxy::REGISTRY_PORT;
+/// Where the registry itself listens behind the front (loopback only).
+pub const REGISTRY_LOCAL_PORT: i32 = 5004;
+/// Clusters the front's Lua counts with (one local request each; Envoy's cluster stats count).
+pub const STALE_CLUSTER: &str = "served_stale";
+pub const FAILED_CLUSTER: &str = "failed_pulls";
+/// The front's script; `@NAME@` placeholders are filled in by [`front_script`].
+const FRONT_LUA: &str = include_str!("front.lua");
+/// The counters the front reads around a manifest request (`/stats?filter=`): lookup failures
+/// of the `lookup` virtual cluster, and why, per upstream cluster.
+const FRONT_STATS: &str = r"^(vhost\.upstream\.vcluster\.lookup\.upstream_rq_(timeout|429|5xx)|cluster\.(registry|realm)\.(membership_healthy|upstream_cx_connect_fail|upstream_cx_connect_timeout|upstream_cx_none_healthy|upstream_rq_pending_failure_eject|upstream_rq_timeout|upstream_rq_429|upstream_rq_5xx))$";
 /// Envoy's admin interface, loopback only.
 pub const ADMIN_PORT: i32 = 5081;
 /// Serves only `/ready` and `/stats/prometheus` from the admin interface, for kubelet's probes.
@@ -168,16 +186,91 @@ pub fn sidecar_config(mirror: &RegistryMirror, upstream: &Upstream, auth: &Upstr
             },
         }]}],
     });
+    clusters.push(local_cluster("local_registry", REGISTRY_LOCAL_PORT));
+    for counter in [STALE_CLUSTER, FAILED_CLUSTER] {
+        clusters.push(local_cluster(counter, ADMIN_PORT));
+    }
     let bootstrap = json!({
         "node": {"id": names::proxy(mirror, &upstream.name), "cluster": "upstream-sidecar"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}},
-        "static_resources": {"listeners": [listener, admin_listener], "clusters": clusters},
+        "static_resources": {
+            "listeners": [listener, front_listener(&registry.authority), admin_listener],
+            "clusters": clusters,
+        },
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {
             // Only the local registry connects.
             "overload": {"global_downstream_max_connections": 10000},
         }}]},
     });
     super::to_yaml(&bootstrap)
+}
+
+/// The front script with its placeholders filled in.
+pub fn front_script(upstream_authority: &str) -> String {
+    let stats_path =
+        format!("/stats?filter={}", url::form_urlencoded::byte_serialize(FRONT_STATS.as_bytes()).collect::<String>());
+    [
+        ("@UPSTREAM@", upstream_authority),
+        ("@STATS_PATH@", stats_path.as_str()),
+        ("@ADMIN_CLUSTER@", "admin"),
+        ("@STALE_CLUSTER@", STALE_CLUSTER),
+        ("@FAILED_CLUSTER@", FAILED_CLUSTER),
+        ("@CONNECT_TIMEOUT@", CONNECT_TIMEOUT),
+        ("@LOOKUP_TIMEOUT@", LOOKUP_TIMEOUT),
+    ]
+    .into_iter()
+    .fold(FRONT_LUA.to_string(), |script, (placeholder, value)| script.replace(placeholder, value))
+}
+
+/// The pod's registry port: everything goes on to the registry on loopback, unbounded in time
+/// (layers are large; the registry's own upstream waits are bounded by the `upstream` listener),
+/// through the front script (see the module doc).
+fn front_listener(upstream_authority: &str) -> Value {
+    json!({
+        "name": "front",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": FRONT_PORT}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "front",
+                // The registry's own Server header and Host reach the client and the registry.
+                "server_header_transformation": "PASS_THROUGH",
+                "route_config": {"name": "front", "virtual_hosts": [{
+                    "name": "front",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "local_registry", "timeout": "0s"}}],
+                }]},
+                "http_filters": [
+                    {
+                        "name": "envoy.filters.http.lua",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                            "default_source_code": {"inline_string": front_script(upstream_authority)},
+                        },
+                    },
+                    router(),
+                ],
+            },
+        }]}],
+    })
+}
+
+/// A cluster on loopback: the registry behind the front, or the admin interface (counting).
+/// Every node's pulls of this upstream meet in this pod: Envoy's default circuit breakers
+/// (1,024 requests) would answer 503 beyond them.
+fn local_cluster(name: &str, port: i32) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": "127.0.0.1", "port_value": port},
+        }}}]}]},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000,
+        }]},
+    })
 }
 
 /// The registry's ping, answered here and never forwarded.
@@ -295,7 +388,7 @@ pub fn sidecar_container(image: &str, config_mount: &VolumeMount, tmp_mount: &Vo
             format!("{}/{CONFIG_FILE}", config_mount.mount_path),
             "--log-level".into(),
             "warn".into(),
-            // One worker: the only client is the local registry.
+            // One worker: the local registry, and the front's pulls (one worker moves GB/s).
             "--concurrency".into(),
             "1".into(),
             // The access log reaches `kubectl logs` (and the operator, after a 429) within a
@@ -303,12 +396,20 @@ pub fn sidecar_container(image: &str, config_mount: &VolumeMount, tmp_mount: &Vo
             "--file-flush-interval-msec".into(),
             "1000".into(),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("envoy-admin".into()),
-            container_port: PROBE_PORT,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: FRONT_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("envoy-admin".into()),
+                container_port: PROBE_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
         startup_probe: Some(probe(1, 30)),
         liveness_probe: Some(probe(10, 6)),
         resources: Some(pod::resources(None, SIDECAR_REQUESTS)),
@@ -458,6 +559,72 @@ mod tests {
         // The remote URL's path prefixes what is forwarded, and the health check.
         assert_eq!(routes[1]["route"]["regex_rewrite"]["substitution"], "/mirror\\1");
         assert_eq!(cluster(&e, "registry")["health_checks"][0]["http_health_check"]["path"], "/mirror/v2/");
+    }
+
+    #[test]
+    fn the_front_holds_the_registry_port_and_the_registry_moves_behind_it_on_loopback() {
+        let m = mirror(HUB, "");
+        let e = envoy(&m);
+        let listeners = e["static_resources"]["listeners"].as_array().unwrap();
+        let front = listeners.iter().find(|l| l["name"] == "front").unwrap();
+        assert_eq!(front["address"]["socket_address"]["address"], "0.0.0.0");
+        assert_eq!(front["address"]["socket_address"]["port_value"], FRONT_PORT);
+        let manager = &front["filter_chains"][0]["filters"][0]["typed_config"];
+        let route = &manager["route_config"]["virtual_hosts"][0]["routes"][0];
+        assert_eq!(route["match"]["prefix"], "/");
+        // No total bound in front of the registry: a layer takes as long as it takes.
+        assert_eq!(route["route"], json!({"cluster": "local_registry", "timeout": "0s"}));
+        let filters = manager["http_filters"].as_array().unwrap();
+        assert_eq!(filters[0]["name"], "envoy.filters.http.lua");
+        assert_eq!(filters.last().unwrap()["name"], "envoy.filters.http.router");
+        let script = filters[0]["typed_config"]["default_source_code"]["inline_string"].as_str().unwrap();
+        assert_eq!(script, front_script("registry-1.docker.io"));
+        assert!(!script.contains("@UPSTREAM@") && !script.contains("@STATS_PATH@") && !script.contains("@ADMIN"));
+        assert!(script.contains("local UPSTREAM = \"registry-1.docker.io\""));
+        // The stats filter reaches Envoy's admin URL-encoded, and names what the script reads.
+        let path = script.lines().find(|l| l.starts_with("local STATS")).unwrap();
+        assert!(path.contains("/stats?filter=%5E%28vhost%5C.upstream%5C.vcluster%5C.lookup"), "{path}");
+        for stat in ["upstream_cx_connect_timeout", "upstream_rq_429", "membership_healthy"] {
+            assert!(path.contains(stat) && script.contains(stat), "{stat}");
+        }
+        let local = |name: &str| {
+            cluster(&e, name)["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"]
+                .clone()
+        };
+        assert_eq!(local("local_registry"), json!({"address": "127.0.0.1", "port_value": REGISTRY_LOCAL_PORT}));
+        for counter in [STALE_CLUSTER, FAILED_CLUSTER] {
+            assert_eq!(local(counter), json!({"address": "127.0.0.1", "port_value": ADMIN_PORT}));
+            assert!(script.contains(&format!("count(handle, \"{counter}\")")), "{counter}");
+        }
+        assert_eq!(cluster(&e, "local_registry")["circuit_breakers"]["thresholds"][0]["max_requests"], 100000);
+
+        // The registry listens on loopback behind the front; the pod's `http` port is the sidecar's.
+        let files = build(&m, &Inputs::default(), &Settings::default()).unwrap().files;
+        assert!(files["proxy/hub/config.yml"].contains(&format!("addr: 127.0.0.1:{REGISTRY_LOCAL_PORT}")));
+        let d = deployment(&m);
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let ports = |c: &Container| {
+            c.ports.iter().flatten().map(|p| (p.name.clone().unwrap(), p.container_port)).collect::<Vec<_>>()
+        };
+        assert_eq!(ports(&pod.containers[0]), [("metrics".to_string(), crate::build::proxy::METRICS_PORT)]);
+        let sidecar = pod.init_containers.unwrap().into_iter().find(|c| c.name == CONTAINER_NAME).unwrap();
+        assert_eq!(ports(&sidecar), [("http".to_string(), FRONT_PORT), ("envoy-admin".to_string(), PROBE_PORT)]);
+        let fleet = build(&m, &Inputs::default(), &Settings::default()).unwrap();
+        let service =
+            &fleet.children.services.iter().find(|s| s.metadata.name.as_deref() == Some("m-proxy-hub")).unwrap();
+        let http = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!(http.target_port, Some(IntOrString::Int(FRONT_PORT)), "by number: named sidecar ports need 1.29");
+
+        // Without a sidecar the registry holds the port itself.
+        let unknown = mirror("{name: u, registry: r.io, remoteURL: \"https://registry.corp\"}", "");
+        let files = build(&unknown, &Inputs::default(), &Settings::default()).unwrap().files;
+        assert!(
+            files["proxy/u/config.yml"].contains(":5000") && !files["proxy/u/config.yml"].contains("127.0.0.1:5004")
+        );
+        let d = deployment(&unknown);
+        let registry = &d.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(ports(registry)[0], ("http".to_string(), FRONT_PORT));
     }
 
     #[test]

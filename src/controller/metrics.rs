@@ -49,6 +49,8 @@ pub struct Metrics {
     pub upstream_reachable: Family<UpstreamLabels, Gauge>,
     pub upstream_failed_lookups: Family<UpstreamLabels, Gauge>,
     pub upstream_rate_limited: Family<UpstreamLabels, Gauge>,
+    pub upstream_served_stale: Family<UpstreamLabels, Gauge>,
+    pub upstream_failed_pulls: Family<UpstreamLabels, Gauge>,
     /// The upstream series written, so a mirror's can be removed.
     upstream_series: Mutex<BTreeSet<UpstreamLabels>>,
     ready: AtomicBool,
@@ -118,11 +120,25 @@ impl Metrics {
             "Upstream answers 429, summed over the running proxies since they started",
             upstream_rate_limited.clone(),
         );
+        let upstream_served_stale = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "mirrorfleet_upstream_served_stale",
+            "Pulls by tag served from the cache while the upstream failed their lookup, summed over the running proxies since they started",
+            upstream_served_stale.clone(),
+        );
+        let upstream_failed_pulls = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "mirrorfleet_upstream_failed_pulls",
+            "Manifest requests failed because the upstream failed and the image was not cached, summed over the running proxies since they started",
+            upstream_failed_pulls.clone(),
+        );
         Self {
             registry,
             upstream_reachable,
             upstream_failed_lookups,
             upstream_rate_limited,
+            upstream_served_stale,
+            upstream_failed_pulls,
             upstream_series: Mutex::default(),
             reconciles,
             reconcile_errors,
@@ -176,9 +192,12 @@ impl Metrics {
                 self.upstream_reachable.remove(&labels);
             }
         }
-        for (family, value) in
-            [(&self.upstream_failed_lookups, health.failed_lookups), (&self.upstream_rate_limited, health.rate_limited)]
-        {
+        for (family, value) in [
+            (&self.upstream_failed_lookups, health.failed_lookups),
+            (&self.upstream_rate_limited, health.rate_limited),
+            (&self.upstream_served_stale, health.served_stale),
+            (&self.upstream_failed_pulls, health.failed_pulls),
+        ] {
             match value {
                 Some(v) => {
                     family.get_or_create(&labels).set(v);
@@ -201,6 +220,8 @@ impl Metrics {
                 self.upstream_reachable.remove(l);
                 self.upstream_failed_lookups.remove(l);
                 self.upstream_rate_limited.remove(l);
+                self.upstream_served_stale.remove(l);
+                self.upstream_failed_pulls.remove(l);
             }
             !gone
         });

@@ -83,6 +83,11 @@ pub struct SidecarSample {
     /// Manifest, tag-list and token requests (the `lookup` virtual cluster) that failed: timeouts,
     /// locally answered 503s (upstream unreachable), 429 and 5xx answers.
     pub failed_lookups: u64,
+    /// Pulls by tag the front served from the cache while the upstream failed the lookup.
+    pub served_stale: u64,
+    /// Manifest requests the front answered with the upstream's failure (not cached, upstream
+    /// failing).
+    pub failed_pulls: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -153,6 +158,13 @@ pub fn parse_sidecar_stats(text: &str) -> SidecarSample {
             continue;
         }
         let Some(cluster) = label("envoy_cluster_name") else { continue };
+        if name == "envoy_cluster_upstream_rq_total" {
+            match cluster {
+                sidecar::STALE_CLUSTER => sample.served_stale = n,
+                sidecar::FAILED_CLUSTER => sample.failed_pulls = n,
+                _ => {}
+            }
+        }
         if !sidecar::UPSTREAM_CLUSTERS.contains(&cluster) {
             continue;
         }
@@ -362,6 +374,8 @@ pub struct UpstreamHealth {
     pub last_error: Option<UpstreamError>,
     pub failed_lookups: Option<i64>,
     pub rate_limited: Option<i64>,
+    pub served_stale: Option<i64>,
+    pub failed_pulls: Option<i64>,
     /// The proxies' caches (from their keepers), None without keepers.
     pub cache: Option<crate::api::UpstreamCache>,
 }
@@ -418,6 +432,8 @@ pub fn aggregate(previous: Option<&UpstreamHealth>, readings: &[PodReading<'_>],
         last_error,
         failed_lookups: sum(|s| s.failed_lookups),
         rate_limited: sum(rate_limited),
+        served_stale: sum(|s| s.served_stale),
+        failed_pulls: sum(|s| s.failed_pulls),
         cache: None,
     }
 }
@@ -440,6 +456,8 @@ pub fn apply_health(
     status.last_error = health.last_error.or_else(|| previous.and_then(|p| p.last_error.clone()));
     status.failed_lookups = health.failed_lookups;
     status.rate_limited = health.rate_limited;
+    status.served_stale = health.served_stale;
+    status.failed_pulls = health.failed_pulls;
     // Unknown now (no keeper answered this round): the last figures stay.
     status.cache = health.cache.or_else(|| previous.and_then(|p| p.cache.clone()));
 }
@@ -517,7 +535,11 @@ impl HealthStore {
             })
         };
         let counters = |h: Option<&BTreeMap<String, UpstreamHealth>>| {
-            h.map(|h| h.values().map(|v| (v.failed_lookups, v.rate_limited, v.cache.clone())).collect::<Vec<_>>())
+            h.map(|h| {
+                h.values()
+                    .map(|v| (v.failed_lookups, v.rate_limited, v.served_stale, v.failed_pulls, v.cache.clone()))
+                    .collect::<Vec<_>>()
+            })
         };
         let changed = (summary(old) != summary(Some(&health)), counters(old) != counters(Some(&health)));
         inner.insert(mirror_key.to_string(), health);
@@ -920,7 +942,11 @@ mod tests {
     fn sample(healthy: u64, f: impl FnOnce(&mut ClusterCounters)) -> SidecarSample {
         let mut c = ClusterCounters { healthy: Some(healthy), ..Default::default() };
         f(&mut c);
-        SidecarSample { clusters: BTreeMap::from([("registry".to_string(), c)]), failed_lookups: 0 }
+        SidecarSample {
+            clusters: BTreeMap::from([("registry".to_string(), c)]),
+            failed_lookups: 0,
+            ..Default::default()
+        }
     }
 
     #[test]
