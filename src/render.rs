@@ -172,7 +172,14 @@ fn inputs_from_secrets(mirror: &RegistryMirror, secrets: &BTreeMap<String, Secre
         Some(secret_strings(secret))
     });
     let edge_ca = edge_ca_input(mirror, |name| secrets.get(&format!("{ns}/{name}")));
-    Inputs { client_users, secret_versions: BTreeMap::new(), proxy_endpoints: opts.endpoints.clone(), edge_ca }
+    Inputs {
+        client_users,
+        secret_versions: BTreeMap::new(),
+        proxy_endpoints: opts.endpoints.clone(),
+        edge_ca,
+        // A mirror read back from the cluster carries what the operator learned in its status.
+        learned_auth: crate::controller::challenge::learned_in_status(mirror),
+    }
 }
 
 /// [`Inputs::edge_ca`]: the edge TLS Secret's `ca.crt`, only with `nodeConfig.via: Edge` (no other

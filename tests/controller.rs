@@ -46,12 +46,19 @@ struct Harness {
     metrics: Arc<Metrics>,
 }
 
+/// Upstreams are not asked for their challenge (the children must not depend on whether this
+/// machine reaches the samples' registries); `an_upstream_without_auth_gets_the_sidecar_once_its_challenge_is_learned`
+/// asks its own.
 fn harness() -> Harness {
-    harness_with(Options::default())
+    harness_with(Options { learn_challenges: false, ..Options::default() })
 }
 
 fn harness_with(options: Options) -> Harness {
-    let api = FakeApi::new();
+    harness_on(FakeApi::new(), options)
+}
+
+/// A fresh operator (a restart) on an API that may hold objects already.
+fn harness_on(api: FakeApi, options: Options) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let m = metrics.clone();
     let client =
@@ -545,6 +552,90 @@ async fn status_conditions_follow_the_workloads() {
     assert!(degraded.message.contains("1/2"), "{}", degraded.message);
 }
 
+/// Answers every request with 401 and a Bearer challenge (a registry with token auth), until
+/// the runtime ends; (remote URL, realm).
+fn challenging_upstream() -> (String, String) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let realm = format!("http://{addr}/auth/token");
+    let header = format!("Bearer realm=\"{realm}\",service=\"corp-registry\"");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let body = "{\"errors\":[{\"code\":\"UNAUTHORIZED\"}]}";
+            let answer = format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {header}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    (format!("http://{addr}"), realm)
+}
+
+fn has_sidecar(h: &Harness, deployment: &str) -> bool {
+    let d = h.api.get(DEPLOYMENTS, NS, deployment).expect("the proxy Deployment");
+    d["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["name"] == "upstream-envoy"))
+}
+
+/// Issue 12: an upstream without `auth` that is not a known public registry. The operator asks
+/// it for its challenge without holding the reconcile up; the answer renders the sidecar and is
+/// kept in the status, so a restarted operator renders the same proxy while the upstream is
+/// gone; a new remote URL is asked again.
+#[tokio::test]
+async fn an_upstream_without_auth_gets_the_sidecar_once_its_challenge_is_learned() {
+    let (remote, realm) = challenging_upstream();
+    let h = harness_with(Options { learn_challenges: true, ..Options::default() });
+    let name = h.load(&format!(
+        "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: corp}}\nspec:\n  \
+         upstreams: [{{name: corp, registry: corp.example, remoteURL: \"{remote}\"}}]\n"
+    ));
+    let started = std::time::Instant::now();
+    h.reconcile(&name).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "the reconcile waited for the upstream");
+    let mut learned = false;
+    for _ in 0..50 {
+        h.reconcile(&name).await.unwrap();
+        if has_sidecar(&h, "corp-proxy-corp") {
+            learned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(learned, "no sidecar after the challenge was asked");
+    let status = h.mirror(&name).status.unwrap();
+    let got = status.upstreams[0].learned_auth.clone().expect("learnedAuth in the status");
+    assert_eq!(got.remote_url, remote);
+    assert_eq!(got.auth, mirrorfleet::api::UpstreamAuth::bearer(&realm, "corp-registry"));
+    let cm = h.api.get(CONFIGMAPS, NS, "corp-proxy-corp").unwrap();
+    let envoy = cm["data"]["envoy.yaml"].as_str().expect("the sidecar's config");
+    assert!(envoy.contains("prefix_rewrite: /auth/token") && envoy.contains("service=\"corp-registry\""), "{envoy}");
+
+    // A restarted operator whose upstream no longer answers: the status says what it was.
+    let restarted = harness_on(h.api.clone(), Options { learn_challenges: true, ..Options::default() });
+    h.api.edit(DEPLOYMENTS, NS, "corp-proxy-corp", "kubectl-edit", None, |d| {
+        d["spec"]["template"]["spec"]["initContainers"] = json!([]);
+    });
+    restarted.reconcile(&name).await.unwrap();
+    assert!(has_sidecar(&restarted, "corp-proxy-corp"), "the restarted operator dropped the learned sidecar");
+
+    // Another remote URL (nothing listens there): not the learned challenge; no sidecar.
+    let dead = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    restarted.edit_spec(&name, |spec| spec["upstreams"][0]["remoteURL"] = json!(dead));
+    restarted.reconcile(&name).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    restarted.reconcile(&name).await.unwrap();
+    assert!(!has_sidecar(&restarted, "corp-proxy-corp"));
+    assert_eq!(restarted.mirror(&name).status.unwrap().upstreams[0].learned_auth, None);
+}
+
 /// What the upstream monitor would have read from the proxies' sidecars.
 fn set_upstream_health(h: &Harness, name: &str, reachable: bool, error: Option<(&str, &str)>) {
     use mirrorfleet::api::UpstreamError;
@@ -748,7 +839,8 @@ async fn deletion_waits_for_live_agents_then_releases_the_finalizer() {
 
 #[tokio::test]
 async fn node_removal_times_out_with_a_warning_naming_the_nodes() {
-    let h = harness_with(Options { node_removal_timeout: Duration::ZERO, ..Options::default() });
+    let h =
+        harness_with(Options { node_removal_timeout: Duration::ZERO, learn_challenges: false, ..Options::default() });
     let name = h.public();
     h.reconcile(&name).await.unwrap();
     h.api.insert(NODES, node("node-1"));

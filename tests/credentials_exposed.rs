@@ -46,6 +46,7 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
     let empty = Default::default();
     let services = Default::default();
     let health = Default::default();
+    let learned = Default::default();
     let obs = Observed {
         deployments: &empty,
         services: &services,
@@ -56,6 +57,7 @@ fn the_status_carries_the_condition_and_its_first_appearance_is_a_warning() {
         upstream_health: &health,
         node_conflicts: &[],
         node_zones: &[],
+        learned_auth: &learned,
     };
     let now = mirrorfleet::controller::status::now();
     let status = observed_status(&corp, obs, &now);

@@ -610,6 +610,45 @@ fn a_proxy_starts_while_its_upstream_is_down_and_pulls_with_credentials_once_it_
     }
 }
 
+/// An upstream without `auth`: the operator asks the real token-auth Distribution (through the
+/// tap, as a proxy would reach it) for its challenge, and what it learned renders the same proxy
+/// files as that challenge written in the spec (the Bed's mirror, proven above) — also when
+/// `mirrorfleet render` reads it back from the status of a mirror exported from the cluster.
+#[test]
+fn the_challenge_the_operator_learns_renders_the_proxy_the_spec_would() {
+    if !available() {
+        return;
+    }
+    let upstream = AuthUpstream::start(CREDS.0, CREDS.1);
+    let tap = Tap::start(upstream.addr());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = mirrorfleet::agent::probe::https_client(Duration::from_secs(2), None).unwrap();
+    let learned = rt
+        .block_on(mirrorfleet::controller::challenge::ask(&client, &tap.url()))
+        .unwrap_or_else(|e| panic!("asking the upstream: {e}"));
+    let realm = upstream.token_server().realm();
+    assert_eq!(learned, mirrorfleet::api::UpstreamAuth::bearer(&realm, TOKEN_SERVICE));
+
+    let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
+    let spec = render_str(&mirror_yaml(&tap.url(), &realm), &opts).unwrap().remove(0);
+    let without_auth = mirror_yaml(&tap.url(), &realm)
+        .replace(&format!("    auth: {{realm: \"{realm}\", service: {TOKEN_SERVICE}}}\n"), "");
+    assert!(!without_auth.contains("auth: {realm"), "{without_auth}");
+    let bare = render_str(&without_auth, &opts).unwrap().remove(0);
+    assert!(!bare.fleet.files.contains_key("proxy/dockerhub/envoy.yaml"), "unknown and not learned: no sidecar");
+    let exported = format!(
+        "{without_auth}status:\n  upstreams:\n  - {{name: dockerhub, registry: docker.io, replicas: 1, readyReplicas: 1, \
+         learnedAuth: {{remoteURL: \"{}\", auth: {{type: Bearer, realm: \"{}\", service: \"{}\"}}}}}}\n",
+        tap.url(),
+        learned.realm.as_deref().unwrap(),
+        learned.service.as_deref().unwrap()
+    );
+    let from_status = render_str(&exported, &opts).unwrap().remove(0);
+    for file in ["proxy/dockerhub/config.yml", "proxy/dockerhub/envoy.yaml"] {
+        assert_eq!(from_status.fleet.files.get(file), spec.fleet.files.get(file), "{file}");
+    }
+}
+
 #[test]
 fn the_rendered_sidecar_configs_of_public_registries_pass_envoy_validation() {
     if !tools_available(&["envoy"]) {

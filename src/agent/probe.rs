@@ -137,10 +137,10 @@ impl Tracker {
     }
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 /// A probe client, or why there cannot be one (an edge CA that does not parse).
-type ClientResult = Result<HttpsClient, String>;
+pub type ClientResult = Result<HttpsClient, String>;
 
 /// Dials each mirror endpoint on its own schedule and publishes every endpoint's health.
 pub struct Prober {
@@ -154,9 +154,16 @@ pub struct Prober {
 
 /// A client trusting the agent's CA bundle and, when given, the certificates of `extra_ca`.
 fn client(settings: &ProbeSettings, extra_ca: Option<&str>) -> ClientResult {
+    https_client(settings.timeout, extra_ca)
+}
+
+/// An unpooled http/https client trusting the system CA bundle (the image's, or
+/// `SSL_CERT_FILE`) and, when given, the certificates of `extra_ca` (the node agent's probes,
+/// the operator's challenge probe).
+pub fn https_client(connect_timeout: Duration, extra_ca: Option<&str>) -> ClientResult {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
-    http.set_connect_timeout(Some(settings.timeout));
+    http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
@@ -217,7 +224,7 @@ fn is_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -978,6 +978,22 @@ pub struct UpstreamStatus {
     /// The proxies' caches, as their cache keepers report them (filesystem storage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<UpstreamCache>,
+    /// The upstream's challenge as the operator learned it, for an upstream without `auth` that
+    /// is not a known public registry: its proxies run the upstream sidecar with it. Kept here so
+    /// a restarted operator renders the same proxies while the upstream is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_auth: Option<LearnedAuth>,
+}
+
+/// A challenge learned from `GET <remoteURL>/v2/`: 401 with `WWW-Authenticate: Bearer realm=...,
+/// service=...` (type Bearer), or 200 (type None).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedAuth {
+    /// The remote URL it was learned from: another remoteURL is learned again.
+    #[serde(rename = "remoteURL")]
+    pub remote_url: String,
+    pub auth: UpstreamAuth,
 }
 
 /// One upstream's caches, summed over the proxy replicas whose keeper answered.

@@ -23,7 +23,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 
 use crate::api::validate::{validate, InvalidSpec, Problem};
-use crate::api::RegistryMirror;
+use crate::api::{RegistryMirror, Upstream, UpstreamAuth};
 use meta::{names, Component};
 
 /// YAML text of a value: the config files inside ConfigMaps and `render`'s manifests. serde-saphyr
@@ -93,6 +93,15 @@ pub struct Inputs {
     /// The `ca.crt` of the edge TLS Secret as it is there, read only for `nodeConfig.via: Edge`:
     /// the CA nodes then trust for the edge hosts. A certificate, not a credential.
     pub edge_ca: Option<String>,
+    /// Upstream name -> the challenge the operator learned from the upstream, for upstreams
+    /// without `auth` that are not known public registries ([`upstream_auth`]).
+    pub learned_auth: BTreeMap<String, UpstreamAuth>,
+}
+
+/// The challenge an upstream's sidecar answers with: the spec's `auth`, a known public
+/// registry's, else the one the operator learned. None: the proxy runs without the sidecar.
+pub fn upstream_auth(upstream: &Upstream, inputs: &Inputs) -> Option<UpstreamAuth> {
+    upstream.effective_auth().or_else(|| inputs.learned_auth.get(&upstream.name).cloned())
 }
 
 /// Every child object of one RegistryMirror. The apply step destructures this without `..`, so
@@ -196,7 +205,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
     c.services.reserve(per_upstream);
     let mut files = BTreeMap::new();
 
-    c.network_policies = network::network_policies(mirror);
+    c.network_policies = network::network_policies(mirror, inputs);
 
     // Proxies and what they read.
     let htpasswd =
@@ -208,7 +217,7 @@ pub fn build_valid(mirror: &RegistryMirror, inputs: &Inputs, settings: &Settings
         false,
     ));
     for upstream in &spec.upstreams {
-        let auth = upstream.effective_auth();
+        let auth = upstream_auth(upstream, inputs);
         let envoy = auth.as_ref().map(|auth| sidecar::sidecar_config(mirror, upstream, auth));
         let config = proxy::registry_config(mirror, upstream, envoy.is_some());
         c.config_maps.push(proxy::proxy_config_map(mirror, upstream, &config, envoy.as_deref()));

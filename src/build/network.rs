@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use super::meta::{self, Component, APP_NAME, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
-use super::{edge, keeper, proxy, sidecar};
+use super::{edge, keeper, proxy, sidecar, upstream_auth, Inputs};
 use crate::api::{NetworkPolicySpec as Spec, RegistryMirror};
 
 /// The label every namespace carries with its own name (Kubernetes 1.22 and newer).
@@ -33,18 +33,18 @@ pub fn edge_policy_name(mirror: &RegistryMirror) -> String {
 }
 
 /// The policies of a mirror with `networkPolicy`: the proxies', and the edge's when it has one.
-pub fn network_policies(mirror: &RegistryMirror) -> Vec<NetworkPolicy> {
+pub fn network_policies(mirror: &RegistryMirror, inputs: &Inputs) -> Vec<NetworkPolicy> {
     let Some(spec) = &mirror.spec.network_policy else {
         return Vec::new();
     };
-    let mut out = vec![proxies_policy(mirror, spec)];
+    let mut out = vec![proxies_policy(mirror, spec, inputs)];
     if let Some(e) = &mirror.spec.edge {
         out.push(edge_policy(mirror, spec, e.tls()));
     }
     out
 }
 
-fn proxies_policy(mirror: &RegistryMirror, spec: &Spec) -> NetworkPolicy {
+fn proxies_policy(mirror: &RegistryMirror, spec: &Spec, inputs: &Inputs) -> NetworkPolicy {
     let mut pullers = clients(spec);
     if mirror.spec.edge.is_some() {
         // The edge forwards every pull to the proxies' Services (same namespace).
@@ -63,7 +63,7 @@ fn proxies_policy(mirror: &RegistryMirror, spec: &Spec) -> NetworkPolicy {
     };
     // Only proxies with an upstream sidecar have its port, only those with a cache keeper its.
     let mut operator_ports = Vec::new();
-    if mirror.spec.upstreams.iter().any(|u| u.effective_auth().is_some()) {
+    if mirror.spec.upstreams.iter().any(|u| upstream_auth(u, inputs).is_some()) {
         operator_ports.push(tcp(IntOrString::Int(sidecar::PROBE_PORT)));
     }
     if keeper::managed(mirror) {
@@ -204,7 +204,7 @@ mod tests {
 
     #[test]
     fn no_policy_without_the_field() {
-        assert!(network_policies(&mirror("")).is_empty());
+        assert!(network_policies(&mirror(""), &Inputs::default()).is_empty());
         let fleet = build_valid(&mirror(""), &Inputs::default(), &Settings::default());
         assert!(fleet.children.network_policies.is_empty());
     }
@@ -212,7 +212,7 @@ mod tests {
     #[test]
     fn the_proxies_admit_the_listed_clients_the_edge_and_the_operator_only() {
         let m = mirror(FULL);
-        let policies = network_policies(&m);
+        let policies = network_policies(&m, &Inputs::default());
         assert_eq!(policies.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["m-proxies", "m-edge"]);
         let proxies = &policies[0];
         assert_eq!(proxies.spec.as_ref().unwrap().policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
@@ -259,7 +259,7 @@ mod tests {
             "  edge: {domain: mirror.example.com}\n  networkPolicy: {metricsFromNamespaces: [monitoring]}\n",
             "  networkPolicy: {fromCIDRs: [10.0.0.0/8]}\n",
         ] {
-            let policies = network_policies(&mirror(extra));
+            let policies = network_policies(&mirror(extra), &Inputs::default());
             assert!(!policies.is_empty(), "{extra}");
             for p in &policies {
                 let ingress = p.spec.as_ref().unwrap().ingress.as_ref().expect("ingress is always written");
@@ -269,21 +269,24 @@ mod tests {
                 }
             }
         }
-        let policies = network_policies(&mirror("  edge: {domain: mirror.example.com}\n  networkPolicy: {}\n"));
+        let policies = network_policies(
+            &mirror("  edge: {domain: mirror.example.com}\n  networkPolicy: {}\n"),
+            &Inputs::default(),
+        );
         assert_eq!(rules(&policies[0]).len(), 2, "edge and operator only");
         assert!(rules(&policies[1]).is_empty(), "the edge admits nobody (beyond its node)");
         assert_eq!(
-            ports(&rules(&network_policies(&mirror("  networkPolicy: {}\n"))[0])[0]),
+            ports(&rules(&network_policies(&mirror("  networkPolicy: {}\n"), &Inputs::default())[0])[0]),
             [IntOrString::Int(5082), IntOrString::Int(LISTEN_PORT)]
         );
         // Without an upstream sidecar the operator reads only the keepers ...
         let mut plain = mirror("  networkPolicy: {}\n");
         plain.spec.upstreams.retain(|u| u.name == "corp");
-        assert_eq!(ports(&rules(&network_policies(&plain)[0])[0]), [IntOrString::Int(LISTEN_PORT)]);
+        assert_eq!(ports(&rules(&network_policies(&plain, &Inputs::default())[0])[0]), [IntOrString::Int(LISTEN_PORT)]);
         // ... and on S3 storage (no keeper) nothing.
         plain.spec.proxy.storage =
             serde_json::from_value(serde_json::json!({"s3": {"bucket": "b", "region": "r"}})).unwrap();
-        assert!(rules(&network_policies(&plain)[0]).is_empty());
+        assert!(rules(&network_policies(&plain, &Inputs::default())[0]).is_empty());
     }
 
     #[test]

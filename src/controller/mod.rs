@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod apply;
 pub mod caches;
+pub mod challenge;
 pub mod children;
 pub mod error;
 pub mod inputs;
@@ -108,6 +109,10 @@ pub struct RunArgs {
     /// reachability, last error, failed lookups in the status); 0 turns the readings off.
     #[arg(long, default_value_t = 10, env = "MIRRORFLEET_UPSTREAM_CHECK_SECONDS")]
     pub upstream_check_seconds: u64,
+    /// Ask upstreams without `upstreams[].auth` (and not a known public registry) for their
+    /// challenge (`GET <remoteURL>/v2/`), so their proxies run the upstream sidecar too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "MIRRORFLEET_LEARN_UPSTREAM_CHALLENGES")]
+    pub learn_upstream_challenges: bool,
     /// Mirrors reconciled at the same time.
     #[arg(long, default_value_t = 8, env = "MIRRORFLEET_CONCURRENCY")]
     pub concurrency: u16,
@@ -273,6 +278,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = Options {
         requeue: Duration::from_secs(args.requeue_seconds),
         node_removal_timeout: Duration::from_secs(args.node_removal_timeout_seconds),
+        learn_challenges: args.learn_upstream_challenges,
         upstream_monitor: (args.upstream_check_seconds > 0).then(|| upstreams::MonitorOptions {
             interval: Duration::from_secs(args.upstream_check_seconds),
             ..Default::default()
@@ -587,6 +593,8 @@ pub async fn run_controller(
 
     // Upstream health changes trigger their mirror's reconcile, which writes them to the status.
     let (health_tx, health_rx) = tokio::sync::mpsc::unbounded_channel();
+    // So does a learned upstream challenge.
+    ctx.challenges.set_trigger(health_tx.clone());
     let monitor = ctx.options.upstream_monitor.clone().map(|options| {
         tokio::spawn(upstreams::monitor(
             client.clone(),

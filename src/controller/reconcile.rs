@@ -49,6 +49,8 @@ pub struct Options {
     pub max_backoff: Duration,
     /// Reading the proxies' upstream sidecars ([`upstreams::monitor`]); None: not read.
     pub upstream_monitor: Option<upstreams::MonitorOptions>,
+    /// Asking upstreams without `auth` for their challenge ([`super::challenge`]).
+    pub learn_challenges: bool,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             upstream_monitor: Some(upstreams::MonitorOptions::default()),
+            learn_challenges: true,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// What the proxies' upstream sidecars see of each upstream ([`super::upstreams::monitor`]).
     pub upstream_health: Arc<HealthStore>,
+    /// Challenges learned from upstreams without `auth` ([`super::challenge`]).
+    pub challenges: super::challenge::Challenges,
     removal_started: Mutex<HashMap<String, Instant>>,
     /// Every mirror the controller watches, for the rule that two mirrors do not configure one
     /// registry on one node ([`conflicts`]). Unset (request-level tests): listed when needed.
@@ -111,6 +116,7 @@ impl Context {
             writers: Mutex::new(Some(writers)),
             cleanup_reports: Mutex::default(),
             applied_services: Mutex::default(),
+            challenges: super::challenge::Challenges::new(options.learn_challenges),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
@@ -331,6 +337,8 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
         Err(e) if e.class() == ErrorClass::WaitForChange => return Err(report_problem(mirror, ctx, e).await),
         Err(e) => return Err(e),
     };
+    // Upstreams without `auth`: the challenge as learned before (status) or asked now.
+    inputs.learned_auth = ctx.challenges.learned(mirror);
     // A registry another mirror already configures on nodes this one selects: refused, nothing
     // written, until the other goes or one of them changes (the mirror watch brings that).
     let node_conflicts = ctx.node_conflicts(mirror).await?;
@@ -495,6 +503,7 @@ async fn reconcile_mirror(mirror: &RegistryMirror, ctx: &Context) -> Result<Acti
             upstream_health: &upstream_health,
             node_conflicts: &node_conflicts,
             node_zones: &node_zones,
+            learned_auth: &inputs.learned_auth,
         };
         let now = status::now();
         let new_status = status::observed_status(mirror, observed, &now);

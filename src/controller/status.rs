@@ -11,7 +11,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::conflicts::NodeConflict;
-use crate::api::{CleanupResult, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamStatus, ZoneNodes};
+use crate::api::{
+    CleanupResult, LearnedAuth, NodeCounts, RegistryMirror, RegistryMirrorStatus, UpstreamAuth, UpstreamStatus,
+    ZoneNodes,
+};
 use crate::build::cleanup::{CleanupOutcome, CleanupReport, CLEANUP_CONTAINER};
 use crate::build::meta::names;
 use crate::build::proxy::REGISTRY_PORT;
@@ -53,6 +56,8 @@ pub struct Observed<'a> {
     pub node_conflicts: &'a [NodeConflict],
     /// The node agents per zone ([`zone_counts`]); empty when not known.
     pub node_zones: &'a [ZoneNodes],
+    /// Per upstream name: the challenge learned from it ([`super::challenge`]).
+    pub learned_auth: &'a BTreeMap<String, UpstreamAuth>,
 }
 
 /// Agents per zone: each agent Pod counts for the zone of its node (`zone_of`: the node's
@@ -186,6 +191,10 @@ fn upstream_statuses(mirror: &RegistryMirror, obs: &Observed<'_>, now: &Time, de
             ready_replicas: c.ready,
             ..Default::default()
         };
+        status.learned_auth = obs
+            .learned_auth
+            .get(&u.name)
+            .map(|auth| LearnedAuth { remote_url: u.remote_url.clone(), auth: auth.clone() });
         let before = previous.iter().find(|p| p.name == u.name);
         upstreams::apply_health(&mut status, obs.upstream_health.get(&u.name), before, now);
         if let Some(down) = upstreams::unreachable_for(&status, now).filter(|d| *d >= upstreams::DEGRADED_AFTER) {
