@@ -57,6 +57,11 @@ pub fn registry_config(mirror: &RegistryMirror, upstream: &Upstream, sidecar: bo
         let mut s3_cfg = json!({"region": s3.region, "bucket": s3.bucket, "rootdirectory": root});
         if let Some(endpoint) = &s3.endpoint {
             s3_cfg["regionendpoint"] = json!(endpoint);
+            // Path-style requests (`ENDPOINT/BUCKET/KEY`): an S3-compatible service is reached
+            // by its endpoint's own name (a Service, an IP), which has no `BUCKET.` subdomain.
+            // 2.8 sends them whenever an endpoint is set; 3.x only with this key (default false:
+            // `BUCKET.ENDPOINT`, which does not resolve).
+            s3_cfg["forcepathstyle"] = json!(true);
         }
         storage_cfg["s3"] = s3_cfg;
         // Nodes and Envoy may not reach the bucket; serve blobs through the proxy itself.

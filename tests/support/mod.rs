@@ -28,6 +28,7 @@ pub mod image;
 pub mod kubectl;
 pub mod node;
 pub mod registry;
+pub mod s3;
 pub mod skopeo;
 
 // Re-exports so tests write `support::Registry`; any given test crate uses

@@ -43,8 +43,9 @@ impl Registry {
 
     /// [`Registry::start`] with extra environment, e.g. the pod's
     /// `REGISTRY_PROXY_USERNAME`/`REGISTRY_PROXY_PASSWORD`, which override the
-    /// config file. Inherited `REGISTRY_*` variables are removed so a
-    /// developer's shell cannot change the config under test.
+    /// config file. Inherited `REGISTRY_*` and `AWS_*` variables are removed so a
+    /// developer's shell cannot change the config under test (2.8's S3 driver
+    /// panics at start on an inherited `AWS_CA_BUNDLE`).
     pub fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> Registry {
         Registry::start_bin(&require("docker-registry"), config_yaml, env)
     }
@@ -82,7 +83,7 @@ impl Registry {
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg(&config_path);
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("REGISTRY_") {
+            if key.to_string_lossy().starts_with("REGISTRY_") || key.to_string_lossy().starts_with("AWS_") {
                 cmd.env_remove(key);
             }
         }
