@@ -217,9 +217,10 @@ fn mirror_yaml(fx: &Fixture, upstreams: &[&str], via: &str, proxy_node_selector:
         .iter()
         .map(|u| {
             let addr = fx.registry(u);
+            // gamma has no `auth`: the operator learns its challenge (step 07).
+            let auth = if *u == "gamma" { String::new() } else { format!(", {}", sidecar_auth(&addr)) };
             format!(
-                "  - {{name: {u}, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: {u}-creds}}, {auth}}}\n",
-                auth = sidecar_auth(&addr),
+                "  - {{name: {u}, registry: \"{addr}\", remoteURL: \"http://{addr}\", credentialsSecretRef: {{name: {u}-creds}}{auth}}}\n",
             )
         })
         .collect();
@@ -1263,14 +1264,32 @@ fn step06_a_rotated_client_password_rolls_the_proxies_and_nodes_keep_pulling() {
 
 #[test]
 #[ignore = "needs a cluster with a real node: make e2e-node"]
-fn step07_an_added_upstream_is_served_by_envoy_without_a_restart() {
-    let fx = fixture();
-    let fx = fx.as_ref().unwrap();
+fn step07_an_added_upstream_is_served_by_envoy_without_a_restart_and_its_challenge_is_learned() {
+    let mut guard = fixture();
+    let fx = guard.as_mut().unwrap();
     let edge_before = pods(NS, &selector("edge"));
     kubectl_ok(&["apply", "-f", "-"], Some(&mirror_yaml(fx, &["alpha", "beta", "gamma"], "Service", "")));
+    let added = Instant::now();
     wait_for("gamma's proxy Ready", TIMEOUT, || {
         pods(NS, &format!("{},mirrorfleet.io/upstream=gamma", selector("proxy"))).iter().any(pod_ready).then_some(())
     });
+    // gamma has no `auth` and is no known registry: the operator asks it for its challenge, keeps
+    // it in the status and rolls gamma's proxy onto the upstream sidecar with it.
+    let learned = wait_for("gamma's challenge in status.upstreams[].learnedAuth", TIMEOUT, || {
+        let gamma = upstream_status("gamma");
+        (!gamma["learnedAuth"].is_null()).then(|| gamma["learnedAuth"].clone())
+    });
+    assert_eq!(learned["remoteURL"], format!("http://{}", fx.registry("gamma")), "{learned}");
+    assert_eq!(learned["auth"]["service"], TOKEN_SERVICE, "{learned}");
+    assert!(learned["auth"]["realm"].as_str().is_some_and(|r| r.ends_with("/token")), "{learned}");
+    wait_for("gamma's proxies Ready with the upstream sidecar", TIMEOUT, || {
+        let ps = pods(NS, &format!("{},mirrorfleet.io/upstream=gamma", selector("proxy")));
+        let with_sidecar = |p: &Value| {
+            p["spec"]["initContainers"].as_array().is_some_and(|cs| cs.iter().any(|c| c["name"] == "upstream-envoy"))
+        };
+        (!ps.is_empty() && ps.iter().all(|p| pod_ready(p) && with_sidecar(p))).then_some(())
+    });
+    let learned_in = added.elapsed().as_secs_f64();
     let edge_ip = cluster_ip(&format!("{MIRROR}-edge"));
     let ca = fx.tmp.path().join("tls/ca.crt");
     wait_for("Envoy serves gamma.mirror.test", TIMEOUT, || {
@@ -1304,6 +1323,19 @@ fn step07_an_added_upstream_is_served_by_envoy_without_a_restart() {
     wait_for("the mirror Ready with 3 upstreams", TIMEOUT, || {
         (condition("Ready").as_deref() == Some("True") && mirror()["status"]["upstreamsReady"] == "3/3").then_some(())
     });
+    // The gamma manifest above came through the learned sidecar, with gamma's credentials.
+    let plog = Command::new("kubectl")
+        .args(["-n", NS, "logs", &format!("deploy/{MIRROR}-proxy-gamma"), "-c", "upstream-envoy"])
+        .output()
+        .unwrap();
+    let plog = String::from_utf8_lossy(&plog.stdout).to_string();
+    assert!(
+        plog.lines().any(|l| l.contains("/v2/e2e/gamma-app/manifests/1 200")) && plog.contains("GET /_token"),
+        "gamma's sidecar did not fetch the manifest with a token:\n{plog}"
+    );
+    fx.figure(format!(
+        "upstream without auth added: challenge learned and its proxy Ready with the sidecar {learned_in:.1}s after the apply"
+    ));
 }
 
 #[test]

@@ -224,17 +224,32 @@ impl Bed {
     }
 
     fn push(&self, name: &str) -> String {
-        let layout = build_test_image(self.tmp.path(), name, 1, 64 * 1024);
+        self.push_sized(name, 64 * 1024)
+    }
+
+    /// An image of one layer of `bytes` in the upstream; its manifest digest.
+    fn push_sized(&self, name: &str, bytes: usize) -> String {
+        let layout = build_test_image(self.tmp.path(), name, 1, bytes);
         self.upstream.push(&layout, "v1");
         oci_manifest_digest(&layout)
     }
 
-    /// `skopeo copy` from the proxy; (output, seconds).
+    /// `skopeo copy` from the proxy (through the sidecar's front, as a node pulls); (output,
+    /// seconds).
     fn pull(&self, reference: &str) -> (std::process::Output, Duration) {
+        self.pull_from(&self.proxy_addr, reference)
+    }
+
+    /// The registry behind the front, asked directly (what the front costs).
+    fn registry_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.sidecar_ports[&(sidecar::REGISTRY_LOCAL_PORT as u64)])
+    }
+
+    fn pull_from(&self, addr: &str, reference: &str) -> (std::process::Output, Duration) {
         let dest = self.tmp.path().join(format!("pull-{}", free_port()));
         let started = Instant::now();
         let out = Skopeo::new().copy(
-            &format!("docker://{}/library/{reference}", self.proxy_addr),
+            &format!("docker://{addr}/library/{reference}"),
             &format!("oci:{}", dest.display()),
             &["--src-tls-verify=false"],
         );
@@ -688,12 +703,45 @@ fn bench_pull_times_per_upstream_condition() {
         let mut bed = Bed::start(&bin);
         let digest = bed.push("cached");
         bed.push("uncached");
+        bed.push_sized("big", 64 << 20);
         for i in 0..samples {
             bed.push(&format!("fresh{i}"));
         }
-        let (out, _) = bed.pull("cached:v1");
-        assert_ok("warm-up", &out, &bed);
+        for warm in ["cached:v1", "big:v1"] {
+            let (out, _) = bed.pull(warm);
+            assert_ok("warm-up", &out, &bed);
+        }
         std::thread::sleep(Duration::from_millis(500));
+        // What the front costs: the same cached pulls through it and from the registry behind it,
+        // interleaved (this machine's load moves both alike).
+        let registry = bed.registry_addr();
+        for (image, label) in [("cached:v1", "cached tag (64 KiB)"), ("big:v1", "cached tag (64 MiB)")] {
+            let (mut front, mut direct) = (vec![], vec![]);
+            for _ in 0..samples {
+                let (out, t) = bed.pull(image);
+                assert_ok("through the front", &out, &bed);
+                front.push(t);
+                let (out, t) = bed.pull_from(&registry, image);
+                assert_ok("registry direct", &out, &bed);
+                direct.push(t);
+            }
+            let ratio = {
+                let m = |v: &Vec<Duration>| {
+                    let mut v = v.clone();
+                    v.sort();
+                    v[v.len() / 2].as_secs_f64()
+                };
+                m(&front) / m(&direct)
+            };
+            rows.push(format!(
+                "| {version} | normal | {label}, through the front | {} | {samples}/{samples} |",
+                median_max(front)
+            ));
+            rows.push(format!(
+                "| {version} | normal | {label}, registry direct (no front) | {} | {samples}/{samples} (front/direct {ratio:.2}) |",
+                median_max(direct)
+            ));
+        }
         let conditions = [
             None,
             Some(Fault::Blackhole),
@@ -713,13 +761,24 @@ fn bench_pull_times_per_upstream_condition() {
                 ok[1] += usize::from(out.status.success());
                 by_digest.push(t);
                 let reference = if fault.is_none() { format!("fresh{i}:v1") } else { "uncached:v1".to_string() };
+                if fault == Some(Fault::Status(429)) {
+                    // skopeo backs off a 429 for half a minute: time the mirror's answer itself.
+                    let started = Instant::now();
+                    let answer = http_get(&bed.proxy_addr, "/v2/library/uncached/manifests/v1", &[]);
+                    uncached.push(started.elapsed());
+                    // 503 right after the swap of servers (the sidecar saw the host go for a moment).
+                    assert!(matches!(answer.status, 429 | 503), "{} {}", answer.status, answer.text());
+                    continue;
+                }
                 let (out, t) = bed.pull(&reference);
                 ok[2] += usize::from(out.status.success());
                 uncached.push(t);
             }
             let name = fault.map_or("normal".to_string(), |f| format!("{f:?}"));
+            let uncached_op =
+                if fault == Some(Fault::Status(429)) { "uncached tag (GET: 429 answer)" } else { "uncached tag" };
             for (op, times, ok) in
-                [("cached tag", tag, ok[0]), ("cached by digest", by_digest, ok[1]), ("uncached tag", uncached, ok[2])]
+                [("cached tag", tag, ok[0]), ("cached by digest", by_digest, ok[1]), (uncached_op, uncached, ok[2])]
             {
                 rows.push(format!("| {version} | {name} | {op} | {} | {ok}/{samples} |", median_max(times)));
             }
