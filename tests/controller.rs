@@ -610,7 +610,7 @@ async fn an_upstream_without_auth_gets_the_sidecar_once_its_challenge_is_learned
     let status = h.mirror(&name).status.unwrap();
     let got = status.upstreams[0].learned_auth.clone().expect("learnedAuth in the status");
     assert_eq!(got.remote_url, remote);
-    assert_eq!(got.auth, mirrorfleet::api::UpstreamAuth::bearer(&realm, "corp-registry"));
+    assert_eq!(got.auth(), mirrorfleet::api::UpstreamAuth::bearer(&realm, "corp-registry"));
     let cm = h.api.get(CONFIGMAPS, NS, "corp-proxy-corp").unwrap();
     let envoy = cm["data"]["envoy.yaml"].as_str().expect("the sidecar's config");
     assert!(envoy.contains("prefix_rewrite: /auth/token") && envoy.contains("service=\"corp-registry\""), "{envoy}");

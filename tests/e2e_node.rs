@@ -1280,8 +1280,9 @@ fn step07_an_added_upstream_is_served_by_envoy_without_a_restart_and_its_challen
         (!gamma["learnedAuth"].is_null()).then(|| gamma["learnedAuth"].clone())
     });
     assert_eq!(learned["remoteURL"], format!("http://{}", fx.registry("gamma")), "{learned}");
-    assert_eq!(learned["auth"]["service"], TOKEN_SERVICE, "{learned}");
-    assert!(learned["auth"]["realm"].as_str().is_some_and(|r| r.ends_with("/token")), "{learned}");
+    assert_eq!(learned["type"], "Bearer", "{learned}");
+    assert_eq!(learned["service"], TOKEN_SERVICE, "{learned}");
+    assert!(learned["realm"].as_str().is_some_and(|r| r.ends_with("/token")), "{learned}");
     wait_for("gamma's proxies Ready with the upstream sidecar", TIMEOUT, || {
         let ps = pods(NS, &format!("{},mirrorfleet.io/upstream=gamma", selector("proxy")));
         let with_sidecar = |p: &Value| {

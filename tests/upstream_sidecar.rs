@@ -653,7 +653,7 @@ fn the_challenge_the_operator_learns_renders_the_proxy_the_spec_would() {
     assert!(!bare.fleet.files.contains_key("proxy/dockerhub/envoy.yaml"), "unknown and not learned: no sidecar");
     let exported = format!(
         "{without_auth}status:\n  upstreams:\n  - {{name: dockerhub, registry: docker.io, replicas: 1, readyReplicas: 1, \
-         learnedAuth: {{remoteURL: \"{}\", auth: {{type: Bearer, realm: \"{}\", service: \"{}\"}}}}}}\n",
+         learnedAuth: {{remoteURL: \"{}\", type: Bearer, realm: \"{}\", service: \"{}\"}}}}\n",
         tap.url(),
         learned.realm.as_deref().unwrap(),
         learned.service.as_deref().unwrap()

@@ -986,14 +986,39 @@ pub struct UpstreamStatus {
 }
 
 /// A challenge learned from `GET <remoteURL>/v2/`: 401 with `WWW-Authenticate: Bearer realm=...,
-/// service=...` (type Bearer), or 200 (type None).
+/// service=...` (type Bearer), or 200 (type None). Plain fields, no CEL: a status array's rules
+/// count against the CRD's whole validation budget, and the operator checked the values.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LearnedAuth {
     /// The remote URL it was learned from: another remoteURL is learned again.
     #[serde(rename = "remoteURL")]
+    #[schemars(length(max = 2048))]
     pub remote_url: String,
-    pub auth: UpstreamAuth,
+    #[serde(default, rename = "type")]
+    pub type_: UpstreamAuthType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub realm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub service: Option<String>,
+}
+
+impl LearnedAuth {
+    pub fn new(remote_url: &str, auth: &UpstreamAuth) -> Self {
+        Self {
+            remote_url: remote_url.to_string(),
+            type_: auth.type_,
+            realm: auth.realm.clone(),
+            service: auth.service.clone(),
+        }
+    }
+
+    /// The challenge, as `upstreams[].auth` would say it.
+    pub fn auth(&self) -> UpstreamAuth {
+        UpstreamAuth { type_: self.type_, realm: self.realm.clone(), service: self.service.clone() }
+    }
 }
 
 /// One upstream's caches, summed over the proxy replicas whose keeper answered.

@@ -116,7 +116,7 @@ pub fn learned_in_status(mirror: &RegistryMirror) -> BTreeMap<String, UpstreamAu
         .filter(|u| u.effective_auth().is_none())
         .filter_map(|u| {
             let learned = status.upstreams.iter().find(|s| s.name == u.name)?.learned_auth.as_ref()?;
-            (learned.remote_url == u.remote_url).then(|| (u.name.clone(), learned.auth.clone()))
+            (learned.remote_url == u.remote_url).then(|| (u.name.clone(), learned.auth()))
         })
         .collect()
 }

@@ -191,10 +191,7 @@ fn upstream_statuses(mirror: &RegistryMirror, obs: &Observed<'_>, now: &Time, de
             ready_replicas: c.ready,
             ..Default::default()
         };
-        status.learned_auth = obs
-            .learned_auth
-            .get(&u.name)
-            .map(|auth| LearnedAuth { remote_url: u.remote_url.clone(), auth: auth.clone() });
+        status.learned_auth = obs.learned_auth.get(&u.name).map(|auth| LearnedAuth::new(&u.remote_url, auth));
         let before = previous.iter().find(|p| p.name == u.name);
         upstreams::apply_health(&mut status, obs.upstream_health.get(&u.name), before, now);
         if let Some(down) = upstreams::unreachable_for(&status, now).filter(|d| *d >= upstreams::DEGRADED_AFTER) {
