@@ -1,6 +1,7 @@
 -- The proxy pod's front (port 5000, in the upstream sidecar's Envoy): every pull passes here on
 -- its way to the registry. For a manifest request it reads the sidecar's own upstream counters
--- before and after the registry answered. If the upstream failed in between (a lookup timed
+-- before (a reading at most a second old) and after the registry answered (only for an answer
+-- by tag, or a failed one). If the upstream failed in between (a lookup timed
 -- out, was refused, rate-limited or answered 5xx, or the upstream fails its health checks):
 --   * a manifest served by tag came from the cache: counted as served stale;
 --   * a failed one gets an answer that says why (503 UNAVAILABLE, or 429 TOOMANYREQUESTS)
@@ -15,7 +16,7 @@ local KEY = "mirrorfleet.front"
 
 local function counters(handle)
   local headers, body = handle:httpCall("@ADMIN_CLUSTER@",
-    {[":method"] = "GET", [":path"] = STATS, [":authority"] = "admin"}, "", 500)
+    {[":method"] = "GET", [":path"] = STATS, [":authority"] = "admin"}, "", 250)
   if headers == nil or headers[":status"] ~= "200" or body == nil then
     return nil
   end
@@ -38,6 +39,18 @@ local function counters(handle)
   return c
 end
 
+-- The newest reading (per worker; the sidecar runs one): a request's "before" when it is at most
+-- a second old, so a burst of pulls costs one admin read per answer judged, not two per request.
+local last = nil
+
+local function snapshot(handle)
+  local c = counters(handle)
+  if c ~= nil then
+    last = {at = os.time(), c = c}
+  end
+  return c
+end
+
 local function count(handle, cluster)
   handle:httpCall(cluster, {[":method"] = "GET", [":path"] = "/ready", [":authority"] = "count"}, "", 500, true)
 end
@@ -53,7 +66,12 @@ function envoy_on_request(handle)
   if name == nil then
     return
   end
-  local before = counters(handle)
+  local before = nil
+  if last ~= nil and os.time() - last.at <= 1 then
+    before = last.c
+  else
+    before = snapshot(handle)
+  end
   if before == nil then
     return
   end
@@ -81,7 +99,7 @@ function envoy_on_response(handle)
   if status >= 400 then
     handle:body()
   end
-  local after = counters(handle)
+  local after = snapshot(handle)
   if after == nil then
     return
   end
