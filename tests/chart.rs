@@ -376,6 +376,15 @@ fn alert_rules_and_dashboard_are_well_formed() {
     let m = mirrorfleet::controller::metrics::Metrics::new();
     m.observe_reconcile(Duration::from_millis(3), Some("Api"));
     m.count_request("POST", "/api/v1/namespaces/m/configmaps", None);
+    let health = mirrorfleet::controller::upstreams::UpstreamHealth {
+        reachable: Some(true),
+        failed_lookups: Some(0),
+        rate_limited: Some(0),
+        served_stale: Some(0),
+        failed_pulls: Some(0),
+        ..Default::default()
+    };
+    m.observe_upstream("m/a", "hub", &health);
     let operator = m.encode();
     let ksm: Value =
         serde_yaml::from_str(&std::fs::read_to_string(chart().join("files/kube-state-metrics.yaml")).unwrap()).unwrap();
@@ -478,6 +487,14 @@ tests:
     values: '0+90x40'
   - series: 'mirrorfleet_leader{pod="a"}'
     values: '0x20'
+  - series: 'mirrorfleet_upstream_reachable{namespace="mirrors",mirror="public",upstream="dockerhub"}'
+    values: '1x3 0x20'
+  - series: 'mirrorfleet_upstream_reachable{namespace="mirrors",mirror="public",upstream="ghcr"}'
+    values: '1x23'
+  - series: 'mirrorfleet_upstream_failed_pulls{namespace="mirrors",mirror="public",upstream="dockerhub"}'
+    values: '0x3 0+2x20'
+  - series: 'mirrorfleet_upstream_failed_pulls{namespace="mirrors",mirror="public",upstream="ghcr"}'
+    values: '4x23'
   - series: 'mirrorfleet_leader{pod="b"}'
     values: '0x20'
   alert_rule_test:
@@ -515,6 +532,26 @@ tests:
       exp_annotations:
         summary: 10% of requests to upstream dockerhub of mirrors/public fail
         description: "The registry proxy answers with 5xx: the upstream registry errors, rate-limits or cannot be reached (check the proxy's logs and its credentialsSecretRef)."
+  - eval_time: 6m
+    alertname: RegistryMirrorUpstreamUnreachable
+    exp_alerts: []
+  - eval_time: 9m
+    alertname: RegistryMirrorUpstreamUnreachable
+    exp_alerts:
+    - exp_labels: {severity: warning, namespace: mirrors, mirror: public, upstream: dockerhub}
+      exp_annotations:
+        summary: No proxy of mirrors/public reaches upstream dockerhub
+        description: "Cached tags are still served (status.upstreams[].servedStale counts them); pulls of images the mirror does not hold fail with 503 and the reason. status.upstreams[].lastError says what the proxies get (timeout, refused, 5xx)."
+  - eval_time: 6m
+    alertname: RegistryMirrorPullsFailingUpstream
+    exp_alerts: []
+  - eval_time: 20m
+    alertname: RegistryMirrorPullsFailingUpstream
+    exp_alerts:
+    - exp_labels: {severity: warning, namespace: mirrors, mirror: public, upstream: dockerhub}
+      exp_annotations:
+        summary: Pulls through mirrors/public fail because upstream dockerhub does
+        description: "20 manifest requests in the last 10 minutes were answered 503 (or 429) because the upstream failed and the image was not cached. status.upstreams[].lastError says why; spec.prefetch keeps images pods need in the cache ahead of such outages."
   - eval_time: 15m
     alertname: MirrorfleetOperatorNoLeader
     exp_alerts:
