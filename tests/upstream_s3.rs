@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use mirrorfleet::build::{proxy, sidecar};
 use mirrorfleet::render::{render_str, RenderOptions, Rendered};
 use support::agent::Blackhole;
+use support::datapath::faulty::{distribution_binaries, port_of, FaultyUpstream};
 use support::datapath::fleet::{localize_socket_addresses, proxy_env};
 use support::datapath::token::{TokenRequest, TOKEN_SERVICE};
-use support::datapath::{AuthUpstream, Tap, TapMode};
 use support::s3::MotoS3;
 use support::*;
 
@@ -90,19 +90,13 @@ fn socket_ports(envoy_yaml: &str) -> Vec<u64> {
     out
 }
 
-fn port_of(addr: &str) -> u16 {
-    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or_else(|| panic!("no port in {addr:?}"))
-}
-
 /// One proxy (the given Distribution binary) with its sidecar, both from what `render` produced
 /// with `storage.s3` on moto, in front of a token-auth upstream reached through a tap.
 struct Bed<'s> {
-    // Drop order: proxy, sidecar, tap, upstream.
+    // Drop order: proxy, sidecar, upstream.
     proxy: Option<Registry>,
     envoy: Option<Envoy>,
-    tap: Option<Tap>,
-    tap_addr: String,
-    upstream: AuthUpstream,
+    up: FaultyUpstream,
     s3: &'s MotoS3,
     bucket: String,
     registry_bin: PathBuf,
@@ -119,17 +113,15 @@ impl<'s> Bed<'s> {
     fn start(registry_bin: &Path, s3: &'s MotoS3, bucket: &str) -> Bed<'s> {
         let tmp = tempdir();
         s3.create_bucket(bucket);
-        let upstream = AuthUpstream::start(CREDS.0, CREDS.1);
-        let tap = Tap::start(upstream.addr());
-        let tap_addr = tap.addr().to_string();
+        let up = FaultyUpstream::start(CREDS.0, CREDS.1);
         let opts = RenderOptions { namespace: "mirrors".into(), ..RenderOptions::default() };
-        let yaml = mirror_yaml(&tap.url(), &upstream.token_server().realm(), &s3.endpoint(), bucket);
+        let yaml = mirror_yaml(&up.url(), &up.upstream().token_server().realm(), &s3.endpoint(), bucket);
         let mut all = render_str(&yaml, &opts).unwrap_or_else(|e| panic!("render: {e}"));
         let rendered = all.remove(0);
         let files = &rendered.fleet.files;
 
         // The upstream's addresses are real and stay; every other port moves to a free one.
-        let keep = [port_of(&tap_addr), port_of(upstream.token_server().addr())];
+        let keep = [port_of(up.addr()), port_of(up.upstream().token_server().addr())];
         let mut ports = BTreeMap::new();
         for p in socket_ports(&files["proxy/dockerhub/envoy.yaml"]) {
             let local = keep.iter().copied().find(|k| u64::from(*k) == p).unwrap_or_else(free_port);
@@ -144,9 +136,7 @@ impl<'s> Bed<'s> {
         let mut bed = Bed {
             proxy: None,
             envoy: None,
-            tap: Some(tap),
-            tap_addr,
-            upstream,
+            up,
             s3,
             bucket: bucket.to_string(),
             registry_bin: registry_bin.to_path_buf(),
@@ -243,7 +233,7 @@ impl<'s> Bed<'s> {
 
     fn push(&self, name: &str) -> String {
         let layout = build_test_image(self.tmp.path(), name, 1, 64 * 1024);
-        self.upstream.push(&layout, "v1");
+        self.up.upstream().push(&layout, "v1");
         oci_manifest_digest(&layout)
     }
 
@@ -275,33 +265,22 @@ impl<'s> Bed<'s> {
             .count()
     }
 
-    /// Registry requests the upstream answered (its access log; not the sidecar's health checks).
+    /// Registry requests the upstream answered.
     fn upstream_requests(&self) -> usize {
-        self.upstream
-            .log()
-            .lines()
-            .filter(|l| (l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/")) && !l.contains("Envoy/HC"))
-            .count()
+        self.up.requests()
     }
 
-    /// Token requests the registry made (the sidecar's health checks ask for no scope).
+    /// Token requests the registry made.
     fn tokens(&self) -> Vec<TokenRequest> {
-        self.upstream.token_server().requests().into_iter().filter(|t| !t.scopes.is_empty()).collect()
+        self.up.tokens()
     }
 
-    /// Sets a fault; the returned guard (with the bed's own state) undoes it.
+    /// Sets a fault; the returned guard (with the upstream's own state) undoes it.
     fn fault(&mut self, fault: Fault) -> Option<Box<dyn std::any::Any>> {
         match fault {
-            Fault::Blackhole => {
-                let guards = (
-                    Blackhole::port(port_of(&self.tap_addr)),
-                    Blackhole::port(port_of(self.upstream.token_server().addr())),
-                );
-                self.tap.as_ref().unwrap().set_mode(TapMode::Blackhole);
-                Some(Box::new(guards))
-            }
+            Fault::Blackhole => Some(self.up.blackhole()),
             Fault::Refused => {
-                self.tap = None;
+                self.up.refuse();
                 None
             }
         }
@@ -309,25 +288,7 @@ impl<'s> Bed<'s> {
 
     /// Undoes a fault and waits until the sidecar sees the upstream healthy again.
     fn clear(&mut self, guard: Option<Box<dyn std::any::Any>>) {
-        drop(guard);
-        match &self.tap {
-            Some(tap) => tap.set_mode(TapMode::Forward),
-            None => self.tap = Some(Tap::start_on(&self.tap_addr, self.upstream.addr())),
-        }
-        let envoy = self.envoy.as_ref().unwrap();
-        let healthy = [
-            format!("registry::{}::health_flags::healthy\n", self.tap_addr),
-            format!("realm::{}::health_flags::healthy\n", self.upstream.token_server().addr()),
-        ];
-        let both = || {
-            let clusters = envoy.clusters();
-            healthy.iter().all(|h| clusters.contains(h.as_str())).then_some(())
-        };
-        assert!(
-            wait_until(Duration::from_secs(15), both).is_some(),
-            "the sidecar never saw the upstream back:\n{}",
-            envoy.clusters()
-        );
+        self.up.restore(guard, self.envoy.as_ref().expect("the sidecar runs"));
     }
 
     fn proxy_log(&self) -> String {
@@ -340,19 +301,6 @@ impl<'s> Bed<'s> {
             moto[moto.len().saturating_sub(40)..].join("\n")
         )
     }
-}
-
-/// The Distribution binaries to run: Debian's 2.8 and, if given, 3.x. Under CI 2.8 is required.
-fn registries() -> Vec<(String, PathBuf)> {
-    let mut list = Vec::new();
-    if let Some(bin) = tool("docker-registry") {
-        list.push(("2.8".to_string(), bin));
-    }
-    match std::env::var("MIRRORFLEET_REGISTRY_V3").ok().filter(|v| !v.is_empty()) {
-        Some(bin) => list.push(("3.x".to_string(), PathBuf::from(bin))),
-        None => eprintln!("SKIP Distribution 3.x: MIRRORFLEET_REGISTRY_V3 is not set (2.8 only)"),
-    }
-    list
 }
 
 /// Every missing component gets its SKIP line (or, under `CI=true`, fails the test).
@@ -384,7 +332,7 @@ fn an_s3_backed_proxy_starts_while_its_upstream_is_down_serves_the_bucket_and_pu
     }
     let s3 = MotoS3::start();
     let mut figures = Vec::new();
-    for (version, bin) in registries() {
+    for (version, bin) in distribution_binaries() {
         for fault in [Fault::Blackhole, Fault::Refused] {
             let bucket = format!("cache-{}-{}", version.replace('.', ""), format!("{fault:?}").to_lowercase());
             let mut bed = Bed::start(&bin, &s3, &bucket);

@@ -2,6 +2,7 @@
 //! service, the rendered proxies and Envoy edge, and clients that resolve the edge host names.
 //! Used by `tests/datapath*.rs` and `benches/datapath.rs`.
 
+pub mod faulty;
 pub mod fleet;
 pub mod tap;
 pub mod token;
