@@ -43,6 +43,10 @@ pub struct NodeConflict {
     pub other_first: bool,
 }
 
+/// At most this many registries are named in a conflict message; the rest are counted. Conditions
+/// and Events are cut at 1,024 characters, and the advice at the end must survive that.
+const NAMED_REGISTRIES: usize = 5;
+
 impl NodeConflict {
     /// The message for the mirror that is refused.
     pub fn refusal(&self) -> String {
@@ -51,7 +55,7 @@ impl NodeConflict {
              selects: make the two nodeSelectors exclusive (one mirror per region: \
              topology.kubernetes.io/region) or serve {} from one mirror only",
             self.other,
-            self.registries.join(", "),
+            self.named_registries(),
             if self.registries.len() == 1 { "it" } else { "them" },
         )
     }
@@ -62,9 +66,18 @@ impl NodeConflict {
             "RegistryMirror {} also asks to configure {} on nodes this mirror selects; it is refused, this mirror \
              keeps {}",
             self.other,
-            self.registries.join(", "),
+            self.named_registries(),
             if self.registries.len() == 1 { "it" } else { "them" },
         )
+    }
+
+    /// `a, b, c` or, past [`NAMED_REGISTRIES`], `a, b, c, d, e and 120 more registries`.
+    fn named_registries(&self) -> String {
+        let named = self.registries.iter().take(NAMED_REGISTRIES).map(String::as_str).collect::<Vec<_>>().join(", ");
+        match self.registries.len().saturating_sub(NAMED_REGISTRIES) {
+            0 => named,
+            more => format!("{named} and {more} more registries"),
+        }
     }
 }
 
@@ -190,6 +203,23 @@ mod tests {
         // A mirror the API server created comes before one that does not exist yet.
         let stored = mirror("z/m", Some(5), &["docker.io"], "{}");
         assert!(node_conflicts(&a, [&stored])[0].other_first);
+    }
+
+    #[test]
+    fn a_long_conflict_names_five_registries_and_keeps_its_advice_short() {
+        let many: Vec<String> = (0..125).map(|i| format!("registry{i}.example.com")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let old = mirror("mirrors/hub", Some(1), &many, "{}");
+        let new = mirror("team/hub", Some(2), &many, "{}");
+        let refusal = node_conflicts(&new, [&old])[0].refusal();
+        assert!(
+            refusal.contains("registry3.example.com, registry4.example.com and 120 more registries on nodes"),
+            "{refusal}"
+        );
+        assert!(!refusal.contains("registry5.example.com"), "{refusal}");
+        assert!(refusal.ends_with("or serve them from one mirror only") && refusal.len() < 1024, "{refusal}");
+        let kept = node_conflicts(&old, [&new])[0].kept();
+        assert!(kept.contains("and 120 more registries on nodes this mirror selects") && kept.len() < 1024, "{kept}");
     }
 
     #[test]
