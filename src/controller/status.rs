@@ -217,147 +217,14 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         upstream_statuses(mirror, &obs, now, &mut degraded);
     let total = spec.upstreams.len();
     let ready_upstreams = total - unavailable.len();
-    let proxies = if unavailable.is_empty() {
-        condition(
-            PROXIES_AVAILABLE,
-            true,
-            "ProxiesAvailable",
-            format!("{total}/{total} upstreams have a ready proxy"),
-            generation,
-        )
-    } else {
-        condition(
-            PROXIES_AVAILABLE,
-            false,
-            "ProxiesUnavailable",
-            format!("no ready proxy for upstream {}", list(&unavailable)),
-            generation,
-        )
-    };
-
-    // Edge.
-    let edge = match &spec.edge {
-        None => condition(EDGE_AVAILABLE, true, "EdgeNotConfigured", "spec.edge is not set", generation),
-        Some(e) => {
-            let c = deployment_counts(obs.deployments.get(&names::edge(mirror)));
-            if c.ready >= 1 && c.ready < e.replicas {
-                degraded.push(format!("edge has {}/{} ready replicas", c.ready, e.replicas));
-            }
-            if c.ready >= 1 {
-                condition(
-                    EDGE_AVAILABLE,
-                    true,
-                    "EdgeAvailable",
-                    format!("{}/{} edge replicas ready", c.ready, e.replicas),
-                    generation,
-                )
-            } else {
-                condition(EDGE_AVAILABLE, false, "EdgeUnavailable", "no edge replica is ready", generation)
-            }
-        }
-    };
-
-    // Nodes.
-    let mut nodes = None;
-    let nodes_cond = match (obs.removing_nodes, &spec.node_config, obs.daemon_set) {
-        (Some(pending), _, _) => condition(
-            NODES_CONFIGURED,
-            false,
-            "RemovingNodeConfig",
-            if pending.is_empty() {
-                "removing node config".to_string()
-            } else {
-                format!("waiting for the node agents on {} to remove their files", list(pending))
-            },
-            generation,
-        ),
-        (None, None, _) => {
-            condition(NODES_CONFIGURED, true, "NodeConfigNotRequested", "spec.nodeConfig is not set", generation)
-        }
-        (None, Some(_), None) => {
-            nodes = Some(NodeCounts { desired: 0, configured: 0, zones: Vec::new() });
-            condition(
-                NODES_CONFIGURED,
-                false,
-                "NodeAgentMissing",
-                "the node-agent DaemonSet does not exist yet",
-                generation,
-            )
-        }
-        (None, Some(_), Some(ds)) => {
-            let st = ds.status.clone().unwrap_or_default();
-            let desired = st.desired_number_scheduled;
-            let configured = st.number_ready;
-            let updated = st.updated_number_scheduled.unwrap_or(0);
-            let current = st.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0);
-            nodes = Some(NodeCounts { desired, configured, zones: obs.node_zones.to_vec() });
-            if desired == 0 && current {
-                condition(
-                    NODES_CONFIGURED,
-                    true,
-                    "NoMatchingNodes",
-                    "no node matches nodeConfig.nodeSelector",
-                    generation,
-                )
-            } else if current && configured >= desired && updated >= desired {
-                condition(
-                    NODES_CONFIGURED,
-                    true,
-                    "NodesConfigured",
-                    format!("{configured}/{desired} nodes configured"),
-                    generation,
-                )
-            } else {
-                if configured > 0 && configured < desired {
-                    degraded.push(format!("{configured}/{desired} nodes configured"));
-                }
-                condition(
-                    NODES_CONFIGURED,
-                    false,
-                    if current { "NodesNotReady" } else { "RollingOut" },
-                    format!("{configured}/{desired} nodes configured"),
-                    generation,
-                )
-            }
-        }
-    };
-
-    let blocking: Vec<&Condition> = [&proxies, &edge, &nodes_cond].into_iter().filter(|c| c.status != "True").collect();
-    let ready = match blocking.first() {
-        None => condition(READY, true, "Ready", "every proxy, the edge and the node config are available", generation),
-        Some(first) => condition(
-            READY,
-            false,
-            &first.reason,
-            blocking.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "),
-            generation,
-        ),
-    };
-    // Missing replicas first: they are this cluster's to fix; an upstream is someone else's.
-    let degraded_reason = if degraded.is_empty() { "UpstreamUnreachable" } else { "ReplicasMissing" };
-    degraded.extend(unreachable);
-    let degraded_cond = if degraded.is_empty() {
-        condition(
-            DEGRADED,
-            false,
-            "AsDesired",
-            "every component has its desired replicas and every known upstream is reached",
-            generation,
-        )
-    } else {
-        condition(DEGRADED, true, degraded_reason, degraded.join("; "), generation)
-    };
+    let proxies = proxies_condition(total, &unavailable, generation);
+    let edge = edge_condition(mirror, &obs, &mut degraded);
+    let (nodes_cond, nodes) = nodes_condition(mirror, &obs, &mut degraded);
+    let ready = ready_condition([&proxies, &edge, &nodes_cond], generation);
+    let degraded_cond = degraded_condition(degraded, unreachable, generation);
 
     let mut conditions = vec![ready, proxies, edge, nodes_cond, degraded_cond];
-    let exposed: Vec<String> =
-        crate::api::validate::exposed_credentials(mirror).iter().map(|p| p.to_string()).collect();
-    if !exposed.is_empty() {
-        conditions.push(condition(CREDENTIALS_EXPOSED, true, "NoClientAuth", exposed.join("; "), generation));
-    }
-    let refused: Vec<String> = obs.node_conflicts.iter().filter(|c| !c.other_first).map(NodeConflict::kept).collect();
-    if !refused.is_empty() {
-        conditions.push(condition(NODE_CONFIG_CONFLICT, true, "OtherMirrorRefused", refused.join("; "), generation));
-    }
+    conditions.extend(warning_conditions(mirror, &obs));
     let previous = mirror.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let (cache_fill, cache_hit_ratio) = super::caches::columns(&upstreams);
     RegistryMirrorStatus {
@@ -372,6 +239,166 @@ pub fn observed_status(mirror: &RegistryMirror, obs: Observed<'_>, now: &Time) -
         cache_fill,
         cache_hit_ratio,
     }
+}
+
+/// `ProxiesAvailable`: every upstream has a ready proxy replica.
+fn proxies_condition(total: usize, unavailable: &[String], generation: Option<i64>) -> Condition {
+    if unavailable.is_empty() {
+        condition(
+            PROXIES_AVAILABLE,
+            true,
+            "ProxiesAvailable",
+            format!("{total}/{total} upstreams have a ready proxy"),
+            generation,
+        )
+    } else {
+        condition(
+            PROXIES_AVAILABLE,
+            false,
+            "ProxiesUnavailable",
+            format!("no ready proxy for upstream {}", list(unavailable)),
+            generation,
+        )
+    }
+}
+
+/// `EdgeAvailable`: at least one edge replica is ready; fewer than desired is `degraded`.
+fn edge_condition(mirror: &RegistryMirror, obs: &Observed<'_>, degraded: &mut Vec<String>) -> Condition {
+    let generation = mirror.metadata.generation;
+    let Some(e) = &mirror.spec.edge else {
+        return condition(EDGE_AVAILABLE, true, "EdgeNotConfigured", "spec.edge is not set", generation);
+    };
+    let c = deployment_counts(obs.deployments.get(&names::edge(mirror)));
+    if c.ready >= 1 && c.ready < e.replicas {
+        degraded.push(format!("edge has {}/{} ready replicas", c.ready, e.replicas));
+    }
+    if c.ready >= 1 {
+        condition(
+            EDGE_AVAILABLE,
+            true,
+            "EdgeAvailable",
+            format!("{}/{} edge replicas ready", c.ready, e.replicas),
+            generation,
+        )
+    } else {
+        condition(EDGE_AVAILABLE, false, "EdgeUnavailable", "no edge replica is ready", generation)
+    }
+}
+
+/// `NodesConfigured` and the node counts of the status: from the agent DaemonSet, or the removal
+/// of node config in progress. Some but not all nodes configured is `degraded`.
+fn nodes_condition(
+    mirror: &RegistryMirror,
+    obs: &Observed<'_>,
+    degraded: &mut Vec<String>,
+) -> (Condition, Option<NodeCounts>) {
+    let generation = mirror.metadata.generation;
+    let ds = match (obs.removing_nodes, &mirror.spec.node_config, obs.daemon_set) {
+        (Some(pending), _, _) => {
+            let message = if pending.is_empty() {
+                "removing node config".to_string()
+            } else {
+                format!("waiting for the node agents on {} to remove their files", list(pending))
+            };
+            return (condition(NODES_CONFIGURED, false, "RemovingNodeConfig", message, generation), None);
+        }
+        (None, None, _) => {
+            let cond =
+                condition(NODES_CONFIGURED, true, "NodeConfigNotRequested", "spec.nodeConfig is not set", generation);
+            return (cond, None);
+        }
+        (None, Some(_), None) => {
+            let cond = condition(
+                NODES_CONFIGURED,
+                false,
+                "NodeAgentMissing",
+                "the node-agent DaemonSet does not exist yet",
+                generation,
+            );
+            return (cond, Some(NodeCounts { desired: 0, configured: 0, zones: Vec::new() }));
+        }
+        (None, Some(_), Some(ds)) => ds,
+    };
+    let st = ds.status.clone().unwrap_or_default();
+    let desired = st.desired_number_scheduled;
+    let configured = st.number_ready;
+    let updated = st.updated_number_scheduled.unwrap_or(0);
+    let current = st.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(0);
+    let counts = Some(NodeCounts { desired, configured, zones: obs.node_zones.to_vec() });
+    let cond = if desired == 0 && current {
+        condition(NODES_CONFIGURED, true, "NoMatchingNodes", "no node matches nodeConfig.nodeSelector", generation)
+    } else if current && configured >= desired && updated >= desired {
+        condition(
+            NODES_CONFIGURED,
+            true,
+            "NodesConfigured",
+            format!("{configured}/{desired} nodes configured"),
+            generation,
+        )
+    } else {
+        if configured > 0 && configured < desired {
+            degraded.push(format!("{configured}/{desired} nodes configured"));
+        }
+        condition(
+            NODES_CONFIGURED,
+            false,
+            if current { "NodesNotReady" } else { "RollingOut" },
+            format!("{configured}/{desired} nodes configured"),
+            generation,
+        )
+    };
+    (cond, counts)
+}
+
+/// `Ready`: the first of the conditions that is not True gives the reason; all their messages
+/// together are the message.
+fn ready_condition(parts: [&Condition; 3], generation: Option<i64>) -> Condition {
+    let blocking: Vec<&Condition> = parts.into_iter().filter(|c| c.status != "True").collect();
+    match blocking.first() {
+        None => condition(READY, true, "Ready", "every proxy, the edge and the node config are available", generation),
+        Some(first) => condition(
+            READY,
+            false,
+            &first.reason,
+            blocking.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "),
+            generation,
+        ),
+    }
+}
+
+/// `Degraded`: replicas missing (`degraded`) or upstreams not reached (`unreachable`).
+fn degraded_condition(mut degraded: Vec<String>, unreachable: Vec<String>, generation: Option<i64>) -> Condition {
+    // Missing replicas first: they are this cluster's to fix; an upstream is someone else's.
+    let reason = if degraded.is_empty() { "UpstreamUnreachable" } else { "ReplicasMissing" };
+    degraded.extend(unreachable);
+    if degraded.is_empty() {
+        condition(
+            DEGRADED,
+            false,
+            "AsDesired",
+            "every component has its desired replicas and every known upstream is reached",
+            generation,
+        )
+    } else {
+        condition(DEGRADED, true, reason, degraded.join("; "), generation)
+    }
+}
+
+/// The warnings that only appear while they hold: credentials served without client auth, and
+/// another mirror refused because this one keeps a registry on the same nodes.
+fn warning_conditions(mirror: &RegistryMirror, obs: &Observed<'_>) -> Vec<Condition> {
+    let generation = mirror.metadata.generation;
+    let mut out = Vec::new();
+    let exposed: Vec<String> =
+        crate::api::validate::exposed_credentials(mirror).iter().map(|p| p.to_string()).collect();
+    if !exposed.is_empty() {
+        out.push(condition(CREDENTIALS_EXPOSED, true, "NoClientAuth", exposed.join("; "), generation));
+    }
+    let refused: Vec<String> = obs.node_conflicts.iter().filter(|c| !c.other_first).map(NodeConflict::kept).collect();
+    if !refused.is_empty() {
+        out.push(condition(NODE_CONFIG_CONFLICT, true, "OtherMirrorRefused", refused.join("; "), generation));
+    }
+    out
 }
 
 /// The status of a mirror the operator cannot act on (invalid spec, missing Secret): Ready is
@@ -548,6 +575,89 @@ mod tests {
         assert_eq!(endpoint(&svc("10.96.4.2")).as_deref(), Some("http://10.96.4.2:5000"));
         assert_eq!(endpoint(&svc("fd00::1")).as_deref(), Some("http://[fd00::1]:5000"));
         assert_eq!(endpoint(&svc("None")), None);
+    }
+
+    /// Every reason the edge, node and summary conditions can give, from what is observed.
+    #[test]
+    fn conditions_follow_the_edge_and_the_node_agents() {
+        let mirror: RegistryMirror = serde_yaml::from_str(
+            "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\n\
+             metadata: {name: m, namespace: ns, generation: 3}\n\
+             spec: {upstreams: [{name: hub, registry: docker.io, remoteURL: \"https://registry-1.docker.io\"}],\n\
+             edge: {domain: mirror.example.com, replicas: 2}, nodeConfig: {}}\n",
+        )
+        .unwrap();
+        let deployment = |replicas: i32, ready: i32| -> Deployment {
+            serde_json::from_value(json!({"spec": {"replicas": replicas, "template": {}, "selector": {}},
+                                          "status": {"readyReplicas": ready}}))
+            .unwrap()
+        };
+        let daemon_set = |generation: i64, observed: i64, desired: i32, ready: i32, updated: i32| -> DaemonSet {
+            serde_json::from_value(json!({"metadata": {"generation": generation},
+                "status": {"observedGeneration": observed, "desiredNumberScheduled": desired, "numberReady": ready,
+                           "updatedNumberScheduled": updated, "currentNumberScheduled": desired,
+                           "numberMisscheduled": 0}}))
+            .unwrap()
+        };
+        let reasons = |edge_ready: i32, ds: Option<DaemonSet>, removing: Option<&[String]>| {
+            let deployments = BTreeMap::from([
+                (names::proxy(&mirror, "hub"), deployment(2, 2)),
+                (names::edge(&mirror), deployment(2, edge_ready)),
+            ]);
+            let (services, upstream_health, learned_auth) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+            let obs = Observed {
+                deployments: &deployments,
+                services: &services,
+                daemon_set: ds.as_ref(),
+                jobs: &[],
+                cleanup_pods: &[],
+                removing_nodes: removing,
+                upstream_health: &upstream_health,
+                node_conflicts: &[],
+                node_zones: &[],
+                learned_auth: &learned_auth,
+            };
+            let status = observed_status(&mirror, obs, &now());
+            let reason = |t: &str| {
+                let c = status.conditions.iter().find(|c| c.type_ == t).unwrap();
+                assert_eq!(c.observed_generation, Some(3));
+                format!("{}={}", c.reason, c.status)
+            };
+            [reason(READY), reason(EDGE_AVAILABLE), reason(NODES_CONFIGURED), reason(DEGRADED)].join(" ")
+        };
+        let all_ready = Some(daemon_set(4, 4, 3, 3, 3));
+        assert_eq!(
+            reasons(2, all_ready.clone(), None),
+            "Ready=True EdgeAvailable=True NodesConfigured=True AsDesired=False"
+        );
+        assert_eq!(
+            reasons(1, all_ready.clone(), None),
+            "Ready=True EdgeAvailable=True NodesConfigured=True ReplicasMissing=True"
+        );
+        assert_eq!(
+            reasons(0, all_ready, None),
+            "EdgeUnavailable=False EdgeUnavailable=False NodesConfigured=True AsDesired=False"
+        );
+        assert_eq!(
+            reasons(2, None, None),
+            "NodeAgentMissing=False EdgeAvailable=True NodeAgentMissing=False AsDesired=False"
+        );
+        assert_eq!(
+            reasons(2, Some(daemon_set(5, 4, 3, 3, 3)), None),
+            "RollingOut=False EdgeAvailable=True RollingOut=False AsDesired=False"
+        );
+        assert_eq!(
+            reasons(2, Some(daemon_set(4, 4, 3, 2, 3)), None),
+            "NodesNotReady=False EdgeAvailable=True NodesNotReady=False ReplicasMissing=True"
+        );
+        assert_eq!(
+            reasons(2, Some(daemon_set(4, 4, 0, 0, 0)), None),
+            "Ready=True EdgeAvailable=True NoMatchingNodes=True AsDesired=False"
+        );
+        assert_eq!(
+            reasons(2, None, Some(&["node-a".to_string()])),
+            "RemovingNodeConfig=False EdgeAvailable=True RemovingNodeConfig=False AsDesired=False"
+        );
     }
 
     #[test]
