@@ -34,10 +34,10 @@ pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod reconcile;
+pub mod related;
 pub mod status;
 pub mod upstreams;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +56,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::ListParams;
 use kube::client::{Body, ClientBuilder};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{predicates, watcher, Controller, Predicate, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -439,32 +439,54 @@ fn deletion(mirror: &RegistryMirror) -> Option<u64> {
     Some(u64::from(mirror.metadata.deletion_timestamp.is_some()))
 }
 
-/// The mirrors whose node-config conflicts may change with `mirror` (created, edited, deleted):
-/// those serving one of its registries on nodes, and those whose status names a conflict now
-/// (the registries `mirror` had before an edit are not known here; the conflict it was in is).
-/// Without a mirror (one vanished while the watch was down): those in a conflict.
-fn conflict_related(store: &Store<RegistryMirror>, mirror: Option<&RegistryMirror>) -> Vec<ObjectRef<RegistryMirror>> {
-    let me = mirror.map(crate::api::conflicts::reference);
-    let in_conflict = |m: &RegistryMirror| {
-        m.status.iter().flat_map(|s| &s.conditions).any(|c| {
-            // The condition on the mirror that keeps the registry; the Ready reason on the refused
-            // one is the error's (the same word).
-            c.type_ == status::NODE_CONFIG_CONFLICT
-                || (c.type_ == status::READY && c.reason == status::NODE_CONFIG_CONFLICT)
+/// Nodes' labels, for their zones; no reconcile follows a Node (a zone label seldom changes: the
+/// next reconcile reads it). Only name, zone label and resourceVersion are kept.
+fn watch_node_zones(
+    client: &Client,
+    config: watcher::Config,
+) -> (reflector::Store<PartialObjectMeta<Node>>, tokio::task::JoinHandle<()>) {
+    let (node_store, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let node_watch = watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), config)
+        .backoff(children::watch_backoff())
+        .modify(|n: &mut PartialObjectMeta<Node>| {
+            let zone = n.metadata.labels.take().and_then(|mut l| l.remove(crate::api::ZONE_LABEL));
+            n.metadata = ObjectMeta {
+                name: n.metadata.name.take(),
+                labels: zone.map(|z| [(crate::api::ZONE_LABEL.to_string(), z)].into()),
+                resource_version: n.metadata.resource_version.take(),
+                ..Default::default()
+            };
         })
-    };
-    let shares = |other: &RegistryMirror| {
-        mirror.is_some_and(|m| {
-            other.spec.node_config.is_some() && !crate::api::conflicts::shared_registries(m, other).is_empty()
-        })
-    };
-    store
-        .state()
-        .into_iter()
-        .filter(|other| Some(crate::api::conflicts::reference(other)) != me)
-        .filter(|other| shares(other) || in_conflict(other))
-        .map(|other| ObjectRef::from_obj(&*other))
-        .collect()
+        .reflect(node_writer);
+    let task = tokio::spawn(log_errors("Node", node_watch.applied_objects()).for_each(|_| async {}));
+    (node_store, task)
+}
+
+/// Marks the operator ready (`/readyz`, the `ready` metric) once the mirrors are listed, then
+/// keeps the mirror count metric current.
+fn report_readiness(
+    store: reflector::Store<RegistryMirror>,
+    metrics: Arc<metrics::Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Polled with a timeout: the store's readiness signal wakes only its last waiter (the
+        // controller's own), so a second waiter must look again by itself.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    metrics.set_ready(true);
+                    info!("first sync done; ready");
+                    break;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
+        loop {
+            metrics.mirrors.set(store.state().len() as i64);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
 }
 
 /// Runs the controller until `stop` resolves; running reconciles finish first.
@@ -494,51 +516,8 @@ pub async fn run_controller(
     // they are reconciled too.
     let (related_tx, related_rx) = tokio::sync::mpsc::unbounded_channel();
     let mirror_events = mirror_events.inspect({
-        let store = store.clone();
-        // (generation, deleting) of every mirror as last seen; the first list only fills it (every
-        // mirror is reconciled at start anyway: triggering each one's relatives then would be
-        // quadratic in the fleet), later lists (after a watch gap) trigger for what changed and
-        // for what vanished meanwhile.
-        let mut seen: HashMap<String, (Option<i64>, bool)> = HashMap::new();
-        let mut listed: Vec<String> = Vec::new();
-        let mut started = false;
-        move |event| {
-            let send = |refs: Vec<ObjectRef<RegistryMirror>>| {
-                for r in refs {
-                    let _ = related_tx.send(r);
-                }
-            };
-            let (mirror, gone) = match event {
-                Ok(watcher::Event::Init) => {
-                    listed.clear();
-                    return;
-                }
-                Ok(watcher::Event::InitDone) => {
-                    let vanished: Vec<String> = seen.keys().filter(|k| !listed.contains(k)).cloned().collect();
-                    for key in &vanished {
-                        seen.remove(key);
-                    }
-                    if started && !vanished.is_empty() {
-                        send(conflict_related(&store, None));
-                    }
-                    started = true;
-                    return;
-                }
-                Ok(watcher::Event::InitApply(m)) => {
-                    listed.push(crate::api::conflicts::reference(m));
-                    (m, false)
-                }
-                Ok(watcher::Event::Apply(m)) => (m, false),
-                Ok(watcher::Event::Delete(m)) => (m, true),
-                Err(_) => return,
-            };
-            let key = crate::api::conflicts::reference(mirror);
-            let now = (mirror.metadata.generation, mirror.metadata.deletion_timestamp.is_some());
-            let changed = if gone { seen.remove(&key).is_some() } else { seen.insert(key, now) != Some(now) };
-            if changed && started {
-                send(conflict_related(&store, Some(mirror)));
-            }
-        }
+        let mut related = related::RelatedMirrors::new(store.clone(), related_tx);
+        move |event| related.observe(event)
     });
     let related_triggers =
         futures::stream::unfold(related_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
@@ -571,22 +550,7 @@ pub async fn run_controller(
         agent_store.clone(),
     );
     let agents = log_errors("Pod (node agents)", agents);
-    // Nodes' labels, for their zones; no reconcile follows a Node (a zone label seldom changes:
-    // the next reconcile reads it).
-    let (node_store, node_writer) = reflector::store::<PartialObjectMeta<Node>>();
-    let node_watch = watcher(Api::<PartialObjectMeta<Node>>::all(client.clone()), cfg.nodes.clone())
-        .backoff(children::watch_backoff())
-        .modify(|n: &mut PartialObjectMeta<Node>| {
-            let zone = n.metadata.labels.take().and_then(|mut l| l.remove(crate::api::ZONE_LABEL));
-            n.metadata = ObjectMeta {
-                name: n.metadata.name.take(),
-                labels: zone.map(|z| [(crate::api::ZONE_LABEL.to_string(), z)].into()),
-                resource_version: n.metadata.resource_version.take(),
-                ..Default::default()
-            };
-        })
-        .reflect(node_writer);
-    let node_task = tokio::spawn(log_errors("Node", node_watch.applied_objects()).for_each(|_| async {}));
+    let (node_store, node_task) = watch_node_zones(&client, cfg.nodes.clone());
     ctx.set_node_stores(agent_store, node_store);
     let owned_cfg = || cfg.owned.clone();
     let jobs = log_errors("Job (cleanup)", children::watch_full::<Job>(&client, ns, cfg.cleanup_jobs.clone(), w.jobs));
@@ -607,27 +571,7 @@ pub async fn run_controller(
     });
     let health_triggers = futures::stream::unfold(health_rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
 
-    let ready_store = store.clone();
-    let ready_metrics = ctx.metrics.clone();
-    let ready_task = tokio::spawn(async move {
-        // Polled with a timeout: the store's readiness signal wakes only its last waiter (the
-        // controller's own), so a second waiter must look again by itself.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready()).await {
-                Ok(Ok(())) => {
-                    ready_metrics.set_ready(true);
-                    info!("first sync done; ready");
-                    break;
-                }
-                Ok(Err(_)) => return,
-                Err(_) => continue,
-            }
-        }
-        loop {
-            ready_metrics.mirrors.set(ready_store.state().len() as i64);
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    });
+    let ready_task = report_readiness(store.clone(), ctx.metrics.clone());
 
     controller
         .owns_stream(log_errors(
