@@ -903,6 +903,12 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
             .then_some(())
     });
     let start = started.elapsed().as_secs_f64();
+    // Ready is the pod's own view. The Service's ClusterIP refuses connections until kube-proxy
+    // has the new endpoint, as for any Service whose only pod was replaced; a pull right after
+    // Ready once failed on that (containerd then tried the blackholed upstream).
+    support::wait_http(format!("{ip}:5000"), "/v2/", TIMEOUT)
+        .unwrap_or_else(|e| panic!("persist's Service never answered after its new pod was Ready: {e}"));
+    let serving = started.elapsed().as_secs_f64() - start;
     let pulled = Instant::now();
     let out = fx.node.pull_with(&image, &hosts, None);
     let cached = pulled.elapsed().as_secs_f64();
@@ -919,7 +925,7 @@ fn step04d_a_proxy_on_a_pvc_starts_while_its_upstream_is_dark_and_serves_its_cac
     let _ = kubectl(&["-n", NS, "delete", "pvc", "-l", "app.kubernetes.io/instance=persist", "--wait=true"], None);
     let _ = kubectl(&["delete", "pv", PV, "--wait=true"], None);
     fx.figure(format!(
-        "proxy on a PVC, upstream blackholed: new pod Ready {start:.1}s after the old one was deleted (0 restarts); cached tag pulled by the node (ctr) in {cached:.3}s"
+        "proxy on a PVC, upstream blackholed: new pod Ready {start:.1}s after the old one was deleted (0 restarts), its Service answering {serving:.1}s later; cached tag pulled by the node (ctr) in {cached:.3}s"
     ));
 }
 
@@ -1324,9 +1330,12 @@ fn step07_an_added_upstream_is_served_by_envoy_without_a_restart_and_its_challen
     wait_for("the mirror Ready with 3 upstreams", TIMEOUT, || {
         (condition("Ready").as_deref() == Some("True") && mirror()["status"]["upstreamsReady"] == "3/3").then_some(())
     });
-    // The gamma manifest above came through the learned sidecar, with gamma's credentials.
+    // The gamma manifest above came through the learned sidecar, with gamma's credentials. Every
+    // gamma proxy pod's log: the Service sent the edge's fetch to one of the replicas
+    // (`logs deploy/...` reads a single pod, which failed a run when it was the other one).
     let plog = Command::new("kubectl")
-        .args(["-n", NS, "logs", &format!("deploy/{MIRROR}-proxy-gamma"), "-c", "upstream-envoy"])
+        .args(["-n", NS, "logs", "-l", &format!("{},mirrorfleet.io/upstream=gamma", selector("proxy"))])
+        .args(["-c", "upstream-envoy", "--prefix", "--tail=-1"])
         .output()
         .unwrap();
     let plog = String::from_utf8_lossy(&plog.stdout).to_string();
