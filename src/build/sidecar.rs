@@ -600,8 +600,8 @@ mod tests {
         assert_eq!(cluster(&e, "local_registry")["circuit_breakers"]["thresholds"][0]["max_requests"], 100000);
 
         // The registry listens on loopback behind the front; the pod's `http` port is the sidecar's.
-        let files = build(&m, &Inputs::default(), &Settings::default()).unwrap().files;
-        assert!(files["proxy/hub/config.yml"].contains(&format!("addr: 127.0.0.1:{REGISTRY_LOCAL_PORT}")));
+        let fleet = build(&m, &Inputs::default(), &Settings::default()).unwrap();
+        assert!(fleet.files["proxy/hub/config.yml"].contains(&format!("addr: 127.0.0.1:{REGISTRY_LOCAL_PORT}")));
         let d = deployment(&m);
         let pod = d.spec.unwrap().template.spec.unwrap();
         let ports = |c: &Container| {
@@ -610,7 +610,6 @@ mod tests {
         assert_eq!(ports(&pod.containers[0]), [("metrics".to_string(), crate::build::proxy::METRICS_PORT)]);
         let sidecar = pod.init_containers.unwrap().into_iter().find(|c| c.name == CONTAINER_NAME).unwrap();
         assert_eq!(ports(&sidecar), [("http".to_string(), FRONT_PORT), ("envoy-admin".to_string(), PROBE_PORT)]);
-        let fleet = build(&m, &Inputs::default(), &Settings::default()).unwrap();
         let service =
             &fleet.children.services.iter().find(|s| s.metadata.name.as_deref() == Some("m-proxy-hub")).unwrap();
         let http = &service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];

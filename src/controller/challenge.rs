@@ -124,7 +124,8 @@ pub fn learned_in_status(mirror: &RegistryMirror) -> BTreeMap<String, UpstreamAu
 /// What the operator knows of one remote URL's challenge.
 #[derive(Clone, Debug)]
 enum Asked {
-    InFlight,
+    /// Being asked; the mirrors to reconcile when the answer is in.
+    InFlight(Vec<ObjectRef<RegistryMirror>>),
     Learned(UpstreamAuth),
     Failed(Instant),
 }
@@ -134,6 +135,8 @@ enum Asked {
 /// background; an answer triggers the mirror's reconcile, which writes it to the status.
 pub struct Challenges {
     enabled: bool,
+    /// [`RETRY_AFTER`], shorter in tests.
+    retry_after: Duration,
     client: Result<HttpsClient, String>,
     /// Remote URL -> what is known of it.
     asked: Arc<Mutex<HashMap<String, Asked>>>,
@@ -143,7 +146,18 @@ pub struct Challenges {
 impl Challenges {
     /// `enabled`: ask upstreams at all (otherwise only what the status holds is used).
     pub fn new(enabled: bool) -> Self {
-        Self { enabled, client: https_client(TIMEOUT, None), asked: Arc::default(), trigger: OnceLock::new() }
+        Self::with_retry(enabled, RETRY_AFTER)
+    }
+
+    /// [`Challenges::new`] asking a failed remote URL again after `retry_after`.
+    pub fn with_retry(enabled: bool, retry_after: Duration) -> Self {
+        Self {
+            enabled,
+            retry_after,
+            client: https_client(TIMEOUT, None),
+            asked: Arc::default(),
+            trigger: OnceLock::new(),
+        }
     }
 
     /// Where an answer's mirror reconcile is sent (the controller's trigger stream), once.
@@ -153,8 +167,9 @@ impl Challenges {
 
     /// Upstream name -> challenge, for every upstream of `mirror` that has no `auth` and is not
     /// a known public registry: from the mirror's status when learned from the same remote URL,
-    /// else an answer already in. Those still unknown are asked in the background (again after
-    /// [`RETRY_AFTER`] when asking failed).
+    /// else an answer already in. Those still unknown are asked in the background. The answer
+    /// triggers the reconcile of every mirror that waited for it; a failed ask triggers them
+    /// [`RETRY_AFTER`] later, and that reconcile asks again.
     pub fn learned(&self, mirror: &RegistryMirror) -> BTreeMap<String, UpstreamAuth> {
         let mut out = learned_in_status(mirror);
         let unknown: Vec<_> = mirror
@@ -168,21 +183,28 @@ impl Challenges {
         }
         let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
         for upstream in unknown {
-            match asked.get(&upstream.remote_url) {
+            let mirror_ref = ObjectRef::from_obj(mirror);
+            match asked.get_mut(&upstream.remote_url) {
                 Some(Asked::Learned(auth)) => {
                     out.insert(upstream.name.clone(), auth.clone());
                 }
-                Some(Asked::InFlight) => {}
-                Some(Asked::Failed(at)) if at.elapsed() < RETRY_AFTER => {}
+                Some(Asked::InFlight(waiting)) => {
+                    if !waiting.contains(&mirror_ref) {
+                        waiting.push(mirror_ref);
+                    }
+                }
+                Some(Asked::Failed(at)) if at.elapsed() < self.retry_after => {}
                 _ => {
-                    let Ok(client) = &self.client else {
-                        tracing::warn!(error = %self.client.as_ref().err().unwrap(), "no client to learn upstream challenges");
-                        continue;
+                    let client = match &self.client {
+                        Ok(client) => client.clone(),
+                        Err(error) => {
+                            tracing::warn!(%error, "no client to learn upstream challenges");
+                            continue;
+                        }
                     };
-                    asked.insert(upstream.remote_url.clone(), Asked::InFlight);
-                    let (client, state, url) = (client.clone(), self.asked.clone(), upstream.remote_url.clone());
-                    let (name, mirror_ref) = (upstream.name.clone(), ObjectRef::from_obj(mirror));
-                    let trigger = self.trigger.get().cloned();
+                    asked.insert(upstream.remote_url.clone(), Asked::InFlight(vec![mirror_ref]));
+                    let (state, url, name) = (self.asked.clone(), upstream.remote_url.clone(), upstream.name.clone());
+                    let (trigger, retry_after) = (self.trigger.get().cloned(), self.retry_after);
                     tokio::spawn(async move {
                         let answer = ask(&client, &url).await;
                         let learned = answer.is_ok();
@@ -192,13 +214,20 @@ impl Challenges {
                                 Asked::Learned(auth)
                             }
                             Err(error) => {
-                                tracing::info!(upstream = %name, %error, "could not learn the upstream's challenge: its proxies run without the upstream sidecar (set upstreams[].auth)");
+                                tracing::info!(upstream = %name, %error, "could not learn the upstream's challenge: its proxies run without the upstream sidecar (set upstreams[].auth); asking again in {retry_after:?}");
                                 Asked::Failed(Instant::now())
                             }
                         };
-                        state.lock().unwrap_or_else(|e| e.into_inner()).insert(url, next);
-                        if let (true, Some(trigger)) = (learned, trigger) {
-                            let _ = trigger.send(mirror_ref);
+                        let waiting = match state.lock().unwrap_or_else(|e| e.into_inner()).insert(url, next) {
+                            Some(Asked::InFlight(waiting)) => waiting,
+                            _ => Vec::new(),
+                        };
+                        let Some(trigger) = trigger else { return };
+                        if !learned {
+                            tokio::time::sleep(retry_after).await;
+                        }
+                        for mirror in waiting {
+                            let _ = trigger.send(mirror);
                         }
                     });
                 }
@@ -226,6 +255,52 @@ mod tests {
             );
         }
         assert_eq!(parse_challenge(200, None).unwrap().type_, UpstreamAuthType::None);
+    }
+
+    /// A remote URL nothing listens on yet: the failed ask triggers the waiting mirrors after the
+    /// retry delay, and their reconcile asks again and learns it once the upstream answers.
+    #[tokio::test]
+    async fn a_failed_ask_triggers_the_waiting_mirrors_later_and_is_asked_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let mirror = |name: &str| -> RegistryMirror {
+            serde_yaml::from_str(&format!(
+                "apiVersion: mirrorfleet.io/v1alpha1\nkind: RegistryMirror\n\
+                 metadata: {{name: {name}, namespace: ns}}\n\
+                 spec: {{upstreams: [{{name: corp, registry: corp.example, remoteURL: \"http://{addr}\"}}]}}\n"
+            ))
+            .unwrap()
+        };
+        let (a, b) = (mirror("a"), mirror("b"));
+        let challenges = Challenges::with_retry(true, Duration::from_millis(300));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        challenges.set_trigger(tx);
+        assert!(challenges.learned(&a).is_empty() && challenges.learned(&b).is_empty());
+        let started = Instant::now();
+        let mut triggered = Vec::new();
+        while triggered.len() < 2 {
+            let r = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a trigger").unwrap();
+            triggered.push(r.name);
+        }
+        triggered.sort();
+        assert_eq!(triggered, ["a", "b"], "both mirrors waited for that remote URL");
+        assert!(started.elapsed() >= Duration::from_millis(300), "triggered before the retry delay");
+
+        // The upstream answers now (a registry without auth: 200).
+        let server = std::net::TcpListener::bind(addr).unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for mut conn in server.incoming().flatten() {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+            }
+        });
+        assert!(challenges.learned(&a).is_empty(), "asked again; the answer comes in the background");
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a trigger").unwrap();
+        assert_eq!(r.name, "a");
+        assert_eq!(challenges.learned(&b)["corp"].type_, UpstreamAuthType::None);
     }
 
     #[test]
